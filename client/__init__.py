@@ -1,0 +1,1 @@
+"""agentkv client: the wire protocol and the Python client (pure Python, never imports mlx)."""

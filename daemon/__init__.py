@@ -1,0 +1,1 @@
+"""agentkv daemon: the model, the block pool and the engine."""

@@ -1,0 +1,1 @@
+"""agentkv storage: agents' KV blocks as safetensors files indexed in SQLite."""
