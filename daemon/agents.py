@@ -1,0 +1,55 @@
+"""Per-agent state: the token ids (the source of truth) and what of their cache is held."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .kv_blocks import RecurrentState, WindowKV
+
+if TYPE_CHECKING:
+    from .block_pool import KVBlock
+
+
+@dataclass(slots=True, eq=False)
+class AgentContext:
+    """One agent's context and cache.
+
+    Invariant: either the cache covers the whole context (`cached_len == len(tokens)`) or
+    it was dropped (`cached_len == 0`, no blocks) and the next turn recomputes it from
+    `tokens`.
+
+    Attributes:
+        agent_id: the agent's id.
+        tokens: every token of the context: prompts, generated tokens, a final EOS.
+        blocks: full blocks (one reference each) covering `tokens[:len(blocks) * block_size]`
+            for the full-attention layers.
+        tail: a private block with the rows after the last full block, or None.
+        windows: sliding-window layers' last rows at `cached_len`.
+        states: recurrent layers' state at `cached_len`.
+        cached_len: tokens the cache covers.
+        last_used: engine clock of the last admission or commit (LRU for dropping caches).
+        pending: this agent's queued requests (uids), oldest first.
+        active: the uid of the request now in the batch, or None.
+    """
+
+    agent_id: str
+    tokens: list[int] = field(default_factory=list)
+    blocks: list[KVBlock] = field(default_factory=list)
+    tail: KVBlock | None = None
+    windows: dict[int, WindowKV] = field(default_factory=dict)
+    states: dict[int, RecurrentState] = field(default_factory=dict)
+    cached_len: int = 0
+    last_used: int = 0
+    pending: deque[int] = field(default_factory=deque)
+    active: int | None = None
+
+    @property
+    def busy(self) -> bool:
+        """True while a request of this agent is in the batch."""
+        return self.active is not None
+
+    def held_blocks(self) -> list[KVBlock]:
+        """Every pool block this agent references, in order."""
+        return self.blocks + ([self.tail] if self.tail is not None else [])

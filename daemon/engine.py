@@ -1,0 +1,600 @@
+"""BlockPoolBatchEngine: many agents' turns through one mlx-lm BatchGenerator.
+
+Each agent keeps a context (its token ids) and, between turns, its cache as pool blocks.
+A submitted turn waits behind the agent's earlier turns (per-agent FIFO), is admitted when
+the pool can reserve what it may need, gets its cached prefix rebuilt once into fresh
+mlx-lm caches, and joins the continuous batch. When it finishes, its cache becomes the
+agent's blocks again. All of this runs on one thread: the one that owns MLX.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .agents import AgentContext
+from .block_pool import BlockPool
+from .errors import (
+    AgentKVError,
+    CacheReconstructionError,
+    EngineClosedError,
+    InvalidRequestError,
+    PoolExhaustedError,
+    UnknownAgentError,
+)
+from .kv_cache_manager import Admission, KVCacheManager
+from .prompts import check_agent_id, check_tokens, encode_turn, render_messages
+from .requests import Completion, SamplingParams, StepEvent, Usage, check_max_tokens
+from .sampling import make_request_sampler
+from .spec import ModelCacheSpec
+
+log = logging.getLogger("agentkv.engine")
+
+LogitsProcessor = Callable
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    uid: int
+    agent_id: str
+    max_tokens: int
+    params: SamplingParams
+    new_tokens: list[int] | None = None  # appended to the context
+    full_tokens: list[int] | None = None  # the whole conversation (prefix reuse)
+    processors: list = field(default_factory=list)
+    submitted: float = 0.0
+    admitted: float = 0.0
+    first_token: float = 0.0
+    batch_uid: int = -1
+    admission: Admission | None = None
+    detok: object = None
+    generated: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    restore_ms: float = 0.0
+    failure: Exception | None = None
+
+
+@dataclass(slots=True)
+class AgentInfo:
+    """A snapshot of one agent for inspection.
+
+    Attributes:
+        agent_id: the agent.
+        tokens: context length in tokens.
+        cached_tokens: tokens whose cache is held (0 if dropped).
+        blocks: pool blocks held (full blocks plus tail).
+        shared_blocks: of those, blocks other agents reference too.
+        busy: a turn of this agent is in the batch.
+        pending: turns waiting behind it.
+    """
+
+    agent_id: str
+    tokens: int
+    cached_tokens: int
+    blocks: int
+    shared_blocks: int
+    busy: bool
+    pending: int
+
+
+class BlockPoolBatchEngine:
+    """Continuous batching over agents whose caches live in a block pool.
+
+    Example:
+        spec = ModelCacheSpec.from_model(model)
+        pool = BlockPool(spec, total_blocks=100)
+        engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
+        uid = engine.submit("planner", "Hello", max_tokens=50)
+        for c in engine.step():
+            print(c.agent_id, c.text, c.usage)
+
+    Args:
+        model: an mlx-lm model.
+        tokenizer: its tokenizer (a TokenizerWrapper, or a Hugging Face tokenizer).
+        pool: the block pool (its block size is the one used).
+        spec: the model's cache spec.
+        max_batch_size: sequences decoding at once.
+        prefill_batch_size: sequences prefilled at once.
+        prefill_step_size: prompt tokens per prefill chunk; a long prompt delays others'
+            decoding by at most one chunk per step.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        pool: BlockPool,
+        spec: ModelCacheSpec,
+        *,
+        max_batch_size: int = 32,
+        prefill_batch_size: int = 8,
+        prefill_step_size: int = 2048,
+    ) -> None:
+        if pool.block_size != spec.block_size and spec.block_size:
+            log.debug("pool block size %d overrides spec's %d", pool.block_size, spec.block_size)
+        self.model = model
+        self.tokenizer = (
+            tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
+        )
+        self.pool = pool
+        self.spec = spec
+        self._manager = KVCacheManager(spec, pool)
+        self._batch_opts = {
+            "completion_batch_size": max_batch_size,
+            "prefill_batch_size": prefill_batch_size,
+            "prefill_step_size": prefill_step_size,
+        }
+        self._max_active = max_batch_size
+        self._eos = frozenset(self.tokenizer.eos_token_ids)
+        self._gen = self._new_generator()
+        self._agents: dict[str, AgentContext] = {}
+        self._requests: dict[int, _Request] = {}
+        self._waiting: deque[int] = deque()
+        self._active: dict[int, _Request] = {}  # batch uid -> request
+        self._events: list[StepEvent] = []
+        self._next_uid = 0
+        self._clock = 0
+        self._closed = False
+        self._owner: int | None = None
+        self.counters = {"completed": 0, "cancelled": 0, "errors": 0, "dropped_caches": 0}
+
+    # -- public API ------------------------------------------------------------------------
+
+    def submit(
+        self,
+        agent_id: str,
+        prompt: str | Sequence[int] | None = None,
+        max_tokens: int = 256,
+        *,
+        messages: Sequence[dict] | None = None,
+        conversation: Sequence[int] | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        logits_processors: Sequence[LogitsProcessor] | None = None,
+    ) -> int:
+        """Queue a turn for an agent and return its uid.
+
+        Give exactly one of: `prompt` (text or token ids appended to the agent's context),
+        `messages` (the whole chat, rendered with the model's chat template) or
+        `conversation` (the whole context as token ids). The whole-context forms reuse the
+        longest common token prefix with the agent's context and recompute the rest.
+
+        Raises:
+            InvalidRequestError: bad agent id, empty prompt, max_tokens <= 0, bad sampling.
+            PoolExhaustedError: the turn could never fit in the pool.
+            EngineClosedError: the engine was closed.
+        """
+        self._check_thread()
+        if self._closed:
+            raise EngineClosedError("engine is closed")
+        check_agent_id(agent_id)
+        req = _Request(
+            uid=self._next_uid,
+            agent_id=agent_id,
+            max_tokens=check_max_tokens(max_tokens),
+            params=SamplingParams(temperature, top_p, top_k, min_p, seed),
+            processors=_check_processors(logits_processors),
+            submitted=time.perf_counter(),
+        )
+        self._set_input(req, prompt, messages, conversation)
+        self._check_fits(req)
+        self._next_uid += 1
+        agent = self._agents.setdefault(agent_id, AgentContext(agent_id))
+        agent.pending.append(req.uid)
+        self._requests[req.uid] = req
+        self._waiting.append(req.uid)
+        return req.uid
+
+    def step(self) -> Iterator[Completion]:
+        """Drive the batch until idle, yielding each completion as it finishes."""
+        while self.has_work:
+            for event in self.step_once():
+                if event.completion is not None:
+                    yield event.completion
+
+    def step_once(self) -> list[StepEvent]:
+        """One scheduling step: admit waiting turns, run one batch step, commit finished ones.
+
+        Returns:
+            The events of this step: a token (and its text) per decoding request, and a
+            completion for each request that finished (or was cancelled or failed).
+        """
+        self._check_thread()
+        events, self._events = self._events, []
+        if self._closed:
+            return events
+        self._admit_waiting(events)
+        if self._active:
+            self._run_batch(events)
+        return events
+
+    @property
+    def has_work(self) -> bool:
+        """True while turns wait, run, or have events not yet returned."""
+        return bool(self._waiting or self._active or self._events)
+
+    def cancel(self, uid: int) -> bool:
+        """Cancel a waiting or running turn; the agent's context stays as before it.
+
+        Its completion (finish_reason "cancelled", with any text generated so far) comes
+        out of the next step. Returns False if the uid is unknown or already finished.
+        """
+        self._check_thread()
+        req = self._requests.get(uid)
+        if req is None:
+            return False
+        agent = self._agents[req.agent_id]
+        if req.admission is None:
+            self._waiting.remove(uid)
+            agent.pending.remove(uid)
+        else:
+            self._gen.remove([req.batch_uid])
+            self._release(req, agent)
+        self.counters["cancelled"] += 1
+        completion = self._finish(req, "cancelled")
+        self._events.append(StepEvent(uid, req.agent_id, None, "", completion))
+        return True
+
+    def close(self) -> None:
+        """Cancel everything, release every agent's blocks and stop accepting work."""
+        if self._closed:
+            return
+        for uid in list(self._requests):
+            self.cancel(uid)
+        for agent in self._agents.values():
+            self._manager.drop(agent)
+        self._gen.close()
+        self._closed = True
+
+    # -- agents ----------------------------------------------------------------------------
+
+    def agent_ids(self) -> list[str]:
+        """Ids of every agent the engine knows."""
+        return list(self._agents)
+
+    def agent_info(self, agent_id: str) -> AgentInfo:
+        """A snapshot of one agent. Raises UnknownAgentError."""
+        agent = self._agent(agent_id)
+        held = agent.held_blocks()
+        return AgentInfo(
+            agent_id=agent_id,
+            tokens=len(agent.tokens),
+            cached_tokens=agent.cached_len,
+            blocks=len(held),
+            shared_blocks=sum(1 for b in held if b.ref_cnt > 1),
+            busy=agent.busy,
+            pending=len(agent.pending),
+        )
+
+    def agent_tokens(self, agent_id: str) -> list[int]:
+        """A copy of an agent's context token ids. Raises UnknownAgentError."""
+        return list(self._agent(agent_id).tokens)
+
+    def agent_cache(self, agent_id: str) -> list:
+        """The agent's cache rebuilt into mlx-lm cache objects (for inspection and tests).
+
+        Raises:
+            UnknownAgentError: no such agent.
+            CacheReconstructionError: the agent holds no cache (dropped) or it is broken.
+        """
+        self._check_thread()
+        agent = self._agent(agent_id)
+        if agent.cached_len == 0:
+            raise CacheReconstructionError(f"agent {agent_id!r} holds no cache")
+        adm = Admission(list(agent.tokens), agent.cached_len, own_cache=True)
+        return self._manager.rebuild(agent, adm)
+
+    def delete_agent(self, agent_id: str) -> None:
+        """Cancel the agent's turns and forget it, releasing its blocks."""
+        self._check_thread()
+        agent = self._agent(agent_id)
+        for uid in [*([agent.active] if agent.active is not None else []), *agent.pending]:
+            self.cancel(uid)
+        self._manager.drop(agent)
+        del self._agents[agent_id]
+
+    def stats(self) -> dict:
+        """Counters, queue lengths and pool occupancy."""
+        s = self.pool.stats()
+        return {
+            **self.counters,
+            "agents": len(self._agents),
+            "waiting": len(self._waiting),
+            "active": len(self._active),
+            "pool": {k: getattr(s, k) for k in s.__slots__},
+        }
+
+    # -- submit helpers --------------------------------------------------------------------
+
+    def _set_input(self, req: _Request, prompt, messages, conversation) -> None:
+        given = [x is not None for x in (prompt, messages, conversation)]
+        if sum(given) != 1:
+            raise InvalidRequestError("give exactly one of prompt, messages or conversation")
+        if messages is not None:
+            req.full_tokens = render_messages(self.tokenizer, messages)
+        elif conversation is not None:
+            req.full_tokens = check_tokens(conversation, self.spec.vocab_size, "conversation")
+        elif isinstance(prompt, str):
+            req.new_tokens = encode_turn(
+                self.tokenizer, prompt, first_turn=self._is_first_turn(req.agent_id)
+            )
+        else:
+            req.new_tokens = check_tokens(prompt, self.spec.vocab_size, "prompt")
+
+    def _is_first_turn(self, agent_id: str) -> bool:
+        agent = self._agents.get(agent_id)
+        return agent is None or not (agent.tokens or agent.pending or agent.busy)
+
+    def _check_fits(self, req: _Request) -> None:
+        """Refuse a turn that could never fit in the pool, even alone."""
+        agent = self._agents.get(req.agent_id)
+        length = self._projected_len(agent) if agent else 0
+        length = (
+            length + len(req.new_tokens) if req.new_tokens is not None else len(req.full_tokens)
+        )
+        need = self._manager.blocks_for(length + req.max_tokens)
+        if need > self.pool.total_blocks:
+            raise PoolExhaustedError(
+                need, self.pool.num_free, f"the pool holds {self.pool.total_blocks} blocks in all"
+            )
+
+    def _projected_len(self, agent: AgentContext) -> int:
+        """Longest the agent's context can be once its queued turns have run."""
+        n = len(agent.tokens)
+        queued = ([agent.active] if agent.active is not None else []) + list(agent.pending)
+        for uid in queued:
+            r = self._requests[uid]
+            n = (
+                n + len(r.new_tokens) if r.new_tokens is not None else len(r.full_tokens)
+            ) + r.max_tokens
+        return n
+
+    # -- admission -------------------------------------------------------------------------
+
+    def _admit_waiting(self, events: list[StepEvent]) -> None:
+        for uid in list(self._waiting):
+            if len(self._active) >= self._max_active:
+                return
+            req = self._requests[uid]
+            agent = self._agents[req.agent_id]
+            if agent.busy or agent.pending[0] != uid:
+                continue
+            if not self._admit(req, agent, events):
+                return  # keep FIFO order: later turns wait behind this one
+
+    def _admit(self, req: _Request, agent: AgentContext, events: list[StepEvent]) -> bool:
+        full = req.full_tokens if req.full_tokens is not None else agent.tokens + req.new_tokens
+        adm = self._reserve(req, agent, full, events)
+        if adm is None:
+            return req.uid not in self._waiting  # failed (finished) -> go on; waiting -> stop
+        self._waiting.remove(req.uid)
+        agent.pending.popleft()
+        agent.active = req.uid
+        req.admission = adm
+        req.admitted = time.perf_counter()
+        self._clock += 1
+        agent.last_used = self._clock
+        caches = self._rebuild(req, agent, adm)
+        try:
+            self._insert(req, adm, caches)
+        except Exception as exc:  # a broken request must not take the engine down
+            self._release(req, agent)
+            events.append(self._fail(req, exc))
+        return True
+
+    def _reserve(self, req, agent, full, events) -> Admission | None:
+        """Reserve pool room, dropping idle agents' caches (LRU) when short."""
+        while True:
+            try:
+                return self._manager.admit(agent, full, req.max_tokens)
+            except PoolExhaustedError as exc:
+                victim = self._lru_idle_agent(exclude=agent)
+                if victim is not None:
+                    self._drop_cache(victim)
+                elif self._active:
+                    return None  # running turns will give blocks back
+                elif agent.cached_len:
+                    self._drop_cache(agent)
+                else:
+                    self._waiting.remove(req.uid)
+                    agent.pending.popleft()
+                    events.append(self._fail(req, exc))
+                    return None
+
+    def _lru_idle_agent(self, exclude: AgentContext) -> AgentContext | None:
+        idle = [
+            a for a in self._agents.values() if a is not exclude and not a.busy and a.held_blocks()
+        ]
+        return min(idle, key=lambda a: a.last_used, default=None)
+
+    def _drop_cache(self, agent: AgentContext) -> None:
+        released = self._manager.drop(agent)
+        self.counters["dropped_caches"] += 1
+        log.info(
+            "dropped cache of agent %r (%d blocks); it will be recomputed", agent.agent_id, released
+        )
+
+    def _rebuild(self, req: _Request, agent: AgentContext, adm: Admission) -> list | None:
+        tic = time.perf_counter()
+        try:
+            caches = self._manager.rebuild(agent, adm)
+        except CacheReconstructionError as exc:
+            log.warning("agent %r: %s; recomputing its context", agent.agent_id, exc)
+            self._manager.fall_back_to_prefill(adm)
+            caches = None
+        req.restore_ms = (time.perf_counter() - tic) * 1e3
+        return caches
+
+    def _insert(self, req: _Request, adm: Admission, caches: list | None) -> None:
+        n = adm.cached_len
+        sampler = make_request_sampler(req.params, lambda exc: _mark_failed(req, exc))
+        (req.batch_uid,) = self._gen.insert(
+            [adm.full_tokens[n:]],
+            max_tokens=[req.max_tokens],
+            caches=[caches],
+            all_tokens=[adm.full_tokens[:n]],
+            samplers=[sampler],
+            logits_processors=[[_guarded(req, p) for p in req.processors]],
+        )
+        req.detok = self.tokenizer.detokenizer
+        self._active[req.batch_uid] = req
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _run_batch(self, events: list[StepEvent]) -> None:
+        try:
+            _, responses = self._gen.next()
+        except Exception as exc:  # the whole batch step failed: fail its requests, go on
+            log.exception("batch step failed; failing %d running request(s)", len(self._active))
+            self._fail_all_active(exc, events)
+            return
+        for r in responses:
+            req = self._active.get(r.uid)
+            if req is not None:
+                events.append(self._on_token(req, r))
+        for req in [q for q in self._active.values() if q.failure is not None]:
+            self._gen.remove([req.batch_uid])
+            self._release(req, self._agents[req.agent_id])
+            events.append(self._fail(req, req.failure))
+
+    def _on_token(self, req: _Request, r) -> StepEvent:
+        if not req.first_token:
+            req.first_token = time.perf_counter()
+        token = r.token
+        hit_eos = r.finish_reason == "stop" and token in self._eos
+        delta = ""
+        if not hit_eos:
+            req.generated.append(token)
+            req.detok.add_token(token)
+            delta = req.detok.last_segment
+        if r.finish_reason is not None and req.failure is None:
+            req.detok.finalize()
+            delta += req.detok.last_segment
+        req.text.append(delta)
+        if r.finish_reason is None or req.failure is not None:
+            return StepEvent(req.uid, req.agent_id, token, delta)
+        return self._complete(req, r, None if hit_eos else token, delta)
+
+    def _complete(self, req: _Request, r, token: int | None, delta: str) -> StepEvent:
+        agent = self._agents[req.agent_id]
+        adm = req.admission
+        del self._active[req.batch_uid]
+        agent.active = None
+        try:
+            self._manager.commit(agent, adm, list(r.all_tokens), r.prompt_cache)
+        except AgentKVError as exc:
+            log.warning("agent %r: could not keep this turn's cache: %s", agent.agent_id, exc)
+            return self._fail(req, exc)
+        self._clock += 1
+        agent.last_used = self._clock
+        self.counters["completed"] += 1
+        completion = self._finish(req, r.finish_reason)
+        completion.usage.generated_tokens = len(r.all_tokens) - len(adm.full_tokens)
+        return StepEvent(req.uid, req.agent_id, token, delta, completion)
+
+    def _fail_all_active(self, exc: Exception, events: list[StepEvent]) -> None:
+        for req in list(self._active.values()):
+            self._release(req, self._agents[req.agent_id])
+            events.append(self._fail(req, exc))
+        self._gen.close()
+        self._gen = self._new_generator()
+
+    # -- finishing -------------------------------------------------------------------------
+
+    def _release(self, req: _Request, agent: AgentContext) -> None:
+        """Give back a running request's admission; the agent keeps its previous state."""
+        if req.admission is not None:
+            self._manager.abort(req.admission)
+        self._active.pop(req.batch_uid, None)
+        agent.active = None
+
+    def _fail(self, req: _Request, exc: Exception) -> StepEvent:
+        """Finish a request with finish_reason "error"; its event carries the completion."""
+        self.counters["errors"] += 1
+        completion = self._finish(req, "error")
+        completion.error = str(exc) or type(exc).__name__
+        completion.error_code = getattr(exc, "code", "internal")
+        return StepEvent(req.uid, req.agent_id, None, "", completion)
+
+    def _finish(self, req: _Request, reason: str) -> Completion:
+        """Build the request's completion and forget the request."""
+        self._requests.pop(req.uid, None)
+        adm = req.admission
+        usage = Usage(
+            prompt_tokens=len(adm.full_tokens) if adm else 0,
+            cached_tokens=adm.cached_len if adm else 0,
+            generated_tokens=len(req.generated),
+            recomputed_tokens=adm.recomputed if adm else 0,
+            queue_ms=_ms(req.submitted, req.admitted),
+            restore_ms=round(req.restore_ms, 3),
+            ttft_ms=_ms(req.submitted, req.first_token),
+            total_ms=_ms(req.submitted, time.perf_counter()),
+        )
+        text = "".join(req.text)
+        return Completion(req.uid, req.agent_id, text, list(req.generated), reason, usage)
+
+    # -- misc ------------------------------------------------------------------------------
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in sorted(self._eos)] or None,
+            **self._batch_opts,
+        )
+
+    def _agent(self, agent_id: str) -> AgentContext:
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            raise UnknownAgentError(f"unknown agent {agent_id!r}")
+        return agent
+
+    def _check_thread(self) -> None:
+        me = threading.get_ident()
+        if self._owner is None:
+            self._owner = me
+        elif self._owner != me:
+            raise RuntimeError("the engine must be used from one thread (the one that owns MLX)")
+
+
+def _mark_failed(req: _Request, exc: Exception) -> None:
+    if req.failure is None:
+        req.failure = exc
+
+
+def _guarded(req: _Request, processor: LogitsProcessor) -> LogitsProcessor:
+    """A logits processor whose failure fails its own request only."""
+
+    def run(tokens, logits):
+        if req.failure is not None:
+            return logits
+        try:
+            return processor(tokens, logits)
+        except Exception as exc:
+            _mark_failed(req, exc)
+            return logits
+
+    return run
+
+
+def _check_processors(processors) -> list:
+    if processors is None:
+        return []
+    if isinstance(processors, (str, bytes)) or not isinstance(processors, Sequence):
+        raise InvalidRequestError("logits_processors must be a list of callables")
+    if not all(callable(p) for p in processors):
+        raise InvalidRequestError("every logits processor must be callable")
+    return list(processors)
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1e3, 3) if start and end else 0.0

@@ -1,0 +1,218 @@
+"""Between agents and the block pool: what a turn reuses, reserves, rebuilds and commits.
+
+A turn's life: `admit` decides how much of the new context is already cached (the agent's
+own cache, or blocks another agent left under the same chained hashes) and reserves the
+blocks the finished turn may need; `rebuild` copies that prefix into fresh mlx-lm caches;
+`commit` turns the finished sequence's cache into blocks (reusing every block whose hash
+is already in the pool); `abort` gives everything back and leaves the agent as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .agents import AgentContext
+from .block_pool import BlockPool, KVBlock, chain_hashes, hash_block
+from .errors import CacheReconstructionError, PoolExhaustedError
+from .kv_blocks import block_payload, rebuild_caches, snapshot_states, snapshot_windows
+from .prompts import common_prefix_len
+from .spec import ModelCacheSpec
+
+
+@dataclass(slots=True, eq=False)
+class Admission:
+    """What a turn took from the pool when it entered the batch.
+
+    Attributes:
+        full_tokens: the whole context this turn generates after.
+        cached_len: leading tokens of it that come from the cache.
+        kept: full blocks valid for the new context's prefix (the agent's or shared ones).
+        touched: shared blocks this admission took a reference on (returned on abort).
+        reserved: blocks promised for the commit and not yet used.
+        recomputed: tokens the agent had before that are prefilled again.
+        own_cache: True when the prefix comes from the agent's own cache.
+    """
+
+    full_tokens: list[int]
+    cached_len: int
+    kept: list[KVBlock] = field(default_factory=list)
+    touched: list[KVBlock] = field(default_factory=list)
+    reserved: int = 0
+    recomputed: int = 0
+    own_cache: bool = False
+
+
+class KVCacheManager:
+    """Applies the pool's bookkeeping to agents' turns. Single-threaded (the MLX thread)."""
+
+    def __init__(self, spec: ModelCacheSpec, pool: BlockPool) -> None:
+        self.spec = spec
+        self.pool = pool
+        self.block_size = pool.block_size
+
+    def blocks_for(self, n_tokens: int) -> int:
+        """Blocks (full ones plus a partial tail) that hold n_tokens."""
+        return -(-n_tokens // self.block_size)
+
+    def admit(self, agent: AgentContext, full_tokens: list[int], max_tokens: int) -> Admission:
+        """Plan the reuse and reserve the blocks a turn needs.
+
+        Raises:
+            PoolExhaustedError: not enough free blocks now; nothing was changed.
+        """
+        adm = self._plan(agent, full_tokens)
+        need = self.blocks_for(len(full_tokens) + max_tokens) - len(adm.kept)
+        self.pool.touch(adm.touched)
+        try:
+            self.pool.reserve(need)
+        except PoolExhaustedError:
+            self.pool.free(adm.touched)
+            raise
+        adm.reserved = need
+        return adm
+
+    def rebuild(self, agent: AgentContext, adm: Admission) -> list | None:
+        """Fresh per-layer caches holding the admission's cached prefix (None if empty).
+
+        Raises:
+            CacheReconstructionError: the stored pieces do not form that prefix.
+        """
+        n = adm.cached_len
+        if n == 0:
+            return None
+        if adm.own_cache:
+            held = agent.held_blocks()[: self.blocks_for(n)]
+            windows, states = agent.windows, agent.states
+        else:
+            held, windows, states = adm.kept, {}, {}
+        payloads = [b.payload for b in held]
+        if any(p is None for p in payloads):
+            raise CacheReconstructionError(f"agent {agent.agent_id!r}: a block lost its payload")
+        return rebuild_caches(self.spec, payloads, n, windows, states)
+
+    def fall_back_to_prefill(self, adm: Admission) -> None:
+        """Forget the cached prefix of an admission: the turn prefills everything."""
+        adm.recomputed += adm.cached_len
+        adm.cached_len = 0
+
+    def commit(self, agent: AgentContext, adm: Admission, tokens: list[int], caches: list) -> None:
+        """Make a finished sequence's cache the agent's blocks; release what is left.
+
+        `tokens` are all the sequence's tokens (the cache holds exactly these). Blocks
+        whose chained hash is already pooled are shared, not stored twice. On failure
+        (pool exhausted) the agent is left as it was and the admission is released.
+        """
+        got: list[KVBlock] = []
+        try:
+            blocks = self._full_blocks(adm, tokens, caches, got)
+            tail = self._tail_block(adm, tokens, caches, got)
+        except PoolExhaustedError:
+            self.pool.free(got)
+            self.abort(adm)
+            raise
+        kept = set(adm.kept)
+        old = [b for b in agent.held_blocks() if b not in kept]
+        agent.blocks = adm.kept + blocks
+        agent.tail = tail
+        agent.windows = snapshot_windows(self.spec, caches)
+        agent.states = snapshot_states(self.spec, caches, len(tokens))
+        agent.tokens = list(tokens)
+        agent.cached_len = len(tokens)
+        adm.touched = []  # now owned by the agent
+        self.pool.unreserve(adm.reserved)
+        adm.reserved = 0
+        self.pool.free(old)
+
+    def abort(self, adm: Admission) -> None:
+        """Give back an admission's reservation and shared references."""
+        self.pool.free(adm.touched)
+        adm.touched = []
+        self.pool.unreserve(adm.reserved)
+        adm.reserved = 0
+
+    def drop(self, agent: AgentContext) -> int:
+        """Release an idle agent's cache (its tokens stay); returns the blocks released."""
+        held = agent.held_blocks()
+        self.pool.free(held)
+        agent.blocks, agent.tail = [], None
+        agent.windows, agent.states = {}, {}
+        agent.cached_len = 0
+        return len(held)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _plan(self, agent: AgentContext, full: list[int]) -> Admission:
+        bs = self.block_size
+        previous = common_prefix_len(agent.tokens, full)
+        if agent.cached_len > 0:
+            n = min(previous, agent.cached_len, len(full) - 1)
+            if n < agent.cached_len and not self.spec.all_full:
+                n = 0  # windows and recurrent states cannot be rewound
+            adm = Admission(full, n, kept=agent.blocks[: n // bs], own_cache=n > 0)
+        else:
+            matched = self._shared_prefix(full)
+            n = len(matched) * bs
+            adm = Admission(full, n, kept=list(matched), touched=list(matched))
+        adm.recomputed = max(0, previous - adm.cached_len)
+        return adm
+
+    def _shared_prefix(self, full: list[int]) -> list[KVBlock]:
+        """Pooled blocks matching the leading full blocks of `full` (all-attention models)."""
+        if not self.spec.all_full:
+            return []
+        # At least one token must remain to be fed to the model.
+        hashes = chain_hashes(full[: len(full) - 1], self.block_size, self.spec.fingerprint)
+        matched = []
+        for h in hashes:
+            block = self.pool.lookup(h)
+            if block is None or block.payload is None:
+                break
+            matched.append(block)
+        return matched
+
+    def _full_blocks(self, adm: Admission, tokens, caches, got: list[KVBlock]) -> list[KVBlock]:
+        bs = self.block_size
+        parent = adm.kept[-1].block_hash if adm.kept else None
+        out = []
+        for i in range(len(adm.kept), len(tokens) // bs):
+            h = hash_block(parent, tokens[i * bs : (i + 1) * bs], self.spec.fingerprint)
+            block = self.pool.lookup(h)
+            if block is not None and block.payload is not None:
+                self._take(adm, block)
+            else:
+                block = self._allocate(adm)
+                block.payload = block_payload(self.spec, caches, i * bs, (i + 1) * bs)
+                block = self._register(block, h)
+            got.append(block)
+            out.append(block)
+            parent = h
+        return out
+
+    def _tail_block(self, adm: Admission, tokens, caches, got: list[KVBlock]) -> KVBlock | None:
+        start = len(tokens) // self.block_size * self.block_size
+        if start == len(tokens):
+            return None
+        block = self._allocate(adm)
+        got.append(block)
+        block.payload = block_payload(self.spec, caches, start, len(tokens))
+        return block
+
+    def _take(self, adm: Admission, block: KVBlock) -> None:
+        # An idle cached block leaves the free queue: that uses one reserved slot.
+        if block.ref_cnt == 0 and adm.reserved > 0:
+            self.pool.unreserve(1)
+            adm.reserved -= 1
+        self.pool.touch([block])
+
+    def _allocate(self, adm: Admission) -> KVBlock:
+        if adm.reserved > 0:
+            adm.reserved -= 1
+            return self.pool.allocate(1, reserved=True)[0]
+        return self.pool.allocate(1)[0]
+
+    def _register(self, block: KVBlock, h) -> KVBlock:
+        existing = self.pool.register(block, h)
+        if existing is not block:  # cannot happen single-threaded, but never store twice
+            self.pool.touch([existing])
+            self.pool.free([block])
+        return existing
