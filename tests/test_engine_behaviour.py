@@ -1,0 +1,351 @@
+"""Engine behaviour on the tiny llama: sharing, scheduling, pool accounting, cancel, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from refs import eos_ids, make_engine, random_tokens, run_all, scratch_generate, scratch_tokens
+
+from agentkv.daemon import (
+    CacheReconstructionError,
+    EngineClosedError,
+    InvalidRequestError,
+    PoolExhaustedError,
+    UnknownAgentError,
+)
+
+VOCAB = 768
+
+
+@pytest.fixture(scope="module")
+def llama(loaded_models):
+    return loaded_models["llama"]
+
+
+def _baseline(pool) -> tuple[int, int, int]:
+    s = pool.stats()
+    return s.in_use, s.reserved, s.free
+
+
+def test_three_agents_of_very_different_lengths(llama):
+    model, tokenizer = llama
+    rng = np.random.default_rng(0)
+    prompts = {"tiny": [5], "mid": random_tokens(rng, 180, VOCAB), "big": random_tokens(rng, 700, VOCAB)}
+    engine = make_engine(model, tokenizer, block_size=64, total_blocks=64)
+    uids = {a: engine.submit(a, p, max_tokens=30) for a, p in prompts.items()}
+    done = run_all(engine)
+    for agent, prompt in prompts.items():
+        assert done[uids[agent]].token_ids == scratch_tokens(model, prompt, 30, eos=eos_ids(tokenizer))
+
+
+def test_prefix_sharing_across_agents(llama):
+    """A second agent with the same 512-token system prompt reuses its blocks."""
+    model, tokenizer = llama
+    rng = np.random.default_rng(1)
+    system = random_tokens(rng, 512, VOCAB)
+    engine = make_engine(model, tokenizer, block_size=256, total_blocks=32)
+    engine.submit("first", system + random_tokens(rng, 9, VOCAB), max_tokens=20)
+    run_all(engine)
+    second = system + random_tokens(rng, 13, VOCAB)
+    engine.submit("second", second, max_tokens=20)
+    (c,) = run_all(engine).values()
+    assert c.usage.cached_tokens >= 512
+    assert c.token_ids == scratch_tokens(model, second, 20, eos=eos_ids(tokenizer))
+    info1, info2 = engine.agent_info("first"), engine.agent_info("second")
+    assert info1.shared_blocks == info2.shared_blocks == 2  # stored once, referenced twice
+    assert engine.pool.stats().in_use == info1.blocks + info2.blocks - 2
+    engine.delete_agent("first")
+    assert engine.agent_info("second").shared_blocks == 0
+    engine.submit("second", [7, 8, 9], max_tokens=10)
+    (c2,) = run_all(engine).values()
+    assert c2.usage.cached_tokens == len(second) + 20
+
+
+def test_pool_stable_after_generations_cancels_and_errors(llama):
+    model, tokenizer = llama
+    rng = np.random.default_rng(2)
+    engine = make_engine(model, tokenizer, block_size=16, total_blocks=256)
+    pool = engine.pool
+    empty = _baseline(pool)
+    for round_ in range(12):
+        uids = [engine.submit(f"a{i}", random_tokens(rng, 20 + 7 * i, VOCAB), max_tokens=12) for i in range(3)]
+        if round_ % 3 == 1:
+            engine.step_once()
+            engine.step_once()
+            assert engine.cancel(uids[0])
+        if round_ % 4 == 2:
+            engine.submit("bad", [1, 2, 3], max_tokens=8, logits_processors=[_fails_at(2)])
+        run_all(engine)
+        pool.check_invariants()
+    held = sum(engine.agent_info(a).blocks for a in engine.agent_ids())
+    assert pool.stats().in_use == held and pool.stats().reserved == 0
+    for agent in engine.agent_ids():
+        engine.delete_agent(agent)
+    assert _baseline(pool)[:2] == empty[:2]
+    pool.check_invariants()
+
+
+def test_request_larger_than_pool_is_refused(llama):
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer, block_size=16, total_blocks=4)
+    with pytest.raises(PoolExhaustedError) as err:
+        engine.submit("a", list(range(10, 70)), max_tokens=10)
+    assert err.value.need == 5 and "need 5" in str(err.value) and "free" in str(err.value)
+    assert engine.agent_ids() == []  # nothing half-registered
+
+
+def test_tight_pool_queues_then_drops_idle_caches(llama):
+    """Turns wait for room; idle agents' caches are dropped (LRU) and recomputed exactly."""
+    model, tokenizer = llama
+    rng = np.random.default_rng(3)
+    engine = make_engine(model, tokenizer, block_size=16, total_blocks=8)
+    prompts = {a: random_tokens(rng, 60, VOCAB) for a in ("x", "y", "z")}
+    uids = {a: engine.submit(a, p, max_tokens=20) for a, p in prompts.items()}
+    done = run_all(engine)
+    eos = eos_ids(tokenizer)
+    for a, p in prompts.items():
+        assert done[uids[a]].token_ids == scratch_tokens(model, p, 20, eos=eos)
+    assert engine.counters["dropped_caches"] >= 1
+    dropped = [a for a in prompts if engine.agent_info(a).cached_tokens == 0]
+    assert dropped
+    agent = dropped[0]
+    context = engine.agent_tokens(agent)
+    engine.submit(agent, [11, 12], max_tokens=10)
+    (c,) = run_all(engine).values()
+    assert c.usage.recomputed_tokens == len(context)
+    assert c.token_ids == scratch_tokens(model, context + [11, 12], 10, eos=eos)
+    engine.pool.check_invariants()
+
+
+def test_per_agent_fifo(llama):
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer)
+    turns = [[20, 21, 22], [30, 31], [40]]
+    uids = [engine.submit("fifo", t, max_tokens=8) for t in turns]
+    engine.submit("other", [50, 51], max_tokens=8)
+    order, done = [], {}
+    while engine.has_work:
+        for ev in engine.step_once():
+            if ev.completion is not None and ev.agent_id == "fifo":
+                order.append(ev.uid)
+                done[ev.uid] = ev.completion
+    assert order == uids
+    context, eos = [], eos_ids(tokenizer)
+    for uid, turn in zip(uids, turns, strict=True):
+        context += turn
+        assert done[uid].token_ids == scratch_tokens(model, context, 8, eos=eos)
+        context += done[uid].token_ids + ([] if done[uid].finish_reason == "length" else [2])
+    assert engine.agent_tokens("fifo")[: len(context)] == context
+
+
+def test_seed_is_independent_of_batch(llama):
+    model, tokenizer = llama
+    kw = {"max_tokens": 24, "temperature": 1.0, "seed": 77}
+    alone = make_engine(model, tokenizer)
+    alone.submit("s", [9, 8, 7, 6], **kw)
+    (ref,) = run_all(alone).values()
+    crowded = make_engine(model, tokenizer)
+    for i in range(5):
+        crowded.submit(f"n{i}", [100 + i] * (3 + i), max_tokens=30, temperature=1.0, seed=i)
+    uid = crowded.submit("s", [9, 8, 7, 6], **kw)
+    assert run_all(crowded)[uid].token_ids == ref.token_ids
+
+
+def test_failure_mid_batch_is_isolated(llama):
+    model, tokenizer = llama
+    rng = np.random.default_rng(4)
+    engine = make_engine(model, tokenizer)
+    prompts = {a: random_tokens(rng, 25, VOCAB) for a in ("ok1", "bad", "ok2")}
+    engine.submit("bad", [3, 4, 5], max_tokens=4)
+    run_all(engine)
+    before = engine.agent_tokens("bad")
+    uids = {
+        a: engine.submit(a, p, max_tokens=16, logits_processors=[_fails_at(5)] if a == "bad" else None)
+        for a, p in prompts.items()
+    }
+    done = run_all(engine)
+    assert done[uids["bad"]].finish_reason == "error"
+    assert "boom" in done[uids["bad"]].error
+    eos = eos_ids(tokenizer)
+    for a in ("ok1", "ok2"):
+        assert done[uids[a]].token_ids == scratch_tokens(model, prompts[a], 16, eos=eos)
+    assert engine.agent_tokens("bad") == before  # the failed turn left no trace
+    engine.submit("bad", [6, 7], max_tokens=5)
+    (c,) = run_all(engine).values()
+    assert c.usage.cached_tokens == len(before)
+    assert c.token_ids == scratch_tokens(model, before + [6, 7], 5, eos=eos)
+    engine.pool.check_invariants()
+
+
+def test_cancel_waiting_and_running(llama):
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer)
+    engine.submit("c", [10, 11, 12], max_tokens=5)
+    run_all(engine)
+    before = engine.agent_tokens("c")
+    running = engine.submit("c", [13, 14], max_tokens=50)
+    waiting = engine.submit("c", [15], max_tokens=5)
+    for _ in range(4):
+        engine.step_once()
+    assert engine.cancel(running) and engine.cancel(waiting)
+    assert not engine.cancel(running)
+    done = run_all(engine)
+    assert done[running].finish_reason == "cancelled" and 0 < len(done[running].token_ids) < 50
+    assert done[waiting].finish_reason == "cancelled" and done[waiting].token_ids == []
+    assert engine.agent_tokens("c") == before
+    assert engine.pool.stats().reserved == 0
+    engine.pool.check_invariants()
+
+
+def test_conversation_form_reuses_common_prefix(llama):
+    model, tokenizer = llama
+    rng = np.random.default_rng(6)
+    engine = make_engine(model, tokenizer, block_size=16)
+    engine.submit("conv", random_tokens(rng, 70, VOCAB), max_tokens=10)
+    run_all(engine)
+    context = engine.agent_tokens("conv")
+    edited = context[:50] + random_tokens(rng, 12, VOCAB)  # rewrite history after token 50
+    engine.submit("conv", conversation=edited, max_tokens=15)
+    (c,) = run_all(engine).values()
+    assert c.usage.cached_tokens == 50
+    assert c.token_ids == scratch_tokens(model, edited, 15, eos=eos_ids(tokenizer))
+    assert engine.agent_tokens("conv")[: len(edited)] == edited
+    engine.pool.check_invariants()
+
+
+def test_messages_form(llama):
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer)
+    chat = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}]
+    engine.submit("chat", messages=chat, max_tokens=12)
+    (c1,) = run_all(engine).values()
+    chat += [{"role": "assistant", "content": c1.text}, {"role": "user", "content": "And then?"}]
+    engine.submit("chat", messages=chat, max_tokens=12)
+    (c2,) = run_all(engine).values()
+    rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer.encode(rendered, add_special_tokens=False)
+    assert c2.usage.cached_tokens > 0
+    assert c2.usage.prompt_tokens == len(ids)
+    assert c2.token_ids == scratch_generate(model, tokenizer, ids, 12)[0]
+
+
+def test_eos_stops_and_stays_in_context(llama):
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer)
+    eos = tokenizer.eos_token_id
+    engine.submit("e", [40, 41, 42], max_tokens=20, logits_processors=[_forces_at(3, eos)])
+    (c,) = run_all(engine).values()
+    assert c.finish_reason == "stop"
+    assert len(c.token_ids) == 3 and eos not in c.token_ids
+    assert c.usage.generated_tokens == 4
+    assert engine.agent_tokens("e")[-1] == eos
+    context = engine.agent_tokens("e")
+    engine.submit("e", [43], max_tokens=6)
+    (c2,) = run_all(engine).values()
+    assert c2.token_ids == scratch_tokens(model, context + [43], 6, eos=eos_ids(tokenizer))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        (("a", ""), {}),
+        (("a", []), {}),
+        (("a", "hi"), {"max_tokens": 0}),
+        (("a", "hi"), {"max_tokens": -3}),
+        (("a", "hi"), {"max_tokens": 2.5}),
+        (("a", "hi"), {"max_tokens": True}),
+        (("a", "hi"), {"temperature": -0.1}),
+        (("a", "hi"), {"temperature": float("nan")}),
+        (("a", "hi"), {"top_p": 0.0}),
+        (("a", "hi"), {"top_p": 1.5}),
+        (("a", "hi"), {"top_k": -1}),
+        (("a", "hi"), {"min_p": 1.0}),
+        (("a", "hi"), {"seed": -1}),
+        (("a", "hi"), {"seed": "7"}),
+        (("", "hi"), {}),
+        (("a b", "hi"), {}),
+        (("../etc", "hi"), {}),
+        (("x" * 200, "hi"), {}),
+        ((None, "hi"), {}),
+        (("a", [1, 2, 10**9]), {}),
+        (("a", [1, -2]), {}),
+        (("a", "hi"), {"messages": [{"role": "user", "content": "x"}]}),
+        (("a",), {}),
+        (("a",), {"messages": [{"role": "user"}]}),
+        (("a",), {"messages": []}),
+        (("a", "hi"), {"logits_processors": [42]}),
+        (("a", 3.5), {}),
+    ],
+)
+def test_invalid_requests_are_typed(llama, args, kwargs):
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer, total_blocks=64)
+    with pytest.raises(InvalidRequestError):
+        engine.submit(*args, **kwargs)
+    assert engine.agent_ids() == [] and not engine.has_work
+
+
+def test_unknown_agent_and_missing_cache(llama):
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer)
+    with pytest.raises(UnknownAgentError):
+        engine.agent_info("nobody")
+    with pytest.raises(UnknownAgentError):
+        engine.delete_agent("nobody")
+    engine.submit("a", [5, 6], max_tokens=3)
+    run_all(engine)
+    engine._manager.drop(engine._agents["a"])  # as the pool would under pressure
+    with pytest.raises(CacheReconstructionError):
+        engine.agent_cache("a")
+
+
+def test_closed_engine_and_foreign_thread(llama):
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer)
+    engine.submit("a", [5, 6], max_tokens=3)
+    errors = []
+    t = threading.Thread(target=lambda: _capture(errors, engine.step_once))
+    t.start()
+    t.join()
+    assert isinstance(errors[0], RuntimeError)
+    run_all(engine)
+    engine.close()
+    assert engine.pool.stats().in_use == 0
+    with pytest.raises(EngineClosedError):
+        engine.submit("a", [1], max_tokens=1)
+
+
+def _capture(errors, fn):
+    try:
+        fn()
+    except Exception as exc:
+        errors.append(exc)
+
+
+def _fails_at(step: int):
+    calls = {"n": 0}
+
+    def processor(tokens, logits):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("boom")
+        return logits
+
+    return processor
+
+
+def _forces_at(step: int, token: int):
+    calls = {"n": 0}
+
+    def processor(tokens, logits):
+        calls["n"] += 1
+        if calls["n"] == step + 1:
+            bias = mx.full(logits.shape, -1e9)
+            bias[..., token] = 0.0
+            return logits + bias
+        return logits
+
+    return processor
