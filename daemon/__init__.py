@@ -1,6 +1,6 @@
 """agentkv daemon: the model, the block pool and the engine.
 
-    from agentkv.daemon import BlockPoolBatchEngine, BlockPool, ModelCacheSpec
+from agentkv.daemon import BlockPoolBatchEngine, BlockPool, ModelCacheSpec
 """
 
 from .block_pool import BlockPool

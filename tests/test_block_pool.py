@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 
 import pytest
+
 from agentkv.daemon.block_pool import (
     BlockHash,
     BlockPool,

@@ -36,7 +36,10 @@ def test_with_cache_equals_without_cache(arch_model):
     arch, model, tokenizer = arch_model
     rng = np.random.default_rng(1234)
     engine = make_engine(model, tokenizer, block_size=16, total_blocks=2048)
-    firsts = {f"p{i}": random_tokens(rng, int(rng.integers(4, 120)), _vocab(tokenizer)) for i in range(N_PROMPTS)}
+    firsts = {
+        f"p{i}": random_tokens(rng, int(rng.integers(4, 120)), _vocab(tokenizer))
+        for i in range(N_PROMPTS)
+    }
     for agent, prompt in firsts.items():
         engine.submit(agent, prompt, max_tokens=32)
     turn1 = {c.agent_id: c for c in run_all(engine).values()}
@@ -56,7 +59,7 @@ def test_with_cache_equals_without_cache(arch_model):
 
 
 def test_256_new_tokens(arch_model):
-    arch, model, tokenizer = arch_model
+    _, model, tokenizer = arch_model
     rng = np.random.default_rng(7)
     prompt = random_tokens(rng, 40, _vocab(tokenizer))
     engine = make_engine(model, tokenizer, block_size=32)
@@ -156,7 +159,8 @@ def _rows(cache, n: int):
     keys, values = cache.keys, cache.values
     if layer_is_rotating(cache):
         _k, _v, offset, _keep, max_size, idx = cache.state
-        keys, values = _time_order(keys, idx, offset, max_size), _time_order(values, idx, offset, max_size)
+        keys = _time_order(keys, idx, offset, max_size)
+        values = _time_order(values, idx, offset, max_size)
         return keys[:, :, -n:, :], values[:, :, -n:, :]
     return keys[:, :, :n, :], values[:, :, :n, :]
 

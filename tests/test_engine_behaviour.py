@@ -33,12 +33,18 @@ def _baseline(pool) -> tuple[int, int, int]:
 def test_three_agents_of_very_different_lengths(llama):
     model, tokenizer = llama
     rng = np.random.default_rng(0)
-    prompts = {"tiny": [5], "mid": random_tokens(rng, 180, VOCAB), "big": random_tokens(rng, 700, VOCAB)}
+    prompts = {
+        "tiny": [5],
+        "mid": random_tokens(rng, 180, VOCAB),
+        "big": random_tokens(rng, 700, VOCAB),
+    }
     engine = make_engine(model, tokenizer, block_size=64, total_blocks=64)
     uids = {a: engine.submit(a, p, max_tokens=30) for a, p in prompts.items()}
     done = run_all(engine)
     for agent, prompt in prompts.items():
-        assert done[uids[agent]].token_ids == scratch_tokens(model, prompt, 30, eos=eos_ids(tokenizer))
+        assert done[uids[agent]].token_ids == scratch_tokens(
+            model, prompt, 30, eos=eos_ids(tokenizer)
+        )
 
 
 def test_prefix_sharing_across_agents(llama):
@@ -71,7 +77,10 @@ def test_pool_stable_after_generations_cancels_and_errors(llama):
     pool = engine.pool
     empty = _baseline(pool)
     for round_ in range(12):
-        uids = [engine.submit(f"a{i}", random_tokens(rng, 20 + 7 * i, VOCAB), max_tokens=12) for i in range(3)]
+        uids = [
+            engine.submit(f"a{i}", random_tokens(rng, 20 + 7 * i, VOCAB), max_tokens=12)
+            for i in range(3)
+        ]
         if round_ % 3 == 1:
             engine.step_once()
             engine.step_once()
@@ -163,7 +172,9 @@ def test_failure_mid_batch_is_isolated(llama):
     run_all(engine)
     before = engine.agent_tokens("bad")
     uids = {
-        a: engine.submit(a, p, max_tokens=16, logits_processors=[_fails_at(5)] if a == "bad" else None)
+        a: engine.submit(
+            a, p, max_tokens=16, logits_processors=[_fails_at(5)] if a == "bad" else None
+        )
         for a, p in prompts.items()
     }
     done = run_all(engine)
@@ -219,7 +230,10 @@ def test_conversation_form_reuses_common_prefix(llama):
 def test_messages_form(llama):
     model, tokenizer = llama
     engine = make_engine(model, tokenizer)
-    chat = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}]
+    chat = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi there"},
+    ]
     engine.submit("chat", messages=chat, max_tokens=12)
     (c1,) = run_all(engine).values()
     chat += [{"role": "assistant", "content": c1.text}, {"role": "user", "content": "And then?"}]

@@ -1,0 +1,105 @@
+"""ModelCacheSpec on the four test architectures, and block payload / rebuild mechanics."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from agentkv.daemon import CacheReconstructionError, LayerKind, ModelCacheSpec
+from agentkv.daemon.errors import UnsupportedModelError
+from agentkv.daemon.kv_blocks import BlockKV, block_payload, rebuild_caches
+from agentkv.daemon.spec import LayerSpec
+
+KINDS = {
+    "llama": [LayerKind.FULL] * 4,
+    "gemma3_text": [LayerKind.SLIDING, LayerKind.SLIDING, LayerKind.FULL] * 2,
+    "qwen3_moe": [LayerKind.FULL] * 2,
+    "qwen3_next": [LayerKind.RECURRENT, LayerKind.FULL] * 2,
+}
+
+
+@pytest.mark.parametrize("arch", sorted(KINDS))
+def test_spec_layers(loaded_models, arch):
+    model, _ = loaded_models[arch]
+    spec = ModelCacheSpec.from_model(model, block_size=64)
+    assert [layer.kind for layer in spec.layers] == KINDS[arch]
+    assert spec.model_type == arch
+    for layer in spec.layers:
+        if layer.kind is LayerKind.RECURRENT:
+            assert layer.state_shapes and layer.fixed_bytes > 0 and layer.bytes_per_token == 0
+            continue
+        assert layer.n_kv_heads == 2 and layer.dtype == "float32"
+        assert layer.bytes_per_token == 2 * layer.k_head_dim * 2 * 4
+        if layer.kind is LayerKind.SLIDING:
+            assert layer.window == 64 and layer.fixed_bytes == 64 * layer.bytes_per_token
+    full = [spec.layers[i].bytes_per_token for i in spec.full_layers]
+    assert spec.bytes_per_block() == 64 * sum(full)
+    assert spec.bytes_per_block(256) == 256 * sum(full)
+    assert spec.all_full == (arch in ("llama", "qwen3_moe"))
+    assert spec.vocab_size == 768
+
+
+def test_fingerprint_tells_models_apart(loaded_models, model_dirs, tmp_path):
+    from agentkv.daemon.model_factory import build_model_dir, load_model
+
+    model, _ = loaded_models["llama"]
+    again = ModelCacheSpec.from_model(load_model(model_dirs["llama"])[0])
+    other = load_model(build_model_dir(tmp_path / "seed1", "llama", seed=1))[0]
+    assert ModelCacheSpec.from_model(model).fingerprint == again.fingerprint
+    assert ModelCacheSpec.from_model(other).fingerprint != again.fingerprint
+
+
+def test_unsupported_cache_is_refused():
+    from mlx_lm.models.cache import ChunkedKVCache
+
+    class Odd:
+        def make_cache(self):
+            return [ChunkedKVCache(16)]
+
+        def __call__(self, tokens, cache):
+            cache[0].update_and_fetch(mx.zeros((1, 1, 1, 4)), mx.zeros((1, 1, 1, 4)))
+
+        def parameters(self):
+            return {}
+
+    with pytest.raises(UnsupportedModelError):
+        ModelCacheSpec.from_model(Odd())
+
+
+def _toy_spec(layers=2) -> ModelCacheSpec:
+    specs = tuple(LayerSpec(i, LayerKind.FULL, 2, 4, 4, "float32") for i in range(layers))
+    return ModelCacheSpec("toy", specs, "fp", block_size=4)
+
+
+class _Cache:
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+
+def test_payload_is_an_owned_copy_and_rebuild_round_trips():
+    spec = _toy_spec()
+    keys = mx.random.normal((1, 2, 10, 4))
+    values = mx.random.normal((1, 2, 10, 4))
+    caches = [_Cache(keys, values), _Cache(keys * 2, values * 2)]
+    payloads = [block_payload(spec, caches, a, min(a + 4, 10)) for a in (0, 4, 8)]
+    mx.eval([p.keys for p in payloads])
+    # a payload never shares memory with the buffer it was cut from
+    assert not np.shares_memory(
+        np.array(keys, copy=False), np.array(payloads[0].keys[0], copy=False)
+    )
+    for n in (10, 7, 4, 1):
+        rebuilt = rebuild_caches(spec, payloads, n)
+        assert rebuilt[0].offset == n
+        assert np.array_equal(np.array(rebuilt[0].keys), np.array(keys[:, :, :n, :]))
+        assert np.array_equal(np.array(rebuilt[1].values), np.array(values[:, :, :n, :] * 2))
+
+
+def test_rebuild_refuses_inconsistent_pieces():
+    spec = _toy_spec()
+    good = BlockKV((mx.zeros((1, 2, 4, 4)),) * 2, (mx.zeros((1, 2, 4, 4)),) * 2, 4)
+    with pytest.raises(CacheReconstructionError):
+        rebuild_caches(spec, [good], 6)  # holds 4 tokens, 6 asked
+    bad = BlockKV((mx.zeros((1, 3, 4, 4)),) * 2, (mx.zeros((1, 3, 4, 4)),) * 2, 4)
+    with pytest.raises(CacheReconstructionError):
+        rebuild_caches(spec, [bad], 4)  # wrong head count
