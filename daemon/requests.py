@@ -75,6 +75,12 @@ class Usage:
         """Plain dict (for JSON and msgpack)."""
         return asdict(self)
 
+    def __getitem__(self, key: str):
+        """`usage["cached_tokens"]` reads like `usage.cached_tokens` (dict-style callers)."""
+        if key not in self.__slots__:
+            raise KeyError(key)
+        return getattr(self, key)
+
 
 @dataclass(slots=True)
 class Completion:

@@ -189,29 +189,10 @@ def weights_fingerprint(model) -> str:
 
 
 def _layer_spec(index: int, cache) -> LayerSpec:
-    # RotatingKVCache must be tested first: it is not a KVCache subclass, but be explicit.
-    if isinstance(cache, RotatingKVCache):
-        keys, values = cache.keys, cache.values
-        return LayerSpec(
-            index=index,
-            kind=LayerKind.SLIDING,
-            n_kv_heads=keys.shape[1],
-            k_head_dim=keys.shape[3],
-            v_head_dim=values.shape[3],
-            dtype=_dtype_name(keys.dtype),
-            window=cache.max_size,
-            keep=cache.keep,
-        )
+    if type(cache) is RotatingKVCache:
+        return _attention_spec(index, cache, LayerKind.SLIDING, cache.max_size, cache.keep)
     if type(cache) is KVCache:
-        keys, values = cache.keys, cache.values
-        return LayerSpec(
-            index=index,
-            kind=LayerKind.FULL,
-            n_kv_heads=keys.shape[1],
-            k_head_dim=keys.shape[3],
-            v_head_dim=values.shape[3],
-            dtype=_dtype_name(keys.dtype),
-        )
+        return _attention_spec(index, cache, LayerKind.FULL, None, 0)
     if type(cache) is ArraysCache:
         arrays = [a for a in cache.cache if a is not None]
         return LayerSpec(
@@ -224,6 +205,20 @@ def _layer_spec(index: int, cache) -> LayerSpec:
     raise UnsupportedModelError(
         f"layer {index} uses {type(cache).__name__}; agentkv supports KVCache, "
         "RotatingKVCache and ArraysCache layers"
+    )
+
+
+def _attention_spec(index: int, cache, kind: LayerKind, window: int | None, keep: int) -> LayerSpec:
+    keys, values = cache.keys, cache.values  # [batch, kv heads, tokens, head dim]
+    return LayerSpec(
+        index=index,
+        kind=kind,
+        n_kv_heads=keys.shape[1],
+        k_head_dim=keys.shape[3],
+        v_head_dim=values.shape[3],
+        dtype=_dtype_name(keys.dtype),
+        window=window,
+        keep=keep,
     )
 
 
