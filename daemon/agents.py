@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 class AgentContext:
     """One agent's context and cache.
 
-    Invariant: either the cache covers the whole context (`cached_len == len(tokens)`) or
-    it was dropped (`cached_len == 0`, no blocks) and the next turn recomputes it from
-    `tokens`.
+    The cache covers `tokens[:cached_len]`: usually all of them; 0 when it was dropped
+    (the next turn restores it from the store or recomputes it from `tokens`); a prefix of
+    whole blocks after a partial restore (attention-only models).
 
     Attributes:
         agent_id: the agent's id.
@@ -32,6 +32,8 @@ class AgentContext:
         last_used: engine clock of the last admission or commit (LRU for dropping caches).
         pending: this agent's queued requests (uids), oldest first.
         active: the uid of the request now in the batch, or None.
+        in_store: the store holds this agent's latest state (restore instead of recompute).
+        restored: tokens of the current cache read from disk (reported by the next turn).
     """
 
     agent_id: str
@@ -44,6 +46,8 @@ class AgentContext:
     last_used: int = 0
     pending: deque[int] = field(default_factory=deque)
     active: int | None = None
+    in_store: bool = False
+    restored: int = 0
 
     @property
     def busy(self) -> bool:

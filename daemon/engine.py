@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from agentkv.storage import CacheStore
+
+from . import persistence
 from .agents import AgentContext
 from .block_pool import BlockPool
 from .errors import (
@@ -104,6 +107,9 @@ class BlockPoolBatchEngine:
         prefill_batch_size: sequences prefilled at once.
         prefill_step_size: prompt tokens per prefill chunk; a long prompt delays others'
             decoding by at most one chunk per step.
+        store: a CacheStore; agents' caches are then written back after each turn and
+            restored from disk when an agent not in memory comes back. `close()` flushes
+            and closes it.
     """
 
     def __init__(
@@ -116,6 +122,7 @@ class BlockPoolBatchEngine:
         max_batch_size: int = 32,
         prefill_batch_size: int = 8,
         prefill_step_size: int = 2048,
+        store: CacheStore | None = None,
     ) -> None:
         if pool.block_size != spec.block_size and spec.block_size:
             log.debug("pool block size %d overrides spec's %d", pool.block_size, spec.block_size)
@@ -143,7 +150,20 @@ class BlockPoolBatchEngine:
         self._clock = 0
         self._closed = False
         self._owner: int | None = None
-        self.counters = {"completed": 0, "cancelled": 0, "errors": 0, "dropped_caches": 0}
+        self.counters = {
+            "completed": 0,
+            "cancelled": 0,
+            "errors": 0,
+            "dropped_caches": 0,
+            "restored_agents": 0,
+            "restored_tokens": 0,
+        }
+        self.store = store
+        self._layout = persistence.layout_meta(spec, pool.block_size)
+        if store is not None:
+            store.register_model(
+                spec.fingerprint, model_id=spec.model_type, block_size=pool.block_size
+            )
 
     # -- public API ------------------------------------------------------------------------
 
@@ -186,10 +206,11 @@ class BlockPoolBatchEngine:
             processors=_check_processors(logits_processors),
             submitted=time.perf_counter(),
         )
-        self._set_input(req, prompt, messages, conversation)
-        self._check_fits(req)
+        agent = self._agents.get(agent_id) or self._stored_agent(agent_id) or AgentContext(agent_id)
+        self._set_input(req, agent, prompt, messages, conversation)
+        self._check_fits(req, agent)
         self._next_uid += 1
-        agent = self._agents.setdefault(agent_id, AgentContext(agent_id))
+        self._agents[agent_id] = agent
         agent.pending.append(req.uid)
         self._requests[req.uid] = req
         self._waiting.append(req.uid)
@@ -255,6 +276,8 @@ class BlockPoolBatchEngine:
             self._manager.drop(agent)
         self._gen.close()
         self._closed = True
+        if self.store is not None:
+            self.store.close()
 
     # -- agents ----------------------------------------------------------------------------
 
@@ -302,6 +325,8 @@ class BlockPoolBatchEngine:
             self.cancel(uid)
         self._manager.drop(agent)
         del self._agents[agent_id]
+        if self.store is not None:
+            self.store.delete_agent(agent_id, self.spec.fingerprint)
 
     def stats(self) -> dict:
         """Counters, queue lengths and pool occupancy."""
@@ -316,7 +341,9 @@ class BlockPoolBatchEngine:
 
     # -- submit helpers --------------------------------------------------------------------
 
-    def _set_input(self, req: _Request, prompt, messages, conversation) -> None:
+    def _set_input(
+        self, req: _Request, agent: AgentContext, prompt, messages, conversation
+    ) -> None:
         given = [x is not None for x in (prompt, messages, conversation)]
         if sum(given) != 1:
             raise InvalidRequestError("give exactly one of prompt, messages or conversation")
@@ -325,20 +352,23 @@ class BlockPoolBatchEngine:
         elif conversation is not None:
             req.full_tokens = check_tokens(conversation, self.spec.vocab_size, "conversation")
         elif isinstance(prompt, str):
-            req.new_tokens = encode_turn(
-                self.tokenizer, prompt, first_turn=self._is_first_turn(req.agent_id)
-            )
+            first = not (agent.tokens or agent.pending or agent.busy)
+            req.new_tokens = encode_turn(self.tokenizer, prompt, first_turn=first)
         else:
             req.new_tokens = check_tokens(prompt, self.spec.vocab_size, "prompt")
 
-    def _is_first_turn(self, agent_id: str) -> bool:
-        agent = self._agents.get(agent_id)
-        return agent is None or not (agent.tokens or agent.pending or agent.busy)
+    def _stored_agent(self, agent_id: str) -> AgentContext | None:
+        """An agent known only to the store: its tokens now, its cache at admission."""
+        if self.store is None:
+            return None
+        stored = self.store.agent(agent_id, self.spec.fingerprint)
+        if stored is None:
+            return None
+        return AgentContext(agent_id, tokens=stored.tokens, in_store=True)
 
-    def _check_fits(self, req: _Request) -> None:
+    def _check_fits(self, req: _Request, agent: AgentContext) -> None:
         """Refuse a turn that could never fit in the pool, even alone."""
-        agent = self._agents.get(req.agent_id)
-        length = self._projected_len(agent) if agent else 0
+        length = self._projected_len(agent)
         length = (
             length + len(req.new_tokens) if req.new_tokens is not None else len(req.full_tokens)
         )
@@ -374,6 +404,10 @@ class BlockPoolBatchEngine:
 
     def _admit(self, req: _Request, agent: AgentContext, events: list[StepEvent]) -> bool:
         full = req.full_tokens if req.full_tokens is not None else agent.tokens + req.new_tokens
+        tic = time.perf_counter()
+        if agent.cached_len == 0 and agent.in_store:
+            self._restore(agent)
+        req.restore_ms = (time.perf_counter() - tic) * 1e3
         adm = self._reserve(req, agent, full, events)
         if adm is None:
             return req.uid not in self._waiting  # failed (finished) -> go on; waiting -> stop
@@ -411,6 +445,17 @@ class BlockPoolBatchEngine:
                     events.append(self._fail(req, exc))
                     return None
 
+    def _restore(self, agent: AgentContext) -> None:
+        """Bring an agent's stored cache into the pool (once; later turns use memory)."""
+        stored = self.store.agent(agent.agent_id, self.spec.fingerprint)
+        agent.in_store = False
+        if stored is None or stored.tokens != agent.tokens:
+            return
+        agent.restored = persistence.restore(self.spec, self.pool, self.store, agent, stored)
+        if agent.restored:
+            self.counters["restored_agents"] += 1
+            self.counters["restored_tokens"] += agent.restored
+
     def _lru_idle_agent(self, exclude: AgentContext) -> AgentContext | None:
         idle = [
             a for a in self._agents.values() if a is not exclude and not a.busy and a.held_blocks()
@@ -419,6 +464,7 @@ class BlockPoolBatchEngine:
 
     def _drop_cache(self, agent: AgentContext) -> None:
         released = self._manager.drop(agent)
+        agent.in_store = self.store is not None  # its last turn was queued for writing
         self.counters["dropped_caches"] += 1
         log.info(
             "dropped cache of agent %r (%d blocks); it will be recomputed", agent.agent_id, released
@@ -432,7 +478,9 @@ class BlockPoolBatchEngine:
             log.warning("agent %r: %s; recomputing its context", agent.agent_id, exc)
             self._manager.fall_back_to_prefill(adm)
             caches = None
-        req.restore_ms = (time.perf_counter() - tic) * 1e3
+        req.restore_ms += (time.perf_counter() - tic) * 1e3
+        adm.restored = min(agent.restored, adm.cached_len) if adm.own_cache else 0
+        agent.restored = 0
         return caches
 
     def _insert(self, req: _Request, adm: Admission, caches: list | None) -> None:
@@ -497,10 +545,20 @@ class BlockPoolBatchEngine:
             return self._fail(req, exc)
         self._clock += 1
         agent.last_used = self._clock
+        self._write_back(agent)
         self.counters["completed"] += 1
         completion = self._finish(req, r.finish_reason)
         completion.usage.generated_tokens = len(r.all_tokens) - len(adm.full_tokens)
         return StepEvent(req.uid, req.agent_id, token, delta, completion)
+
+    def _write_back(self, agent: AgentContext) -> None:
+        if self.store is None:
+            return
+        try:
+            record = persistence.turn_record(self.spec, self.store, agent, self._layout)
+            self.store.save_turn(record)
+        except Exception as exc:  # the turn is done and kept in memory either way
+            log.error("agent %r: write-back not queued: %s", agent.agent_id, exc)
 
     def _fail_all_active(self, exc: Exception, events: list[StepEvent]) -> None:
         for req in list(self._active.values()):
@@ -534,6 +592,7 @@ class BlockPoolBatchEngine:
             prompt_tokens=len(adm.full_tokens) if adm else 0,
             cached_tokens=adm.cached_len if adm else 0,
             generated_tokens=len(req.generated),
+            restored_tokens=adm.restored if adm else 0,
             recomputed_tokens=adm.recomputed if adm else 0,
             queue_ms=_ms(req.submitted, req.admitted),
             restore_ms=round(req.restore_ms, 3),

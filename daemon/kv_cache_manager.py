@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import mlx.core as mx
+
 from .agents import AgentContext
 from .block_pool import BlockPool, KVBlock, chain_hashes, hash_block
 from .errors import CacheReconstructionError, PoolExhaustedError
@@ -30,6 +32,7 @@ class Admission:
         touched: shared blocks this admission took a reference on (returned on abort).
         reserved: blocks promised for the commit and not yet used.
         recomputed: tokens the agent had before that are prefilled again.
+        restored: of the cached tokens, those read from disk for this turn.
         own_cache: True when the prefix comes from the agent's own cache.
     """
 
@@ -39,6 +42,7 @@ class Admission:
     touched: list[KVBlock] = field(default_factory=list)
     reserved: int = 0
     recomputed: int = 0
+    restored: int = 0
     own_cache: bool = False
 
 
@@ -102,6 +106,7 @@ class KVCacheManager:
         whose chained hash is already pooled are shared, not stored twice. On failure
         (pool exhausted) the agent is left as it was and the admission is released.
         """
+        self.check_offsets(tokens, caches)
         got: list[KVBlock] = []
         try:
             blocks = self._full_blocks(adm, tokens, caches, got)
@@ -118,10 +123,19 @@ class KVCacheManager:
         agent.states = snapshot_states(self.spec, caches, len(tokens))
         agent.tokens = list(tokens)
         agent.cached_len = len(tokens)
+        _materialize(blocks, tail, agent)
         adm.touched = []  # now owned by the agent
         self.pool.unreserve(adm.reserved)
         adm.reserved = 0
         self.pool.free(old)
+
+    def check_offsets(self, tokens: list[int], caches: list) -> None:
+        """The finished cache must hold exactly the sequence's tokens."""
+        for i in self.spec.full_layers:
+            if caches[i].offset != len(tokens):
+                raise CacheReconstructionError(
+                    f"layer {i} cache holds {caches[i].offset} tokens, sequence has {len(tokens)}"
+                )
 
     def abort(self, adm: Admission) -> None:
         """Give back an admission's reservation and shared references."""
@@ -216,3 +230,13 @@ class KVCacheManager:
             self.pool.touch([existing])
             self.pool.free([block])
         return existing
+
+
+def _materialize(blocks: list[KVBlock], tail: KVBlock | None, agent: AgentContext) -> None:
+    """Evaluate new payloads and snapshots now, so they stop referencing the batch buffers."""
+    arrays = []
+    for b in [*blocks, *([tail] if tail is not None else [])]:
+        arrays += [*b.payload.keys, *b.payload.values]
+    arrays += [a for w in agent.windows.values() for a in (w.keys, w.values)]
+    arrays += [a for s in agent.states.values() for a in s.arrays if a is not None]
+    mx.eval(arrays)

@@ -1,0 +1,127 @@
+"""The SQLite index: schema, migrations, and opening a connection the way the store wants it.
+
+Tables (inspect with e.g. `sqlite-utils tables index.db --counts`):
+
+- `meta(key, value)`: `schema_version`.
+- `models(fingerprint, model_id, config, block_size, created)`: every model that wrote here.
+- `agents(agent_id, fingerprint, tokens, token_count, stored_tokens, state_file,
+  state_checksum, created, last_used, pinned)`, keyed by (agent_id, fingerprint): `tokens`
+  is the context as little-endian int32 (the source of truth); `stored_tokens` how many of
+  them the files cover (0 after a disk-budget eviction: they are then recomputed);
+  `state_file` holds what is not block-shaped (partial tail, sliding windows, recurrent
+  state).
+- `agent_blocks(agent_id, fingerprint, seq, block_hash)`: each agent's ordered full blocks.
+- `blocks(hash, fingerprint, path, bytes, checksum, token_count, refcount, created,
+  last_used)`: one safetensors file per block, shared by every agent that has it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlite_utils
+
+from .errors import StorageError
+
+SCHEMA_VERSION = 1
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    db["models"].create(
+        {"fingerprint": str, "model_id": str, "config": str, "block_size": int, "created": float},
+        pk="fingerprint",
+        if_not_exists=True,
+    )
+    db["agents"].create(
+        {
+            "agent_id": str,
+            "fingerprint": str,
+            "tokens": bytes,
+            "token_count": int,
+            "stored_tokens": int,
+            "state_file": str,
+            "state_checksum": str,
+            "created": float,
+            "last_used": float,
+            "pinned": int,
+        },
+        pk=("agent_id", "fingerprint"),
+        not_null={"tokens", "token_count"},
+        defaults={"stored_tokens": 0, "pinned": 0},
+        if_not_exists=True,
+    )
+    db["agent_blocks"].create(
+        {"agent_id": str, "fingerprint": str, "seq": int, "block_hash": str},
+        pk=("agent_id", "fingerprint", "seq"),
+        if_not_exists=True,
+    )
+    db["agent_blocks"].create_index(["block_hash"], if_not_exists=True)
+    db["blocks"].create(
+        {
+            "hash": str,
+            "fingerprint": str,
+            "path": str,
+            "bytes": int,
+            "checksum": str,
+            "token_count": int,
+            "refcount": int,
+            "created": float,
+            "last_used": float,
+        },
+        pk="hash",
+        defaults={"refcount": 0},
+        if_not_exists=True,
+    )
+    db["blocks"].create_index(["fingerprint"], if_not_exists=True)
+
+
+# Migration i takes the schema from version i to i + 1. Append, never edit.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+
+
+def open_index(path: Path, *, read_only: bool = False) -> sqlite_utils.Database:
+    """Open (creating and migrating if needed) the index in WAL mode.
+
+    Raises:
+        StorageError: the index is newer than this agentkv, or unreadable.
+    """
+    try:
+        if read_only:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db = sqlite_utils.Database(conn)
+        if not read_only:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=10000")
+        if not read_only:
+            migrate(db)
+        return db
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"cannot open index {path}: {exc}") from exc
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    """The index's schema version (0 for an empty database)."""
+    if "meta" not in db.table_names():
+        return 0
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    """Bring the schema to SCHEMA_VERSION, one transaction per step."""
+    version = schema_version(db)
+    if version > SCHEMA_VERSION:
+        raise StorageError(
+            f"index schema v{version} is newer than this agentkv (v{SCHEMA_VERSION})"
+        )
+    for step in range(version, SCHEMA_VERSION):
+        with db.conn:
+            db.execute("BEGIN IMMEDIATE")
+            MIGRATIONS[step](db)
+            db["meta"].upsert({"key": "schema_version", "value": str(step + 1)}, pk="key")
