@@ -24,7 +24,16 @@ import time
 from pathlib import Path
 
 from .errors import CorruptFileError, StorageError, StoreClosedError, StoreWriteError
-from .records import BlockRecord, StoredAgent, TurnRecord, pack_tokens, unpack_tokens
+from .maintenance import collect_garbage, verify_store
+from .records import (
+    BlockRecord,
+    GcReport,
+    StoredAgent,
+    TurnRecord,
+    VerifyReport,
+    pack_tokens,
+    unpack_tokens,
+)
 from .schema import open_index
 from .tensor_files import FileOps, HostTensor, read_tensor_file, write_tensor_file
 
@@ -148,6 +157,7 @@ class CacheStore:
         except CorruptFileError as exc:
             self._corrupt(exc, block=block_hash)
             raise
+        self.counters["blocks_read"] += 1
         return tensors
 
     def read_state(self, agent: StoredAgent) -> tuple[dict[str, str], dict[str, HostTensor]]:
@@ -167,6 +177,7 @@ class CacheStore:
         except CorruptFileError as exc:
             self._corrupt(exc, agent=agent)
             raise
+        self.counters["states_read"] += 1
         return meta, tensors
 
     # -- writing (queued, applied on the writer thread) ------------------------------------
@@ -229,6 +240,22 @@ class CacheStore:
         self._queue.put(_STOP)
         self._writer.join()
         self._db.conn.close()
+
+    def gc(
+        self, fingerprint: str | None = None, *, dry_run: bool = True, progress: bool = False
+    ) -> GcReport:
+        """Flush, then collect garbage (see `maintenance.collect_garbage`)."""
+        self.flush()
+        report = collect_garbage(self.root, fingerprint, dry_run=dry_run, progress=progress)
+        if not dry_run:
+            with self._lock:
+                self._on_disk = {r[0] for r in self._db.execute("SELECT hash FROM blocks")}
+        return report
+
+    def verify(self, *, progress: bool = False) -> VerifyReport:
+        """Flush, then re-check every file's checksum (see `maintenance.verify_store`)."""
+        self.flush()
+        return verify_store(self.root, progress=progress)
 
     def stats(self) -> dict:
         """Counters plus index totals."""
@@ -316,7 +343,12 @@ class CacheStore:
         if missing:
             raise StoreWriteError(f"agent {rec.agent_id!r}: block {missing[0]} is not on disk")
         state = self._write_state(rec)
-        old = self._commit_turn(db, rec, written, state)
+        try:
+            old = self._commit_turn(db, rec, written, state)
+        except _BlocksGone as exc:
+            with self._lock:
+                self._on_disk.difference_update(exc.hashes)
+            raise
         with self._lock:
             self._on_disk.update(h for h, _ in written)
         if old and (state is None or old != state[0]):
@@ -406,6 +438,7 @@ class CacheStore:
                 "INSERT INTO agent_blocks VALUES (?, ?, ?, ?)",
                 [(*key, i, b.block_hash) for i, b in enumerate(rec.blocks)],
             )
+            _check_blocks_exist(db, rec)
             db.execute(
                 "INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, "
                 "COALESCE((SELECT pinned FROM agents WHERE agent_id = ? AND fingerprint = ?), 0))",
@@ -541,6 +574,23 @@ def _truncate_agent(db, agent_id: str, fingerprint: str, seq: int) -> None:
         (agent_id, fingerprint),
     )
     del row  # the old state file becomes an orphan; gc removes it
+
+
+def _check_blocks_exist(db, rec: TurnRecord) -> None:
+    """Every block the agent lists must have its row (gc in another process may have run)."""
+    wanted = {b.block_hash for b in rec.blocks}
+    if not wanted:
+        return
+    marks = ",".join("?" * len(wanted))
+    have = db.execute(f"SELECT COUNT(*) FROM blocks WHERE hash IN ({marks})", tuple(wanted))
+    if have.fetchone()[0] != len(wanted):
+        raise _BlocksGone(wanted)
+
+
+class _BlocksGone(StoreWriteError):
+    def __init__(self, hashes: set[str]) -> None:
+        self.hashes = hashes
+        super().__init__("blocks removed from the index meanwhile; the next turn rewrites them")
 
 
 def _recount(db, hashes: set[str], now: float) -> None:
