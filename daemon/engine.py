@@ -364,6 +364,10 @@ class BlockPoolBatchEngine:
         stored = self.store.agent(agent_id, self.spec.fingerprint)
         if stored is None:
             return None
+        vocab = self.spec.vocab_size or 2**31
+        if not all(0 <= t < vocab for t in stored.tokens):
+            log.warning("agent %r: stored tokens outside the vocabulary; ignored", agent_id)
+            return None
         return AgentContext(agent_id, tokens=stored.tokens, in_store=True)
 
     def _check_fits(self, req: _Request, agent: AgentContext) -> None:

@@ -87,7 +87,10 @@ def restore(
     full attention, otherwise nothing is (windows and states belong to the whole context).
     """
     bs = pool.block_size
-    if stored.stored_tokens == 0 or stored.stored_tokens > len(agent.tokens):
+    n_blocks = len(stored.block_hashes)
+    if not n_blocks * bs <= stored.stored_tokens <= len(agent.tokens):
+        if stored.stored_tokens or n_blocks:
+            log.warning("agent %r: stored cache does not match its tokens", agent.agent_id)
         return 0
     got: list[KVBlock] = []
     from_disk = 0
@@ -97,7 +100,11 @@ def restore(
             got.append(block)
             from_disk += read * bs
         meta, tensors = store.read_state(stored)
-        tail, windows, states = _unpack_state(spec, pool, meta, tensors, len(got) * bs)
+        tail, windows, states = _unpack_state(spec, pool, meta, tensors)
+        rows = len(got) * bs + (tail.payload.num_tokens if tail is not None else 0)
+        if rows != stored.stored_tokens:
+            pool.free([tail] if tail is not None else [])
+            raise ValueError(f"files hold {rows} tokens, index says {stored.stored_tokens}")
     except (CorruptFileError, PoolExhaustedError, KeyError, ValueError) as exc:
         log.warning("agent %r: restore stopped: %s", agent.agent_id, exc)
         return _keep_prefix(spec, pool, agent, got, from_disk)
@@ -122,6 +129,8 @@ def _block(spec, pool: BlockPool, store: CacheStore, h: bytes, fingerprint: str)
         return block, 0
     tensors = store.read_block(h.hex(), fingerprint)
     payload = _payload_from(spec, tensors)
+    if payload.num_tokens != pool.block_size:
+        raise ValueError(f"block {h.hex()[:12]} holds {payload.num_tokens} tokens")
     (block,) = pool.allocate(1)
     block.payload = payload
     existing = pool.register(block, h)
@@ -166,7 +175,7 @@ def _state_tensors(spec, agent: AgentContext) -> tuple[dict[str, HostTensor], di
     return state, meta
 
 
-def _unpack_state(spec, pool: BlockPool, meta, tensors, n_full: int):
+def _unpack_state(spec, pool: BlockPool, meta, tensors):
     tail = None
     if "tail_tokens" in meta:
         payload = _payload_from(

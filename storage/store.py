@@ -84,6 +84,9 @@ class CacheStore:
             "write_errors": 0,
             "corrupt_files": 0,
             "evicted_agents": 0,
+            "blocks_read": 0,
+            "states_read": 0,
+            "corrupt_rows": 0,
         }
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._closed = False
@@ -97,8 +100,8 @@ class CacheStore:
         if self._pending.get(agent_id):
             self.flush()  # a queued write or delete for this agent must land first
         row = self._db.execute(
-            "SELECT tokens, stored_tokens, state_file, state_checksum, pinned, last_used "
-            "FROM agents WHERE agent_id = ? AND fingerprint = ?",
+            "SELECT tokens, token_count, stored_tokens, state_file, state_checksum, pinned, "
+            "last_used FROM agents WHERE agent_id = ? AND fingerprint = ?",
             (agent_id, fingerprint),
         ).fetchone()
         if row is None:
@@ -111,16 +114,26 @@ class CacheStore:
                 (agent_id, fingerprint),
             )
         ]
+        try:
+            tokens = unpack_tokens(row[0])
+            if len(tokens) != row[1] or not all(isinstance(h, str) for h in hashes):
+                raise ValueError(f"{len(tokens)} tokens, index says {row[1]}")
+        except (TypeError, ValueError) as exc:
+            self.counters["corrupt_rows"] += 1
+            log.warning(
+                "agent %r: unreadable index row (%s); treated as a new agent", agent_id, exc
+            )
+            return None
         return StoredAgent(
             agent_id,
             fingerprint,
-            unpack_tokens(row[0]),
-            row[1] or 0,
+            tokens,
+            int(row[2] or 0),
             hashes,
-            row[2],
             row[3],
-            bool(row[4]),
-            row[5] or 0.0,
+            row[4],
+            bool(row[5]),
+            float(row[6] or 0.0),
         )
 
     def agent_ids(self, fingerprint: str | None = None) -> list[str]:

@@ -1,0 +1,183 @@
+"""The promise: an agent's cache survives a restart and is rebuilt once, exactly.
+
+Also: every kind of damage to the files or the index is detected, and the output stays
+identical because the context is recomputed from the stored tokens.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens
+
+from agentkv.daemon.model_factory import ARCHITECTURES
+from agentkv.storage import CacheStore
+from agentkv.storage.tensor_files import read_tensor_file, write_tensor_file
+
+VOCAB = 768
+TURN_TOKENS = 12
+
+
+def _engine(model, tokenizer, root: Path | None):
+    store = CacheStore(root) if root is not None else None
+    return make_engine(model, tokenizer, block_size=16, total_blocks=512, store=store)
+
+
+def _turns(engine, prompts: dict[str, list[int]]) -> dict[str, object]:
+    for agent, prompt in prompts.items():
+        engine.submit(agent, prompt, max_tokens=TURN_TOKENS)
+    return {c.agent_id: c for c in run_all(engine).values()}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_restart_resumes_every_agent_exactly(loaded_models, tmp_path, arch):
+    model, tokenizer = loaded_models[arch]
+    rng = np.random.default_rng(21)
+    firsts = {f"agent{i}": random_tokens(rng, 30 + 45 * i, VOCAB) for i in range(3)}
+    seconds = {a: random_tokens(rng, 5, VOCAB) for a in firsts}
+    thirds = {a: random_tokens(rng, 3, VOCAB) for a in firsts}
+
+    uninterrupted = _engine(model, tokenizer, None)
+    for prompts in (firsts, seconds):
+        _turns(uninterrupted, prompts)
+    reference = _turns(uninterrupted, thirds)
+
+    before = _engine(model, tokenizer, tmp_path)
+    for prompts in (firsts, seconds):
+        _turns(before, prompts)
+    contexts = {a: before.agent_tokens(a) for a in firsts}
+    before.close()
+
+    after = _engine(model, tokenizer, tmp_path)
+    resumed = _turns(after, thirds)
+    eos = eos_ids(tokenizer)
+    for agent in firsts:
+        c = resumed[agent]
+        assert c.token_ids == reference[agent].token_ids, (arch, agent)
+        assert c.token_ids == scratch_tokens(
+            model, contexts[agent] + thirds[agent], TURN_TOKENS, eos=eos
+        )
+        assert c.usage.restored_tokens == len(contexts[agent])  # the whole context came from disk
+        assert c.usage.cached_tokens == len(contexts[agent]) and c.usage.recomputed_tokens == 0
+    reads = dict(after.store.counters)
+    again = _turns(after, {a: [9, 10] for a in firsts})
+    assert after.store.counters["blocks_read"] == reads["blocks_read"]  # memory from now on
+    assert after.store.counters["states_read"] == reads["states_read"]
+    assert all(c.usage.restored_tokens == 0 for c in again.values())
+    after.close()
+
+
+def _llama_store(loaded_models, root: Path):
+    """A store holding one agent with several blocks and a tail; returns what's needed."""
+    model, tokenizer = loaded_models["llama"]
+    engine = _engine(model, tokenizer, root)
+    prompt = random_tokens(np.random.default_rng(5), 70, VOCAB)
+    _turns(engine, {"victim": prompt})
+    context = engine.agent_tokens("victim")
+    engine.close()
+    return model, tokenizer, context
+
+
+def _block_files(root: Path) -> list[Path]:
+    db = sqlite3.connect(root / "index.db")
+    rows = db.execute(
+        "SELECT b.path FROM agent_blocks a JOIN blocks b ON a.block_hash = b.hash ORDER BY a.seq"
+    ).fetchall()
+    db.close()
+    return [root / r[0] for r in rows]
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+def _wrong_model(path: Path) -> None:
+    meta, tensors = read_tensor_file(path)
+    meta = {k: v for k, v in meta.items() if k != "checksum"}
+    meta["fingerprint"] = "0" * 32  # a valid file, of another model
+    path.unlink()
+    write_tensor_file(path, tensors, meta)
+
+
+def _state_file(root: Path) -> Path:
+    db = sqlite3.connect(root / "index.db")
+    (rel,) = db.execute("SELECT state_file FROM agents").fetchone()
+    db.close()
+    return root / rel
+
+
+@pytest.mark.parametrize("damage", [_flip, _truncate, _delete, _wrong_model])
+@pytest.mark.parametrize("target", ["first_block", "last_block", "state"])
+def test_damaged_files_are_detected_and_recomputed(loaded_models, tmp_path, damage, target):
+    model, tokenizer, context = _llama_store(loaded_models, tmp_path)
+    blocks = _block_files(tmp_path)
+    path = {"first_block": blocks[0], "last_block": blocks[-1], "state": _state_file(tmp_path)}[
+        target
+    ]
+    damage(path)
+
+    engine = _engine(model, tokenizer, tmp_path)
+    engine.submit("victim", [11, 12, 13], max_tokens=TURN_TOKENS)
+    (c,) = run_all(engine).values()  # nothing raised to the caller
+    assert c.finish_reason != "error"
+    assert c.token_ids == scratch_tokens(
+        model, context + [11, 12, 13], TURN_TOKENS, eos=eos_ids(tokenizer)
+    )
+    assert engine.store.counters["corrupt_files"] == 1
+    assert c.usage.recomputed_tokens > 0
+    assert c.usage.restored_tokens + c.usage.recomputed_tokens == len(context)
+    quarantined = list((tmp_path / "quarantine").iterdir())
+    assert len(quarantined) == (0 if damage is _delete else 1)  # moved aside, never deleted
+    engine.close()
+    # the next restart finds a healthy store again: the turn rewrote what was lost
+    again = _engine(model, tokenizer, tmp_path)
+    assert again.store.verify().corrupt == []
+    again.submit("victim", [14], max_tokens=4)
+    (c2,) = run_all(again).values()
+    assert c2.usage.restored_tokens == len(context) + 3 + c.usage.generated_tokens
+    again.close()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE agents SET tokens = x'0102'",  # not whole int32s
+        "UPDATE agents SET token_count = token_count + 5",
+        "UPDATE agents SET stored_tokens = 99999",
+        "INSERT INTO agent_blocks VALUES ('victim', (SELECT fingerprint FROM agents), 99, 'ff00')",
+        "UPDATE agent_blocks SET block_hash = 'deadbeef' WHERE seq = 1",
+        "UPDATE agents SET state_file = 'agents/nope/x.safetensors'",
+        "UPDATE blocks SET path = 'blocks/zz/missing.safetensors'",
+        "DELETE FROM blocks",
+    ],
+)
+def test_garbage_index_rows_never_raise(loaded_models, tmp_path, sql):
+    model, tokenizer, context = _llama_store(loaded_models, tmp_path)
+    db = sqlite3.connect(tmp_path / "index.db")
+    db.execute(sql)
+    db.commit()
+    db.close()
+    engine = _engine(model, tokenizer, tmp_path)
+    engine.submit("victim", [11, 12, 13], max_tokens=TURN_TOKENS)
+    (c,) = run_all(engine).values()
+    assert c.finish_reason != "error"
+    known = engine.agent_tokens("victim")[: -3 - c.usage.generated_tokens]
+    # Either the stored context was still usable (identical output) or it was unreadable and
+    # the agent started afresh; in both cases the output is what mlx-lm computes for it.
+    assert known in (context, [])
+    eos = eos_ids(tokenizer)
+    assert c.token_ids == scratch_tokens(model, known + [11, 12, 13], TURN_TOKENS, eos=eos)
+    engine.close()
