@@ -461,10 +461,12 @@ class BlockPoolBatchEngine:
             self.counters["restored_tokens"] += agent.restored
 
     def _lru_idle_agent(self, exclude: AgentContext) -> AgentContext | None:
+        """The idle agent whose cache to drop: one already safe on disk first, then LRU."""
         idle = [
             a for a in self._agents.values() if a is not exclude and not a.busy and a.held_blocks()
         ]
-        return min(idle, key=lambda a: a.last_used, default=None)
+        settled = self.store.is_settled if self.store is not None else lambda _: False
+        return min(idle, key=lambda a: (not settled(a.agent_id), a.last_used), default=None)
 
     def _drop_cache(self, agent: AgentContext) -> None:
         released = self._manager.drop(agent)

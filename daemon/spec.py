@@ -9,15 +9,13 @@ writes rather than from per-architecture guesses about config field names.
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 
 from .errors import UnsupportedModelError
+from .fingerprint import weights_fingerprint
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -167,25 +165,6 @@ class ModelCacheSpec:
             "bytes_per_block": self.bytes_per_block(),
             "fixed_bytes_per_agent": self.fixed_bytes_per_agent,
         }
-
-
-def weights_fingerprint(model) -> str:
-    """Hash a model's config plus each weight's name, shape, dtype and first values.
-
-    Cheap at any model size (a few elements per tensor), yet two random seeds or two
-    checkpoints of one architecture almost surely differ in their leading values.
-    """
-    h = hashlib.sha256()
-    args = getattr(model, "args", None)
-    config = vars(args) if args is not None and hasattr(args, "__dict__") else {}
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
-        h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-        head = value.reshape(-1)[:16]
-        if head.dtype == mx.bfloat16:
-            head = head.astype(mx.float32)
-        h.update(memoryview(head).tobytes())
-    return h.hexdigest()[:32]
 
 
 def _layer_spec(index: int, cache) -> LayerSpec:

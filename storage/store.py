@@ -147,6 +147,11 @@ class CacheStore:
             )
         return [r[0] for r in rows]
 
+    def is_settled(self, agent_id: str) -> bool:
+        """True when nothing is queued for this agent: what it has is on disk already."""
+        with self._lock:
+            return not self._pending.get(agent_id)
+
     def has_block(self, block_hash: str) -> bool:
         """True if the block is on disk or queued to be written."""
         with self._lock:

@@ -103,3 +103,20 @@ def test_rebuild_refuses_inconsistent_pieces():
     bad = BlockKV((mx.zeros((1, 3, 4, 4)),) * 2, (mx.zeros((1, 3, 4, 4)),) * 2, 4)
     with pytest.raises(CacheReconstructionError):
         rebuild_caches(spec, [bad], 4)  # wrong head count
+
+
+def test_model_fingerprint_from_files(model_dirs, tmp_path):
+    import shutil
+
+    from agentkv.daemon.fingerprint import model_fingerprint
+    from agentkv.daemon.model_factory import build_model_dir
+
+    src = model_dirs["llama"]
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    assert model_fingerprint(copy) == model_fingerprint(src)  # content, not location
+    other = build_model_dir(tmp_path / "seed1", "llama", seed=1)
+    assert model_fingerprint(other) != model_fingerprint(src)  # other weights
+    config = (copy / "tokenizer_config.json").read_text()
+    (copy / "tokenizer_config.json").write_text(config.replace("<s>", "<S>"))
+    assert model_fingerprint(copy) != model_fingerprint(src)  # other tokenizer
