@@ -63,7 +63,7 @@ class CacheStore:
         max_pending: int = 32,
         file_ops: FileOps | None = None,
     ) -> None:
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         self.disk_budget = disk_budget
         self.ops = file_ops or FileOps()
         try:
