@@ -1,1 +1,46 @@
-"""agentkv client: the wire protocol and the Python client (pure Python, never imports mlx)."""
+"""agentkv client: the wire protocol and the Python client (pure Python, never imports mlx).
+
+from agentkv.client import Client
+"""
+
+from .client import Client, Event, Result
+from .errors import (
+    AgentExists,
+    AgentKVClientError,
+    CacheReconstruction,
+    DaemonUnavailable,
+    EngineClosed,
+    GenerationFailed,
+    InvalidRequest,
+    MalformedMessage,
+    MessageTooLarge,
+    ModelNotFound,
+    PoolExhausted,
+    ProtocolMismatch,
+    Unauthorized,
+    UnknownAgent,
+    UnknownRequest,
+)
+from .protocol import PROTOCOL_VERSION
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "AgentExists",
+    "AgentKVClientError",
+    "CacheReconstruction",
+    "Client",
+    "DaemonUnavailable",
+    "EngineClosed",
+    "Event",
+    "GenerationFailed",
+    "InvalidRequest",
+    "MalformedMessage",
+    "MessageTooLarge",
+    "ModelNotFound",
+    "PoolExhausted",
+    "ProtocolMismatch",
+    "Result",
+    "Unauthorized",
+    "UnknownAgent",
+    "UnknownRequest",
+]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
-from .errors import InvalidRequestError
+from agentkv.client.protocol import AGENT_ID_RE
 
-AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+from .errors import InvalidRequestError
 
 
 def check_agent_id(agent_id: object) -> str:

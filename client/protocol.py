@@ -1,0 +1,203 @@
+"""The agentkv wire protocol, shared by the daemon and the client. Pure Python, no MLX.
+
+Transport: ZeroMQ. The daemon binds a ROUTER socket, clients connect DEALER sockets.
+A message is a list of frames:
+
+    [MAGIC, type, header]                 without authentication
+    [MAGIC, type, header, signature]      with --auth-key: HMAC-SHA256 over all other frames
+
+`type` is one ASCII word (see `MessageType`); `header` is a msgpack map. Every request
+header carries `id` (the client's request id, echoed in the reply); authenticated headers
+also carry `nonce` and `ts` so a captured message cannot be replayed. Replies have type
+`reply` (header: `id`, `ok: true`, `result`) or `error` (header: `id`, `ok: false`,
+`error: {code, message}`), the codes from `ERRORS`.
+
+The protocol version (`PROTOCOL_VERSION`) is separate from the package version; the
+`hello` handshake refuses a different major version.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import msgpack
+
+PROTOCOL_VERSION = (1, 0)
+MAGIC = b"AKV1"
+MAX_MESSAGE_BYTES = 8 * 2**20  # larger requests are refused with `too_large`
+MAX_TOKENS_PER_REQUEST = 1 << 20
+REPLAY_WINDOW_S = 60.0
+AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+
+
+class MessageType(str, enum.Enum):
+    """Request and reply types."""
+
+    HELLO = "hello"
+    SUBMIT = "submit"
+    STEP = "step"
+    CANCEL = "cancel"
+    AGENTS = "agents"
+    INSPECT = "inspect"
+    DELETE = "delete"
+    FORK = "fork"
+    STATS = "stats"
+    SHUTDOWN = "shutdown"
+    REPLY = "reply"
+    ERROR = "error"
+
+
+REQUESTS = frozenset(t for t in MessageType if t not in (MessageType.REPLY, MessageType.ERROR))
+
+# code -> what it means; the client maps each code to an exception class.
+ERRORS = {
+    "invalid_request": "the request is wrong: bad field, empty prompt, bad max_tokens, ...",
+    "malformed": "the message could not be decoded",
+    "too_large": "the message exceeds MAX_MESSAGE_BYTES",
+    "unknown_type": "no such message type",
+    "protocol_mismatch": "client and daemon speak different major protocol versions",
+    "unauthorized": "missing or wrong signature, or a replayed message",
+    "unknown_agent": "no agent with that id",
+    "unknown_request": "no request with that id (finished, cancelled or never submitted)",
+    "agent_exists": "an agent with that id exists already",
+    "pool_exhausted": "the block pool cannot hold what the request needs",
+    "cache_reconstruction": "an agent's cache could not be rebuilt",
+    "model_not_found": "the model could not be loaded",
+    "engine_closed": "the daemon is shutting down",
+    "internal": "an unexpected error in the daemon",
+}
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol; `code` is one of ERRORS."""
+
+    def __init__(self, code: str, message: str) -> None:
+        assert code in ERRORS, code
+        self.code = code
+        super().__init__(message)
+
+
+@dataclass(slots=True)
+class Message:
+    """A decoded message."""
+
+    type: MessageType
+    header: dict
+
+
+def encode(kind: MessageType, header: dict, key: bytes | None = None) -> list[bytes]:
+    """Frames for one message (signed when a key is given)."""
+    if key is not None:
+        header = {**header, "nonce": os.urandom(12).hex(), "ts": time.time()}
+    frames = [MAGIC, kind.value.encode(), msgpack.packb(header, use_bin_type=True)]
+    if key is not None:
+        frames.append(sign(key, frames))
+    return frames
+
+
+def decode(frames: list[bytes], key: bytes | None = None) -> Message:
+    """Parse and check a message's frames.
+
+    Raises:
+        ProtocolError: malformed, oversized, unknown type or bad signature.
+    """
+    if sum(len(f) for f in frames) > MAX_MESSAGE_BYTES:
+        raise ProtocolError("too_large", f"message exceeds {MAX_MESSAGE_BYTES} bytes")
+    want = 4 if key is not None else 3
+    if len(frames) != want or frames[0] != MAGIC:
+        if key is not None and len(frames) == 3 and frames[0] == MAGIC:
+            raise ProtocolError("unauthorized", "message is not signed")
+        raise ProtocolError("malformed", f"expected {want} frames starting with {MAGIC!r}")
+    if key is not None and not hmac.compare_digest(frames[3], sign(key, frames[:3])):
+        raise ProtocolError("unauthorized", "bad signature")
+    try:
+        kind = MessageType(frames[1].decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError("unknown_type", f"unknown message type {frames[1][:32]!r}") from exc
+    try:
+        header = msgpack.unpackb(
+            frames[2], raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE_BYTES
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError("malformed", f"header is not msgpack: {type(exc).__name__}") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError("malformed", "header is not a map")
+    return Message(kind, header)
+
+
+def sign(key: bytes, frames: list[bytes]) -> bytes:
+    """HMAC-SHA256 over every frame, each length-prefixed so frames cannot be re-split."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for f in frames:
+        mac.update(len(f).to_bytes(8, "little"))
+        mac.update(f)
+    return mac.digest()
+
+
+class ReplayGuard:
+    """Rejects signed messages that are too old, from the future, or seen before."""
+
+    def __init__(self, window_s: float = REPLAY_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._seen: dict[str, float] = {}
+
+    def check(self, header: dict) -> None:
+        """Raise ProtocolError("unauthorized") for a stale or repeated message."""
+        nonce, ts = header.get("nonce"), header.get("ts")
+        if not isinstance(nonce, str) or not isinstance(ts, (int, float)):
+            raise ProtocolError("unauthorized", "signed message lacks nonce or ts")
+        now = time.time()
+        if abs(now - ts) > self.window_s:
+            raise ProtocolError("unauthorized", "message timestamp outside the replay window")
+        if nonce in self._seen:
+            raise ProtocolError("unauthorized", "replayed message")
+        self._seen[nonce] = ts
+        if len(self._seen) > 100_000:
+            self._seen = {n: t for n, t in self._seen.items() if now - t <= self.window_s}
+
+
+def reply(request_id, result) -> tuple[MessageType, dict]:
+    """A success reply's type and header."""
+    return MessageType.REPLY, {"id": request_id, "ok": True, "result": result}
+
+
+def error(request_id, code: str, message: str) -> tuple[MessageType, dict]:
+    """An error reply's type and header."""
+    return MessageType.ERROR, {
+        "id": request_id,
+        "ok": False,
+        "error": {"code": code, "message": message},
+    }
+
+
+def check_agent_id(agent_id) -> str:
+    """Validate an agent id at the boundary: 1-128 chars of A-Z a-z 0-9 . _ : @ + -,
+    starting with a letter or digit."""
+    if not isinstance(agent_id, str) or not AGENT_ID_RE.match(agent_id):
+        raise ProtocolError(
+            "invalid_request",
+            f"invalid agent id {agent_id!r}: 1-128 characters from A-Z a-z 0-9 . _ : @ + -, "
+            "starting with a letter or digit",
+        )
+    return agent_id
+
+
+def check_version(version) -> None:
+    """Refuse a peer whose protocol major version differs from ours."""
+    if (
+        not isinstance(version, (list, tuple))
+        or len(version) != 2
+        or not all(isinstance(v, int) for v in version)
+    ):
+        raise ProtocolError("malformed", f"bad protocol version {version!r}")
+    if version[0] != PROTOCOL_VERSION[0]:
+        raise ProtocolError(
+            "protocol_mismatch",
+            f"daemon speaks protocol {PROTOCOL_VERSION[0]}.x, client {version[0]}.{version[1]}",
+        )
