@@ -6,6 +6,7 @@ from agentkv.daemon import BlockPoolBatchEngine, BlockPool, ModelCacheSpec
 from .block_pool import BlockPool
 from .engine import AgentInfo, BlockPoolBatchEngine
 from .errors import (
+    AgentExistsError,
     AgentKVError,
     CacheReconstructionError,
     EngineClosedError,
@@ -19,6 +20,7 @@ from .requests import Completion, SamplingParams, StepEvent, Usage
 from .spec import LayerKind, LayerSpec, ModelCacheSpec
 
 __all__ = [
+    "AgentExistsError",
     "AgentInfo",
     "AgentKVError",
     "BlockPool",

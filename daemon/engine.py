@@ -25,6 +25,7 @@ from . import persistence
 from .agents import AgentContext
 from .block_pool import BlockPool
 from .errors import (
+    AgentExistsError,
     AgentKVError,
     CacheReconstructionError,
     EngineClosedError,
@@ -76,6 +77,7 @@ class AgentInfo:
         shared_blocks: of those, blocks other agents reference too.
         busy: a turn of this agent is in the batch.
         pending: turns waiting behind it.
+        in_store: the store holds its state (restored at its next turn if not in memory).
     """
 
     agent_id: str
@@ -85,6 +87,7 @@ class AgentInfo:
     shared_blocks: int
     busy: bool
     pending: int
+    in_store: bool = False
 
 
 class BlockPoolBatchEngine:
@@ -282,8 +285,12 @@ class BlockPoolBatchEngine:
     # -- agents ----------------------------------------------------------------------------
 
     def agent_ids(self) -> list[str]:
-        """Ids of every agent the engine knows."""
-        return list(self._agents)
+        """Ids of every agent the engine knows: in memory, and in its store for this model."""
+        ids = list(self._agents)
+        if self.store is not None:
+            known = set(ids)
+            ids += [a for a in self.store.agent_ids(self.spec.fingerprint) if a not in known]
+        return ids
 
     def agent_info(self, agent_id: str) -> AgentInfo:
         """A snapshot of one agent. Raises UnknownAgentError."""
@@ -297,7 +304,41 @@ class BlockPoolBatchEngine:
             shared_blocks=sum(1 for b in held if b.ref_cnt > 1),
             busy=agent.busy,
             pending=len(agent.pending),
+            in_store=agent.in_store or (self.store is not None and agent.cached_len > 0),
         )
+
+    def fork_agent(self, agent_id: str, new_agent_id: str) -> None:
+        """Branch an agent's committed context under a new id, copy-on-write.
+
+        The fork shares every block (reference counts), the tail and the window/state
+        snapshots, which are never modified in place; each agent's next turn writes its
+        own new blocks.
+
+        Raises:
+            UnknownAgentError: no such agent.
+            AgentExistsError: `new_agent_id` is taken.
+        """
+        self._check_thread()
+        check_agent_id(new_agent_id)
+        src = self._agent(agent_id)
+        if new_agent_id in self._agents or self._stored_agent(new_agent_id) is not None:
+            raise AgentExistsError(f"agent {new_agent_id!r} exists already")
+        if src.cached_len == 0 and src.in_store:
+            self._restore(src)
+        self.pool.touch(src.held_blocks())
+        self._clock += 1
+        self._agents[new_agent_id] = AgentContext(
+            new_agent_id,
+            tokens=list(src.tokens),
+            blocks=list(src.blocks),
+            tail=src.tail,
+            windows=dict(src.windows),
+            states=dict(src.states),
+            cached_len=src.cached_len,
+            last_used=self._clock,
+        )
+        if src.cached_len:
+            self._write_back(self._agents[new_agent_id])
 
     def agent_tokens(self, agent_id: str) -> list[int]:
         """A copy of an agent's context token ids. Raises UnknownAgentError."""
@@ -619,6 +660,10 @@ class BlockPoolBatchEngine:
 
     def _agent(self, agent_id: str) -> AgentContext:
         agent = self._agents.get(agent_id)
+        if agent is None and isinstance(agent_id, str):
+            agent = self._stored_agent(agent_id)
+            if agent is not None:
+                self._agents[agent_id] = agent
         if agent is None:
             raise UnknownAgentError(f"unknown agent {agent_id!r}")
         return agent

@@ -63,6 +63,12 @@ class UnknownAgentError(AgentKVError, KeyError):
         return str(self.args[0]) if self.args else "unknown agent"
 
 
+class AgentExistsError(AgentKVError):
+    """An agent with that id exists already."""
+
+    code = "agent_exists"
+
+
 class EngineClosedError(AgentKVError):
     """The engine was closed; it accepts no more work."""
 

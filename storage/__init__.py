@@ -4,7 +4,13 @@ from agentkv.storage import CacheStore
 store = CacheStore("/path/to/store")
 """
 
-from .errors import CorruptFileError, StorageError, StoreClosedError, StoreWriteError
+from .errors import (
+    CorruptFileError,
+    StorageError,
+    StoreClosedError,
+    StoreLockedError,
+    StoreWriteError,
+)
 from .records import GcReport, StoredAgent, TurnRecord, VerifyReport
 from .store import CacheStore
 
@@ -14,6 +20,7 @@ __all__ = [
     "GcReport",
     "StorageError",
     "StoreClosedError",
+    "StoreLockedError",
     "StoreWriteError",
     "StoredAgent",
     "TurnRecord",

@@ -32,3 +32,9 @@ class StoreClosedError(StorageError):
     """The store was closed."""
 
     code = "store_closed"
+
+
+class StoreLockedError(StorageError):
+    """Another process (a running daemon) has the store open."""
+
+    code = "store_locked"

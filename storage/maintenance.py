@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import CorruptFileError
+from .errors import CorruptFileError, StoreLockedError
 from .records import GcReport, VerifyReport
 from .schema import open_index
 from .tensor_files import read_tensor_file
@@ -21,14 +21,33 @@ log = logging.getLogger("agentkv.storage")
 
 
 def collect_garbage(
-    root: Path, fingerprint: str | None = None, *, dry_run: bool = True, progress: bool = False
+    root: Path,
+    fingerprint: str | None = None,
+    *,
+    dry_run: bool = True,
+    progress: bool = False,
+    _locked: bool = False,
 ) -> GcReport:
     """Find (and unless dry_run, remove) what no live agent needs.
 
     Removed: files the index does not know (orphans of crashed writes, temp files, old
     state files), blocks no agent references, and, when `fingerprint` names the model in
     use, every block and agent of other models. Quarantined files are never touched.
+
+    Raises:
+        StoreLockedError: not a dry run, and another process (a daemon) has the store open:
+            its writes in flight would look like orphans. `CacheStore.gc` runs it from the
+            owning process instead.
     """
+    lock = None if dry_run or _locked else _lock_store(root)
+    try:
+        return _collect(root, fingerprint, dry_run=dry_run, progress=progress)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _collect(root: Path, fingerprint: str | None, *, dry_run: bool, progress: bool) -> GcReport:
     db = open_index(root / "index.db")
     try:
         report = GcReport(dry_run=dry_run)
@@ -128,3 +147,17 @@ def _remove(root: Path, db, report: GcReport, fingerprint: str | None) -> None:
     for rel in [*report.orphan_files, *paths]:
         if rel not in gone:
             (root / rel).unlink(missing_ok=True)
+
+
+def _lock_store(root: Path):
+    import fcntl
+
+    f = open(root / "lock", "a+")  # noqa: SIM115 - held until gc is done
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise StoreLockedError(
+            f"store {root} is in use (a daemon is running): stop it, or use a dry run"
+        ) from None
+    return f

@@ -15,6 +15,7 @@ never an index row pointing at a missing or partial file.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -23,7 +24,13 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import CorruptFileError, StorageError, StoreClosedError, StoreWriteError
+from .errors import (
+    CorruptFileError,
+    StorageError,
+    StoreClosedError,
+    StoreLockedError,
+    StoreWriteError,
+)
 from .maintenance import collect_garbage, verify_store
 from .records import (
     BlockRecord,
@@ -71,6 +78,7 @@ class CacheStore:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreWriteError(f"cannot create store at {self.root}: {exc}") from exc
+        self._lockfile = _lock_store(self.root)
         self._db = open_index(self.root / "index.db")
         self._lock = threading.Lock()
         self._on_disk = {row[0] for row in self._db.execute("SELECT hash FROM blocks")}
@@ -98,7 +106,9 @@ class CacheStore:
     def agent(self, agent_id: str, fingerprint: str) -> StoredAgent | None:
         """The index's record of an agent under a model, or None (reads the index only)."""
         if self._pending.get(agent_id):
-            self.flush()  # a queued write or delete for this agent must land first
+            # A queued write or delete for this agent must land first. Wait only: failures
+            # (of any agent) are for the caller of `flush`, not for whoever looks an agent up.
+            self._drain()
         row = self._db.execute(
             "SELECT tokens, token_count, stored_tokens, state_file, state_checksum, pinned, "
             "last_used FROM agents WHERE agent_id = ? AND fingerprint = ?",
@@ -234,6 +244,14 @@ class CacheStore:
                 state they had on disk before; memory is unaffected).
             TimeoutError: the queue did not drain in time.
         """
+        self._drain(timeout)
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            raise StoreWriteError(f"{len(errors)} write(s) failed: {errors[0]}")
+
+    def _drain(self, timeout: float | None = None) -> None:
+        """Wait until every queued write is applied; failures stay for `flush` to report."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._queue.all_tasks_done:
             while self._queue.unfinished_tasks:
@@ -241,10 +259,6 @@ class CacheStore:
                 if left is not None and left <= 0:
                     raise TimeoutError("store writes still pending")
                 self._queue.all_tasks_done.wait(left)
-        with self._lock:
-            errors, self._errors = self._errors, []
-        if errors:
-            raise StoreWriteError(f"{len(errors)} write(s) failed: {errors[0]}")
 
     def close(self) -> None:
         """Flush, stop the writer and close the index. Failed writes are logged, not raised."""
@@ -258,13 +272,16 @@ class CacheStore:
         self._queue.put(_STOP)
         self._writer.join()
         self._db.conn.close()
+        self._lockfile.close()  # releases the flock
 
     def gc(
         self, fingerprint: str | None = None, *, dry_run: bool = True, progress: bool = False
     ) -> GcReport:
         """Flush, then collect garbage (see `maintenance.collect_garbage`)."""
         self.flush()
-        report = collect_garbage(self.root, fingerprint, dry_run=dry_run, progress=progress)
+        report = collect_garbage(
+            self.root, fingerprint, dry_run=dry_run, progress=progress, _locked=True
+        )
         if not dry_run:
             with self._lock:
                 self._on_disk = {r[0] for r in self._db.execute("SELECT hash FROM blocks")}
@@ -504,6 +521,8 @@ class CacheStore:
 
     def _enforce_budget(self, db, keep: tuple[str, str]) -> None:
         """Evict least recently used unpinned agents' files until under the disk budget."""
+        if self._disk_bytes(db) > self.disk_budget:
+            self._delete_unreferenced(db)  # garbage first: no live agent is evicted for it
         while self._disk_bytes(db) > self.disk_budget:
             victim = db.execute(
                 "SELECT agent_id, fingerprint FROM agents WHERE pinned = 0 AND stored_tokens > 0 "
@@ -617,6 +636,17 @@ def _recount(db, hashes: set[str], now: float) -> None:
         "last_used = ? WHERE hash = ?",
         [(h, now, h) for h in hashes],
     )
+
+
+def _lock_store(root: Path):
+    """Hold an exclusive lock on the store for this process's lifetime (one writer only)."""
+    f = open(root / "lock", "a+")  # noqa: SIM115 - held open until close()
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise StoreLockedError(f"store {root} is in use by another process") from None
+    return f
 
 
 def _agent_key(agent_id: str) -> str:

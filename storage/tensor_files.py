@@ -113,6 +113,9 @@ def checksum_of(buffers) -> str:
     return "xxh3_64:" + h.hexdigest()
 
 
+CHECKSUM_PLACEHOLDER = "xxh3_64:" + "0" * 16
+
+
 def write_tensor_file(
     path: Path,
     tensors: Mapping[str, HostTensor],
@@ -126,9 +129,15 @@ def write_tensor_file(
     """
     ops = ops or FileOps()
     buffers = [_contiguous_bytes(t.data) for t in tensors.values()]
-    checksum = checksum_of(buffers)
-    header = _header(tensors, {**metadata, "checksum": checksum}, [len(b) for b in buffers])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # The checksum covers the header too (with a same-width placeholder for itself), so an
+    # edited dtype tag, shape or metadata value is caught like a flipped tensor byte.
+    sizes = [len(b) for b in buffers]
+    blank = _header(tensors, {**metadata, "checksum": CHECKSUM_PLACEHOLDER}, sizes)
+    checksum = checksum_of([blank, *buffers])
+    header = blank.replace(CHECKSUM_PLACEHOLDER.encode(), checksum.encode(), 1)
+    # Unique per write: a temp file left by a crash must not block a later writer that got
+    # the same pid (a daemon restarted as pid 1 in a container).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = ops.open_new(tmp)
     try:
         try:
@@ -159,18 +168,23 @@ def read_tensor_file(
         raise CorruptFileError(path, "missing") from exc
     header, data = _split(path, raw)
     meta = header.pop("__metadata__", {}) or {}
-    tensors = {}
-    for name, info in header.items():
-        tensors[name] = _tensor(path, name, info, data)
+    if not isinstance(meta, dict):
+        raise CorruptFileError(path, "metadata is not a map")
     if verify:
-        got = checksum_of([data])
-        if got != meta.get("checksum"):
-            raise CorruptFileError(path, f"checksum mismatch ({got} != {meta.get('checksum')})")
+        want = meta.get("checksum")
+        head = bytes(raw[: len(raw) - len(data)])
+        if not isinstance(want, str) or len(want) != len(CHECKSUM_PLACEHOLDER):
+            raise CorruptFileError(path, "no checksum")
+        got = checksum_of([head.replace(want.encode(), CHECKSUM_PLACEHOLDER.encode(), 1), data])
+        if got != want:
+            raise CorruptFileError(path, f"checksum mismatch ({got} != {want})")
+    tensors = {name: _tensor(path, name, info, data) for name, info in header.items()}
     return dict(meta), tensors
 
 
 def _contiguous_bytes(a: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(a)).cast("B")
+    # A flat uint8 view, not memoryview.cast: cast refuses shapes with a zero (empty tensors).
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
 
 def _header(tensors: Mapping[str, HostTensor], metadata: Mapping[str, str], sizes) -> bytes:

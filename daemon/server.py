@@ -1,0 +1,212 @@
+"""The daemon's two loops: socket I/O on the main thread, the engine on its own thread.
+
+The I/O loop owns the ROUTER socket: it decodes and checks every message (size, frames,
+signature, replay, version), answers `hello` and protocol errors itself, and queues the
+rest for the engine thread. The engine thread owns MLX, the engine and the pool: it runs
+commands between batch steps, keeps each client's events until that client steps, and
+sends replies through an inproc socket the I/O loop forwards. No client can stall the
+engine; a bad message fails that request only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+import zmq
+
+from agentkv.client import protocol
+from agentkv.client.protocol import MessageType, ProtocolError
+
+from .commands import CommandHandler
+
+log = logging.getLogger("agentkv.server")
+
+OUTBOX = "inproc://agentkv-outbox"
+_SHUTDOWN = object()
+
+
+class DaemonServer:
+    """Serves one engine over ZeroMQ.
+
+    Args:
+        make_engine: builds the engine; called on the engine thread (MLX is thread-local).
+        endpoint: where the ROUTER binds (ipc://... or tcp://...).
+        info: static facts for `hello` and `stats` (model, fingerprint, pid, ...).
+        auth_key: if set, every frame must carry a valid HMAC-SHA256 signature.
+        cancel_on_shutdown: cancel in-flight turns on shutdown instead of finishing them.
+    """
+
+    def __init__(
+        self,
+        make_engine: Callable[[], object],
+        endpoint: str,
+        *,
+        info: dict,
+        auth_key: bytes | None = None,
+        cancel_on_shutdown: bool = False,
+    ) -> None:
+        self.endpoint = endpoint
+        self.info = info
+        self.key = auth_key
+        self.cancel_on_shutdown = cancel_on_shutdown
+        self._make_engine = make_engine
+        self._ctx = zmq.Context()
+        self._inbox: queue.Queue = queue.Queue()
+        self._stop_requested = False  # set by signal handlers: a plain flag, nothing to lock
+        self._engine_done = threading.Event()
+        self._engine_error: BaseException | None = None
+        self._replay = protocol.ReplayGuard()
+
+    def request_shutdown(self) -> None:
+        """Ask the daemon to drain and exit; safe to call from a signal handler."""
+        self._stop_requested = True
+
+    def serve(self, ready: Callable[[], None] | None = None) -> None:
+        """Bind, start the engine thread, and run the I/O loop until shutdown completes."""
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 1000)
+        router.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_MESSAGE_BYTES)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        outbox = self._ctx.socket(zmq.PULL)
+        outbox.bind(OUTBOX)
+        router.bind(self.endpoint)
+        engine_thread = threading.Thread(target=self._engine_main, name="agentkv-engine")
+        engine_thread.start()
+        try:
+            if ready is not None:
+                ready()
+            self._io_loop(router, outbox)
+        finally:
+            self._stop_requested = True
+            self._inbox.put(_SHUTDOWN)
+            engine_thread.join()
+            router.close(linger=1000)
+            outbox.close(linger=0)
+            self._ctx.term()
+        if self._engine_error is not None:
+            raise self._engine_error
+
+    # -- I/O thread ------------------------------------------------------------------------
+
+    def _io_loop(self, router: zmq.Socket, outbox: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(outbox, zmq.POLLIN)
+        shutdown_sent = False
+        while True:
+            ready = dict(poller.poll(100))
+            if outbox in ready:
+                self._forward(outbox, router)
+            if router in ready:
+                self._receive(router)
+            if self._stop_requested and not shutdown_sent:
+                self._inbox.put(_SHUTDOWN)
+                shutdown_sent = True
+            if self._engine_done.is_set():
+                self._forward(outbox, router)  # last replies (e.g. to `shutdown`)
+                return
+
+    def _forward(self, outbox: zmq.Socket, router: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = outbox.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            with contextlib.suppress(zmq.ZMQError):  # the client went away
+                router.send_multipart(frames, zmq.NOBLOCK)
+
+    def _receive(self, router: zmq.Socket) -> None:
+        for _ in range(256):  # bounded, so replies keep flowing under a flood
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, body = frames[0], frames[1:]
+            try:
+                msg = self._check(body)
+            except ProtocolError as exc:
+                self._send(router, identity, *protocol.error(None, exc.code, str(exc)))
+                continue
+            rid = msg.header.get("id")
+            if msg.type is MessageType.HELLO:
+                self._hello(router, identity, rid, msg.header)
+            elif msg.type not in protocol.REQUESTS:
+                self._send(router, identity, *protocol.error(rid, "unknown_type", "not a request"))
+            else:
+                self._inbox.put((identity, msg))
+
+    def _check(self, body: list[bytes]):
+        msg = protocol.decode(body, self.key)
+        if self.key is not None:
+            self._replay.check(msg.header)
+        rid = msg.header.get("id")
+        if not isinstance(rid, (int, str)) or isinstance(rid, bool):
+            raise ProtocolError("malformed", "request lacks an integer or string 'id'")
+        return msg
+
+    def _hello(self, router, identity: bytes, rid, header: dict) -> None:
+        try:
+            protocol.check_version(header.get("version"))
+        except ProtocolError as exc:
+            self._send(router, identity, *protocol.error(rid, exc.code, str(exc)))
+            return
+        result = {**self.info, "version": list(protocol.PROTOCOL_VERSION)}
+        self._send(router, identity, *protocol.reply(rid, result))
+
+    def _send(self, router, identity: bytes, kind: MessageType, header: dict) -> None:
+        with contextlib.suppress(zmq.ZMQError):  # the client went away
+            router.send_multipart([identity, *protocol.encode(kind, header, self.key)], zmq.NOBLOCK)
+
+    # -- engine thread ---------------------------------------------------------------------
+
+    def _engine_main(self) -> None:
+        outbox = self._ctx.socket(zmq.PUSH)
+        outbox.connect(OUTBOX)
+        try:
+
+            def send(identity: bytes, kind: MessageType, header: dict) -> None:
+                outbox.send_multipart([identity, *protocol.encode(kind, header, self.key)])
+
+            handler = CommandHandler(self._make_engine(), send, self.info)
+            self._engine_loop(handler)
+        except BaseException as exc:  # surfaced by serve() after the I/O loop stops
+            log.exception("engine thread failed")
+            self._engine_error = exc
+        finally:
+            outbox.close(linger=1000)
+            self._engine_done.set()
+
+    def _engine_loop(self, handler: CommandHandler) -> None:
+        draining = False
+        while True:
+            timeout = 0.0 if handler.busy else handler.idle_wait()
+            for item in self._drain(timeout):
+                if item is _SHUTDOWN:
+                    draining = True
+                    handler.begin_shutdown(cancel=self.cancel_on_shutdown)
+                    continue
+                identity, msg = item
+                draining |= handler.handle(identity, msg)
+            handler.run_step()
+            if draining and not handler.busy:
+                handler.finish_shutdown()
+                return
+
+    def _drain(self, timeout: float) -> list:
+        items = []
+        try:
+            items.append(
+                self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+            )
+        except queue.Empty:
+            return items
+        while len(items) < 256:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return items
