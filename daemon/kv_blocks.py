@@ -156,8 +156,15 @@ def _join(arrays: list[mx.array], takes: list[int], stream=None) -> mx.array | N
     parts = [a if a.shape[2] == t else a[:, :, :t, :] for a, t in zip(arrays, takes, strict=True)]
     if not parts:
         return None
-    # One output buffer, each block copied into it once.
-    return mx.concatenate(parts, axis=2, stream=stream) if len(parts) > 1 else mx.array(parts[0])
+    if len(parts) == 1:
+        return mx.array(parts[0])
+    # One output buffer, each block copied into it once. MLX's CPU copy goes element by
+    # element, so rows are copied as 8-byte words when their size allows (~1.2x, EXP-006).
+    dtype = parts[0].dtype
+    if parts[0].shape[-1] * dtype.size % 8:
+        return mx.concatenate(parts, axis=2, stream=stream)
+    words = [p.view(mx.uint64, stream=stream) for p in parts]
+    return mx.concatenate(words, axis=2, stream=stream).view(dtype, stream=stream)
 
 
 def _check_rows(spec, index, keys, values, n_tokens) -> None:
