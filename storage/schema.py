@@ -5,7 +5,8 @@ Tables (inspect with e.g. `sqlite-utils tables index.db --counts`):
 - `meta(key, value)`: `schema_version`.
 - `models(fingerprint, model_id, config, block_size, created)`: every model that wrote here.
 - `agents(agent_id, fingerprint, tokens, token_count, stored_tokens, state_file,
-  state_checksum, created, last_used, pinned)`, keyed by (agent_id, fingerprint): `tokens`
+  state_checksum, created, last_used, pinned, state_bytes)`, keyed by
+  (agent_id, fingerprint): `tokens`
   is the context as little-endian int32 (the source of truth); `stored_tokens` how many of
   them the files cover (0 after a disk-budget eviction: they are then recomputed);
   `state_file` holds what is not block-shaped (partial tail, sliding windows, recurrent
@@ -47,10 +48,11 @@ def _v1(db: sqlite_utils.Database) -> None:
             "created": float,
             "last_used": float,
             "pinned": int,
+            "state_bytes": int,
         },
         pk=("agent_id", "fingerprint"),
         not_null={"tokens", "token_count"},
-        defaults={"stored_tokens": 0, "pinned": 0},
+        defaults={"stored_tokens": 0, "pinned": 0, "state_bytes": 0},
         if_not_exists=True,
     )
     db["agent_blocks"].create(
@@ -100,6 +102,8 @@ def open_index(path: Path, *, read_only: bool = False) -> sqlite_utils.Database:
         db.execute("PRAGMA busy_timeout=10000")
         if not read_only:
             migrate(db)
+        elif schema_version(db) > SCHEMA_VERSION:
+            raise StorageError(f"index {path} is newer than this agentkv (v{SCHEMA_VERSION})")
         return db
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"cannot open index {path}: {exc}") from exc

@@ -225,7 +225,8 @@ class CacheStore:
         self._put(("turn", record), record.agent_id)
 
     def delete_agent(self, agent_id: str, fingerprint: str) -> None:
-        """Queue the removal of an agent (its blocks stay while other agents use them)."""
+        """Queue the removal of an agent. Blocks it shared stay for the others; its own
+        blocks stay on disk, unreferenced, until `gc` or the disk budget removes them."""
         self._put(("delete", agent_id, fingerprint), agent_id)
 
     def drop_cache(self, agent_id: str, fingerprint: str) -> None:
@@ -434,7 +435,7 @@ class CacheStore:
         }
         info = write_tensor_file(self.root / rel, rec.state, meta, self.ops)
         self.counters["bytes_written"] += info.nbytes
-        return rel, info.checksum
+        return rel, info.checksum, info.nbytes
 
     def _commit_turn(self, db, rec: TurnRecord, written: list, state) -> str | None:
         """One transaction: new block rows, the agent's block list and row, refcounts."""
@@ -475,7 +476,9 @@ class CacheStore:
             )
             _check_blocks_exist(db, rec)
             db.execute(
-                "INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "INSERT OR REPLACE INTO agents (agent_id, fingerprint, tokens, token_count, "
+                "stored_tokens, state_file, state_checksum, state_bytes, created, last_used, "
+                "pinned) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
                 "COALESCE((SELECT pinned FROM agents WHERE agent_id = ? AND fingerprint = ?), 0))",
                 (
                     *key,
@@ -484,6 +487,7 @@ class CacheStore:
                     rec.stored_tokens,
                     state[0] if state else None,
                     state[1] if state else None,
+                    state[2] if state else 0,
                     old[1] if old else now,
                     now,
                     *key,
@@ -509,7 +513,7 @@ class CacheStore:
             db.execute("DELETE FROM agent_blocks WHERE agent_id = ? AND fingerprint = ?", key)
             if keep_tokens:
                 db.execute(
-                    "UPDATE agents SET stored_tokens = 0, state_file = NULL, "
+                    "UPDATE agents SET stored_tokens = 0, state_file = NULL, state_bytes = 0, "
                     "state_checksum = NULL WHERE agent_id = ? AND fingerprint = ?",
                     key,
                 )
@@ -536,7 +540,10 @@ class CacheStore:
             self.counters["evicted_agents"] += 1
 
     def _disk_bytes(self, db) -> int:
-        return db.execute("SELECT COALESCE(SUM(bytes), 0) FROM blocks").fetchone()[0]
+        """Bytes of block files plus the agents' current state files."""
+        blocks = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM blocks").fetchone()[0]
+        states = db.execute("SELECT COALESCE(SUM(state_bytes), 0) FROM agents").fetchone()[0]
+        return blocks + states
 
     def _delete_unreferenced(self, db) -> list[str]:
         """Drop blocks no agent references: index rows first, then the files."""
@@ -589,28 +596,25 @@ class CacheStore:
             with db.conn:
                 db.execute("BEGIN IMMEDIATE")
                 db.execute(
-                    "UPDATE agents SET state_file = NULL, state_checksum = NULL, "
+                    "UPDATE agents SET state_file = NULL, state_bytes = 0, state_checksum = NULL, "
                     "stored_tokens = 0 WHERE agent_id = ? AND fingerprint = ?",
                     ids,
                 )
 
 
 def _truncate_agent(db, agent_id: str, fingerprint: str, seq: int) -> None:
-    """Keep an agent's first `seq` blocks only; its state file no longer applies."""
-    row = db.execute(
-        "SELECT state_file FROM agents WHERE agent_id = ? AND fingerprint = ?",
-        (agent_id, fingerprint),
-    ).fetchone()
+    """Keep an agent's first `seq` blocks only; its state file (now an orphan for gc) no
+    longer applies."""
+    key = (agent_id, fingerprint)
     db.execute(
         "DELETE FROM agent_blocks WHERE agent_id = ? AND fingerprint = ? AND seq >= ?",
-        (agent_id, fingerprint, seq),
+        (*key, seq),
     )
     db.execute(
-        "UPDATE agents SET state_file = NULL, state_checksum = NULL, stored_tokens = 0 "
-        "WHERE agent_id = ? AND fingerprint = ?",
-        (agent_id, fingerprint),
+        "UPDATE agents SET state_file = NULL, state_bytes = 0, state_checksum = NULL, "
+        "stored_tokens = 0 WHERE agent_id = ? AND fingerprint = ?",
+        key,
     )
-    del row  # the old state file becomes an orphan; gc removes it
 
 
 def _check_blocks_exist(db, rec: TurnRecord) -> None:

@@ -346,6 +346,7 @@ DOCUMENTED = {
         "created",
         "last_used",
         "pinned",
+        "state_bytes",
     ],
     "agent_blocks": ["agent_id", "fingerprint", "seq", "block_hash"],
     "blocks": [
