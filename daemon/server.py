@@ -58,6 +58,7 @@ class DaemonServer:
         self._inbox: queue.Queue = queue.Queue()
         self._stop_requested = False  # set by signal handlers: a plain flag, nothing to lock
         self._engine_done = threading.Event()
+        self._engine_ready = threading.Event()
         self._engine_error: BaseException | None = None
         self._replay = protocol.ReplayGuard()
 
@@ -73,13 +74,15 @@ class DaemonServer:
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         outbox = self._ctx.socket(zmq.PULL)
         outbox.bind(OUTBOX)
-        router.bind(self.endpoint)
         engine_thread = threading.Thread(target=self._engine_main, name="agentkv-engine")
         engine_thread.start()
         try:
-            if ready is not None:
-                ready()
-            self._io_loop(router, outbox)
+            self._engine_ready.wait()  # the model loads on the engine thread first
+            if self._engine_error is None:
+                router.bind(self.endpoint)
+                if ready is not None:
+                    ready()
+                self._io_loop(router, outbox)
         finally:
             self._stop_requested = True
             self._inbox.put(_SHUTDOWN)
@@ -172,12 +175,14 @@ class DaemonServer:
                 outbox.send_multipart([identity, *protocol.encode(kind, header, self.key)])
 
             handler = CommandHandler(self._make_engine(), send, self.info)
+            self._engine_ready.set()
             self._engine_loop(handler)
         except BaseException as exc:  # surfaced by serve() after the I/O loop stops
             log.exception("engine thread failed")
             self._engine_error = exc
         finally:
             outbox.close(linger=1000)
+            self._engine_ready.set()
             self._engine_done.set()
 
     def _engine_loop(self, handler: CommandHandler) -> None:
