@@ -105,6 +105,7 @@ def main() -> None:
 )
 @click.option("--block-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--cancel-on-shutdown", is_flag=True, help="cancel running turns on stop")
+@click.option("--detached", is_flag=True, hidden=True)  # set by start for its child
 def start(
     socket_,
     store,
@@ -118,6 +119,7 @@ def start(
     pool_blocks,
     block_size,
     cancel_on_shutdown,
+    detached,
 ) -> None:
     """Start the daemon (returns once it answers the handshake)."""
     opts = DaemonOptions(
