@@ -141,8 +141,6 @@ class CommandHandler:
         given = [k for k in ("prompt", "tokens", "messages") if h.get(k) is not None]
         if len(given) != 1:
             raise ProtocolError("invalid_request", "give exactly one of prompt, tokens, messages")
-        if h.get("stop"):
-            raise ProtocolError("invalid_request", "stop strings are not supported yet")
         uid = self.engine.submit(
             agent_id,
             h.get("prompt") if h.get("prompt") is not None else h.get("tokens"),
@@ -153,6 +151,7 @@ class CommandHandler:
             top_k=h.get("top_k", 0),
             min_p=h.get("min_p", 0.0),
             seed=h.get("seed"),
+            stop=h.get("stop"),
         )
         self._owner[uid] = identity
         self._clients.setdefault(identity, _Client())

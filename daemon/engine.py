@@ -63,6 +63,8 @@ class _Request:
     text: list[str] = field(default_factory=list)
     restore_ms: float = 0.0
     failure: Exception | None = None
+    stop: tuple[str, ...] = ()
+    held: str = ""  # text held back while it could be the start of a stop string
 
 
 @dataclass(slots=True)
@@ -184,6 +186,7 @@ class BlockPoolBatchEngine:
         min_p: float = 0.0,
         seed: int | None = None,
         logits_processors: Sequence[LogitsProcessor] | None = None,
+        stop: Sequence[str] | None = None,
     ) -> int:
         """Queue a turn for an agent and return its uid.
 
@@ -208,6 +211,7 @@ class BlockPoolBatchEngine:
             params=SamplingParams(temperature, top_p, top_k, min_p, seed),
             processors=_check_processors(logits_processors),
             submitted=time.perf_counter(),
+            stop=_check_stop(stop),
         )
         agent = self._agents.get(agent_id) or self._stored_agent(agent_id) or AgentContext(agent_id)
         self._set_input(req, agent, prompt, messages, conversation)
@@ -575,18 +579,25 @@ class BlockPoolBatchEngine:
         if r.finish_reason is not None and req.failure is None:
             req.detok.finalize()
             delta += req.detok.last_segment
+        delta, stopped = _apply_stop(req, delta, final=r.finish_reason is not None)
         req.text.append(delta)
-        if r.finish_reason is None or req.failure is not None:
+        shown = None if hit_eos else token
+        if req.failure is not None or not (stopped or r.finish_reason):
             return StepEvent(req.uid, req.agent_id, token, delta)
-        return self._complete(req, r, None if hit_eos else token, delta)
+        if r.finish_reason is not None:
+            reason = "stop" if stopped else r.finish_reason
+            return self._complete(req, list(r.all_tokens), r.prompt_cache, reason, shown, delta)
+        # A stop string mid-generation: take the sequence out with its cache.
+        caches, tokens = self._gen.remove([req.batch_uid], return_prompt_caches=True)[req.batch_uid]
+        return self._complete(req, list(tokens), caches, "stop", shown, delta)
 
-    def _complete(self, req: _Request, r, token: int | None, delta: str) -> StepEvent:
+    def _complete(self, req: _Request, tokens, caches, reason, token, delta) -> StepEvent:
         agent = self._agents[req.agent_id]
         adm = req.admission
         del self._active[req.batch_uid]
         agent.active = None
         try:
-            self._manager.commit(agent, adm, list(r.all_tokens), r.prompt_cache)
+            self._manager.commit(agent, adm, tokens, caches)
         except AgentKVError as exc:
             log.warning("agent %r: could not keep this turn's cache: %s", agent.agent_id, exc)
             return self._fail(req, exc)
@@ -594,8 +605,8 @@ class BlockPoolBatchEngine:
         agent.last_used = self._clock
         self._write_back(agent)
         self.counters["completed"] += 1
-        completion = self._finish(req, r.finish_reason)
-        completion.usage.generated_tokens = len(r.all_tokens) - len(adm.full_tokens)
+        completion = self._finish(req, reason)
+        completion.usage.generated_tokens = len(tokens) - len(adm.full_tokens)
         return StepEvent(req.uid, req.agent_id, token, delta, completion)
 
     def _write_back(self, agent: AgentContext) -> None:
@@ -694,6 +705,38 @@ def _guarded(req: _Request, processor: LogitsProcessor) -> LogitsProcessor:
             return logits
 
     return run
+
+
+def _apply_stop(req: _Request, delta: str, *, final: bool) -> tuple[str, bool]:
+    """Text to show now, and whether a stop string ended the turn.
+
+    Text that could be the start of a stop string is held back, so no streamed delta ever
+    shows part of one.
+    """
+    if not req.stop:
+        return delta, False
+    text = req.held + delta
+    hits = [i for i in (text.find(s) for s in req.stop) if i >= 0]
+    if hits:
+        req.held = ""
+        return text[: min(hits)], True
+    if final:
+        req.held = ""
+        return text, False
+    keep = max((k for s in req.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    req.held = text[len(text) - keep :]
+    return text[: len(text) - keep], False
+
+
+def _check_stop(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    ok = isinstance(stop, Sequence) and len(stop) <= 16
+    if not ok or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop):
+        raise InvalidRequestError("stop must be up to 16 non-empty strings of <= 256 chars")
+    return tuple(stop)
 
 
 def _check_processors(processors) -> list:

@@ -363,3 +363,33 @@ def _forces_at(step: int, token: int):
         return logits
 
     return processor
+
+
+def test_stop_strings_end_the_turn_and_keep_the_context_exact(llama):
+    model, tokenizer = llama
+    prompt = [21, 22, 23, 24, 25]
+    free = make_engine(model, tokenizer)
+    free.submit("a", prompt, max_tokens=40)
+    (full,) = run_all(free).values()
+    text = full.text
+    stop = text[12:15]
+    assert stop and text.index(stop) >= 1
+    engine = make_engine(model, tokenizer)
+    uid = engine.submit("a", prompt, max_tokens=40, stop=[stop, "\x00never"])
+    shown = []
+    while engine.has_work:
+        for ev in engine.step_once():
+            shown.append(ev.text)
+            if ev.completion is not None:
+                c = ev.completion
+    assert c.uid == uid and c.finish_reason == "stop"
+    assert c.text == "".join(shown) == text[: text.index(stop)]
+    assert c.token_ids == full.token_ids[: len(c.token_ids)] and len(c.token_ids) < 40
+    context = engine.agent_tokens("a")
+    assert context == prompt + c.token_ids
+    engine.submit("a", [30, 31], max_tokens=8)
+    (c2,) = run_all(engine).values()
+    assert c2.usage.cached_tokens == len(context)
+    assert c2.token_ids == scratch_tokens(model, context + [30, 31], 8, eos=eos_ids(tokenizer))
+    with pytest.raises(InvalidRequestError):
+        engine.submit("a", [1], max_tokens=2, stop=[""])
