@@ -251,9 +251,11 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
                 raise DaemonUnavailable(f"no reply from {self.endpoint} within {wait:.1f} s")
+            frames = self._sock.recv_multipart()
             try:
-                msg = protocol.decode(self._sock.recv_multipart(), self._key)
+                msg = protocol.decode(frames, self._key)
             except protocol.ProtocolError:
+                _raise_if_refused(frames, rid)
                 continue  # not for us / unreadable: keep waiting for our reply
             if msg.header.get("id") != rid:
                 continue  # a late reply to a request that timed out
@@ -261,6 +263,18 @@ class Client:
                 err = msg.header.get("error") or {}
                 raise error_for(str(err.get("code")), str(err.get("message")))
             return msg.header.get("result")
+
+
+def _raise_if_refused(frames: list[bytes], rid: int) -> None:
+    """The daemon sends `unauthorized` unsigned (we may lack its key): only that is trusted."""
+    try:
+        msg = protocol.decode(frames[:3])
+    except protocol.ProtocolError:
+        return
+    err = msg.header.get("error") or {}
+    refused = msg.type is MessageType.ERROR and err.get("code") == "unauthorized"
+    if refused and msg.header.get("id") in (rid, None):
+        raise error_for("unauthorized", str(err.get("message")))
 
 
 def _load_key(key: bytes | str | Path | None) -> bytes | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from agentkv.client import Client, DaemonUnavailable
+from agentkv.client import Client, DaemonUnavailable, Unauthorized
 from agentkv.client.errors import AgentKVClientError
 from agentkv.client.paths import default_socket, default_store
 
@@ -195,6 +195,13 @@ def status(socket_, store, as_json, timeout, auth_key) -> None:
             sys.exit(EXIT_UNREACHABLE)
         _out(as_json, {"running": False}, "agentkv daemon is not running")
         sys.exit(EXIT_NOT_RUNNING)
+    except Unauthorized as exc:  # it runs, but will not talk to us
+        _out(
+            as_json,
+            {"running": True, "reachable": False, "error": str(exc)},
+            f"agentkv daemon on {socket_} refused us: {exc}",
+        )
+        sys.exit(EXIT_UNREACHABLE)
     except AgentKVClientError as exc:
         raise click.ClickException(str(exc)) from None
     _out(as_json, {"running": True, **stats}, _status_text(stats))
@@ -291,12 +298,11 @@ def gc(socket_, store, as_json, timeout, auth_key, dry_run) -> None:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _run_foreground(opts: DaemonOptions) -> None:
+def _run_foreground(opts: DaemonOptions, *, log_to_stderr: bool) -> None:
     import logging
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if log_to_stderr:  # a detached daemon's stderr is its log file already
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run_daemon(opts)
     except StartError as exc:

@@ -132,7 +132,12 @@ class DaemonServer:
             try:
                 msg = self._check(body)
             except ProtocolError as exc:
-                self._send(router, identity, *protocol.error(None, exc.code, str(exc)))
+                # Unsigned when unauthorized: a client with no key or a wrong one can read it.
+                signed = exc.code != "unauthorized"
+                rid = _request_id(body)
+                self._send(
+                    router, identity, *protocol.error(rid, exc.code, str(exc)), signed=signed
+                )
                 continue
             rid = msg.header.get("id")
             if msg.type is MessageType.HELLO:
@@ -160,9 +165,10 @@ class DaemonServer:
         result = {**self.info, "version": list(protocol.PROTOCOL_VERSION)}
         self._send(router, identity, *protocol.reply(rid, result))
 
-    def _send(self, router, identity: bytes, kind: MessageType, header: dict) -> None:
+    def _send(self, router, identity: bytes, kind: MessageType, header: dict, signed=True) -> None:
+        frames = protocol.encode(kind, header, self.key if signed else None)
         with contextlib.suppress(zmq.ZMQError):  # the client went away
-            router.send_multipart([identity, *protocol.encode(kind, header, self.key)], zmq.NOBLOCK)
+            router.send_multipart([identity, *frames], zmq.NOBLOCK)
 
     # -- engine thread ---------------------------------------------------------------------
 
@@ -215,3 +221,13 @@ class DaemonServer:
             except queue.Empty:
                 break
         return items
+
+
+def _request_id(body: list[bytes]):
+    """Best effort: the id of a request we refused, so the client can match the error."""
+    try:
+        header = protocol.decode(body[:3]).header
+    except (ProtocolError, IndexError):
+        return None
+    rid = header.get("id")
+    return rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
