@@ -6,6 +6,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import mlx.core as mx
+
 from .kv_blocks import RecurrentState, WindowKV
 
 if TYPE_CHECKING:
@@ -34,6 +36,9 @@ class AgentContext:
         active: the uid of the request now in the batch, or None.
         in_store: the store holds this agent's latest state (restore instead of recompute).
         restored: tokens of the current cache read from disk (reported by the next turn).
+        restored_full: after a restore, the full-attention rows read from disk, one (K, V)
+            buffer pair per layer, used by the next turn instead of blocks; its commit
+            turns the finished cache into blocks and clears this.
     """
 
     agent_id: str
@@ -48,6 +53,7 @@ class AgentContext:
     active: int | None = None
     in_store: bool = False
     restored: int = 0
+    restored_full: dict[int, tuple[mx.array, mx.array]] | None = None
 
     @property
     def busy(self) -> bool:

@@ -329,6 +329,10 @@ class BlockPoolBatchEngine:
             raise AgentExistsError(f"agent {new_agent_id!r} exists already")
         if src.cached_len == 0 and src.in_store:
             self._restore(src)
+        try:
+            self._manager.settle_restored(src)
+        except PoolExhaustedError:
+            self._drop_cache(src)  # the fork (and src's next turn) recompute instead
         self.pool.touch(src.held_blocks())
         self._clock += 1
         self._agents[new_agent_id] = AgentContext(

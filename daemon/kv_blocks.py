@@ -20,7 +20,7 @@ from .spec import LayerKind, ModelCacheSpec
 # Rebuilds copy keys on the default stream and values on this one. On the CPU backend each
 # stream runs on its own thread, so both cores copy: ~1.9x the bandwidth of one stream on a
 # 2-core machine (EXP-006). Thread-local, like mlx-lm's generation stream.
-_VALUES_STREAM = mx.new_thread_local_stream(mx.default_device())
+VALUES_STREAM = mx.new_thread_local_stream(mx.default_device())
 
 
 @dataclass(slots=True, eq=False)
@@ -97,11 +97,13 @@ def rebuild_caches(
     n_tokens: int,
     windows: dict[int, WindowKV] | None = None,
     states: dict[int, RecurrentState] | None = None,
+    full: dict[int, tuple[mx.array, mx.array]] | None = None,
 ) -> list:
     """Build one mlx-lm cache object per layer holding the first `n_tokens` of a context.
 
     Each full-attention layer's buffer is filled by one concatenate of its block rows (one
-    copy of each block; keys and values on two streams, which copy in parallel). Sliding
+    copy of each block; keys and values on two streams, which copy in parallel), or, when
+    `full` gives a (K, V) buffer pair per layer (a restore's), is that buffer. Sliding
     windows and recurrent states must sit exactly at `n_tokens`. The result is evaluated,
     so a bad block fails here and not mid-batch.
 
@@ -109,11 +111,14 @@ def rebuild_caches(
         CacheReconstructionError: the pieces do not add up to `n_tokens` of this model.
     """
     try:
-        full = _rebuild_full(spec, payloads, n_tokens)
+        if full is None:
+            by_layer = _rebuild_full(spec, payloads, n_tokens)
+        else:
+            by_layer = _full_from_buffers(spec, full, n_tokens)
         caches = []
         for layer in spec.layers:
             if layer.kind is LayerKind.FULL:
-                caches.append(full[layer.index])
+                caches.append(by_layer[layer.index])
             elif layer.kind is LayerKind.SLIDING:
                 caches.append(_rotating(layer, (windows or {}).get(layer.index), n_tokens))
             else:
@@ -142,12 +147,29 @@ def _rebuild_full(spec: ModelCacheSpec, payloads: Sequence[BlockKV], n_tokens: i
     for j, index in enumerate(spec.full_layers):
         keys = _join([p.keys[j] for p, _ in pieces], [t for _, t in pieces])
         values = _join(
-            [p.values[j] for p, _ in pieces], [t for _, t in pieces], stream=_VALUES_STREAM
+            [p.values[j] for p, _ in pieces], [t for _, t in pieces], stream=VALUES_STREAM
         )
         cache = KVCache()
         if n_tokens > 0:
             _check_rows(spec, index, keys, values, n_tokens)
             cache.state = (keys, values, n_tokens)
+        out[index] = cache
+    return out
+
+
+def _full_from_buffers(spec: ModelCacheSpec, full: dict, n_tokens: int) -> dict:
+    out = {}
+    for index in spec.full_layers:
+        keys, values = full[index]
+        if keys.shape[2] < n_tokens:
+            raise CacheReconstructionError(
+                f"buffers hold {keys.shape[2]} tokens, {n_tokens} needed"
+            )
+        if keys.shape[2] > n_tokens:
+            keys, values = keys[:, :, :n_tokens], values[:, :, :n_tokens]
+        _check_rows(spec, index, keys, values, n_tokens)
+        cache = KVCache()
+        cache.state = (keys, values, n_tokens)
         out[index] = cache
     return out
 

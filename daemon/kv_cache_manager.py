@@ -84,6 +84,10 @@ class KVCacheManager:
         n = adm.cached_len
         if n == 0:
             return None
+        if adm.own_cache and agent.restored_full is not None:
+            return rebuild_caches(
+                self.spec, [], n, agent.windows, agent.states, full=agent.restored_full
+            )
         if adm.own_cache:
             held = agent.held_blocks()[: self.blocks_for(n)]
             windows, states = agent.windows, agent.states
@@ -123,11 +127,24 @@ class KVCacheManager:
         agent.states = snapshot_states(self.spec, caches, len(tokens))
         agent.tokens = list(tokens)
         agent.cached_len = len(tokens)
+        agent.restored_full = None
         _materialize(blocks, tail, agent)
         adm.touched = []  # now owned by the agent
         self.pool.unreserve(adm.reserved)
         adm.reserved = 0
         self.pool.free(old)
+
+    def settle_restored(self, agent: AgentContext) -> None:
+        """Turn an agent's restored buffers into pool blocks now (a fork needs blocks).
+
+        On PoolExhaustedError the agent keeps its buffers.
+        """
+        if agent.restored_full is None:
+            return
+        n, tokens = agent.cached_len, agent.tokens
+        caches = self.rebuild(agent, Admission(tokens[:n], n, own_cache=True))
+        self.commit(agent, Admission(tokens[:n], 0), tokens[:n], caches)
+        agent.tokens = tokens  # a partial restore covers a prefix only
 
     def check_offsets(self, tokens: list[int], caches: list) -> None:
         """The finished cache must hold exactly the sequence's tokens."""
@@ -150,6 +167,7 @@ class KVCacheManager:
         self.pool.free(held)
         agent.blocks, agent.tail = [], None
         agent.windows, agent.states = {}, {}
+        agent.restored_full = None
         agent.cached_len = 0
         return len(held)
 

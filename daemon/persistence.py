@@ -19,9 +19,8 @@ from agentkv.storage.records import BlockRecord, TurnRecord
 from agentkv.storage.tensor_files import HostTensor
 
 from .agents import AgentContext
-from .block_pool import BlockPool, KVBlock
-from .errors import PoolExhaustedError
-from .kv_blocks import BlockKV, RecurrentState, WindowKV
+from .block_pool import BlockPool
+from .kv_blocks import VALUES_STREAM, BlockKV, RecurrentState, WindowKV
 from .spec import LayerKind, ModelCacheSpec
 
 log = logging.getLogger("agentkv.persistence")
@@ -80,64 +79,123 @@ def restore(
     agent: AgentContext,
     stored: StoredAgent,
 ) -> int:
-    """Load an agent's stored cache into pool blocks; returns tokens read from disk.
+    """Load an agent's stored cache straight into its next turn's cache buffers.
 
-    Blocks already pooled (shared with another agent) are taken from memory. A missing or
-    corrupt file ends the restore there: what came before it is kept when every layer is
-    full attention, otherwise nothing is (windows and states belong to the whole context).
+    Each full-attention layer gets one buffer (K and V) for the stored rows, and every block
+    file is read, checksum verified, into its rows of those buffers: one copy from the file,
+    no staging, files read in parallel. Blocks still pooled (shared with an agent in memory)
+    are copied from memory instead. The buffers are the agent's cache until its next commit
+    turns the finished cache into pool blocks. Returns the tokens read from disk.
+
+    A missing or corrupt file ends the restore there: the rows before it are kept when every
+    layer is full attention, otherwise nothing is (windows and states belong to the whole
+    context).
     """
     bs = pool.block_size
-    n_blocks = len(stored.block_hashes)
-    if not n_blocks * bs <= stored.stored_tokens <= len(agent.tokens):
-        if stored.stored_tokens or n_blocks:
+    n_blocks, n = len(stored.block_hashes), stored.stored_tokens
+    if not n_blocks * bs <= n <= len(agent.tokens):
+        if n or n_blocks:
             log.warning("agent %r: stored cache does not match its tokens", agent.agent_id)
         return 0
-    got: list[KVBlock] = []
-    from_disk = 0
-    try:
-        for digest in stored.block_hashes:
-            block, read = _block(spec, pool, store, bytes.fromhex(digest), stored.fingerprint)
-            got.append(block)
-            from_disk += read * bs
-        meta, tensors = store.read_state(stored)
-        tail, windows, states = _unpack_state(spec, pool, meta, tensors)
-        rows = len(got) * bs + (tail.payload.num_tokens if tail is not None else 0)
-        if rows != stored.stored_tokens:
-            pool.free([tail] if tail is not None else [])
-            raise ValueError(f"files hold {rows} tokens, index says {stored.stored_tokens}")
-    except (CorruptFileError, PoolExhaustedError, KeyError, ValueError) as exc:
-        log.warning("agent %r: restore stopped: %s", agent.agent_id, exc)
-        return _keep_prefix(spec, pool, agent, got, from_disk)
-    agent.blocks, agent.tail, agent.windows, agent.states = got, tail, windows, states
-    agent.cached_len = stored.stored_tokens
-    return from_disk + (tail.payload.num_tokens if tail is not None else 0)
-
-
-def _keep_prefix(spec, pool, agent, got, from_disk) -> int:
-    if not spec.all_full or not got:
-        pool.free(got)
+    if n == 0:
         return 0
-    agent.blocks, agent.tail, agent.windows, agent.states = got, None, {}, {}
-    agent.cached_len = len(got) * pool.block_size
+    buffers = _alloc_buffers(spec, n)
+    views = {i: (_writable(k), _writable(v)) for i, (k, v) in buffers.items()}
+    good, from_disk = _fill_blocks(spec, pool, store, stored, views)
+    if good < n_blocks:
+        return _keep_prefix(spec, agent, buffers, good * bs, from_disk)
+    try:
+        meta, tensors = store.read_state(stored)
+        tail = _fill_tail(spec, meta, tensors, views, n_blocks * bs, n)
+        windows, states = _unpack_state(spec, meta, tensors)
+    except (CorruptFileError, KeyError, ValueError, TypeError) as exc:
+        log.warning("agent %r: restore stopped: %s", agent.agent_id, exc)
+        return _keep_prefix(spec, agent, buffers, n_blocks * bs, from_disk)
+    agent.restored_full, agent.windows, agent.states = buffers, windows, states
+    agent.cached_len = n
+    return from_disk + tail
+
+
+def _fill_blocks(spec, pool: BlockPool, store: CacheStore, stored: StoredAgent, views):
+    """Fill the buffers' block rows; returns (leading blocks filled, tokens read from disk)."""
+    bs = pool.block_size
+    jobs, sources = [], []
+    for b, digest in enumerate(stored.block_hashes):
+        rows = slice(b * bs, (b + 1) * bs)
+        block = pool.lookup(bytes.fromhex(digest))
+        if block is not None and block.payload is not None:
+            _copy_payload(spec, block.payload, views, rows)
+            sources.append(None)
+        else:
+            sources.append(len(jobs))
+            jobs.append((digest, _dests(spec, views, rows)))
+    ok = store.read_blocks_into(stored.fingerprint, jobs)
+    good = next((b for b, j in enumerate(sources) if j is not None and not ok[j]), len(sources))
+    from_disk = sum(1 for j in sources[:good] if j is not None) * bs
+    return good, from_disk
+
+
+def _keep_prefix(spec, agent: AgentContext, buffers: dict, rows: int, from_disk: int) -> int:
+    if not spec.all_full or rows == 0:
+        return 0
+    agent.restored_full = {i: (k[:, :, :rows], v[:, :, :rows]) for i, (k, v) in buffers.items()}
+    agent.windows, agent.states = {}, {}
+    agent.cached_len = rows
     return from_disk
 
 
-def _block(spec, pool: BlockPool, store: CacheStore, h: bytes, fingerprint: str):
-    block = pool.lookup(h)
-    if block is not None and block.payload is not None:
-        pool.touch([block])
-        return block, 0
-    tensors = store.read_block(h.hex(), fingerprint)
-    payload = _payload_from(spec, tensors)
-    if payload.num_tokens != pool.block_size:
-        raise ValueError(f"block {h.hex()[:12]} holds {payload.num_tokens} tokens")
-    (block,) = pool.allocate(1)
-    block.payload = payload
-    existing = pool.register(block, h)
-    if existing is not block:  # cannot happen on one thread; never keep two copies
-        pool.touch([existing])
-        pool.free([block])
-    return existing, 1
+def _alloc_buffers(spec: ModelCacheSpec, n: int) -> dict[int, tuple[mx.array, mx.array]]:
+    """One evaluated K and V buffer of n rows per full-attention layer."""
+    out = {}
+    for i in spec.full_layers:
+        layer = spec.layers[i]
+        dtype = getattr(mx, layer.dtype)
+        k = mx.zeros((1, layer.n_kv_heads, n, layer.k_head_dim), dtype)
+        v = mx.zeros((1, layer.n_kv_heads, n, layer.v_head_dim), dtype, stream=VALUES_STREAM)
+        out[i] = (k, v)
+    mx.eval(list(out.values()))
+    return out
+
+
+def _writable(a: mx.array) -> np.ndarray:
+    """A numpy view of a freshly evaluated MLX buffer that nothing else references yet.
+
+    Restore writes file bytes into it through this view: the buffer's one and only write,
+    before any MLX operation reads it.
+    """
+    view = _numpy(a)
+    if not view.flags.writeable:
+        raise ValueError("MLX buffer is not writable from the host")
+    return view
+
+
+def _dests(spec, views, rows: slice) -> dict[str, HostTensor]:
+    out = {}
+    for i in spec.full_layers:
+        dtype = spec.layers[i].dtype
+        k, v = views[i]
+        out[f"k.{i}"] = HostTensor(dtype, k[:, :, rows, :])
+        out[f"v.{i}"] = HostTensor(dtype, v[:, :, rows, :])
+    return out
+
+
+def _copy_payload(spec, payload: BlockKV, views, rows: slice) -> None:
+    for j, i in enumerate(spec.full_layers):
+        k, v = views[i]
+        np.copyto(k[:, :, rows, :], _numpy(payload.keys[j]), casting="no")
+        np.copyto(v[:, :, rows, :], _numpy(payload.values[j]), casting="no")
+
+
+def _fill_tail(spec, meta, tensors, views, start: int, n: int) -> int:
+    """Copy the state file's tail rows into the buffers; returns their count."""
+    tail = int(meta.get("tail_tokens", 0))
+    if start + tail != n:
+        raise ValueError(f"files hold {start + tail} tokens, index says {n}")
+    for i in spec.full_layers if tail else ():
+        k, v = views[i]
+        np.copyto(k[:, :, start:n, :], tensors[f"tail.k.{i}"].data, casting="no")
+        np.copyto(v[:, :, start:n, :], tensors[f"tail.v.{i}"].data, casting="no")
+    return tail
 
 
 def _payload_tensors(spec: ModelCacheSpec, payload: BlockKV) -> dict[str, HostTensor]:
@@ -146,14 +204,6 @@ def _payload_tensors(spec: ModelCacheSpec, payload: BlockKV) -> dict[str, HostTe
         out[f"k.{i}"] = _host(payload.keys[j])
         out[f"v.{i}"] = _host(payload.values[j])
     return out
-
-
-def _payload_from(spec: ModelCacheSpec, tensors: dict[str, HostTensor]) -> BlockKV:
-    keys = tuple(_device(tensors[f"k.{i}"]) for i in spec.full_layers)
-    values = tuple(_device(tensors[f"v.{i}"]) for i in spec.full_layers)
-    n = keys[0].shape[2] if keys else 0
-    mx.eval(keys, values)
-    return BlockKV(keys, values, n)
 
 
 def _state_tensors(spec, agent: AgentContext) -> tuple[dict[str, HostTensor], dict[str, str]]:
@@ -175,14 +225,8 @@ def _state_tensors(spec, agent: AgentContext) -> tuple[dict[str, HostTensor], di
     return state, meta
 
 
-def _unpack_state(spec, pool: BlockPool, meta, tensors):
-    tail = None
-    if "tail_tokens" in meta:
-        payload = _payload_from(
-            spec, {k[5:]: t for k, t in tensors.items() if k.startswith("tail.")}
-        )
-        (tail,) = pool.allocate(1)
-        tail.payload = payload
+def _unpack_state(spec, meta, tensors) -> tuple[dict, dict]:
+    """Sliding windows and recurrent states from an agent's state file."""
     windows, states = {}, {}
     for layer in spec.layers:
         i = layer.index
@@ -196,7 +240,7 @@ def _unpack_state(spec, pool: BlockPool, meta, tensors):
                 arrays[j] = _device(tensors[f"rec.{i}.{j}"])
             states[i] = RecurrentState(tuple(arrays), int(meta[f"rec.offset.{i}"]))
     mx.eval([w.keys for w in windows.values()], [s.arrays for s in states.values()])
-    return tail, windows, states
+    return windows, states
 
 
 def _host(a: mx.array) -> HostTensor:
@@ -204,6 +248,13 @@ def _host(a: mx.array) -> HostTensor:
     name = str(a.dtype).split(".")[-1]
     raw = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
     return HostTensor(name, raw)  # made concrete by _eval_host
+
+
+def _numpy(a: mx.array) -> np.ndarray:
+    """A zero-copy numpy view of an evaluated MLX array (bfloat16 as its raw uint16)."""
+    raw = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
+    mx.eval(raw)
+    return np.array(raw, copy=False)
 
 
 def _eval_host(record: TurnRecord) -> None:

@@ -11,10 +11,13 @@ holding the tail), so no 8K-token prefill is needed to make it.
 Compared in the same run, interleaved run by run, with the same bytes:
 
 - ours: the engine-side restore after a restart, from disk to injectable caches:
-  `persistence.restore` (every block file read, checksum verified, into pool blocks, plus the
-  state file) and `rebuild_caches` of the restored blocks. The index lookup
+  `persistence.restore` (one K and V buffer per layer allocated by MLX; every block file
+  read with scatter reads straight into its rows of those buffers and checksum verified,
+  files in parallel on the store's reader threads; then the state file) and
+  `rebuild_caches`, which wraps the buffers as mlx-lm caches. The index lookup
   (`store.agent`) is timed apart.
-- (a) plain read: open + read() of every file the restore reads, in the same order.
+- (a) plain read: open + read() of every file the restore reads, in the same order, the
+  bytes kept in memory until the run ends (a restore holds the whole context at once).
 - (a1) plain read of mlx-lm's one file (below): one file against 32, same reader.
 - (b) mlx-lm: `load_prompt_cache` + `mx.eval` of the same cache saved once with mlx-lm's
   `save_prompt_cache` (one file per agent, no checksum).
@@ -177,22 +180,27 @@ def agent_files(store: CacheStore, stored: StoredAgent) -> list[Path]:
 
 
 def restore_ours(spec: ModelCacheSpec, store: CacheStore, stored: StoredAgent, pool) -> list:
-    """The engine's restore: files into pool blocks, then one rebuild into mlx-lm caches."""
+    """The engine's restore: files straight into per-layer buffers, wrapped as mlx-lm caches."""
     agent = AgentContext(AGENT, tokens=list(stored.tokens))
     got = persistence.restore(spec, pool, store, agent, stored)
     if got != stored.stored_tokens:
         raise RuntimeError(f"restored {got} of {stored.stored_tokens} tokens")
-    payloads = [b.payload for b in agent.held_blocks()]
-    return rebuild_caches(spec, payloads, agent.cached_len, agent.windows, agent.states)
+    return rebuild_caches(
+        spec, [], agent.cached_len, agent.windows, agent.states, full=agent.restored_full
+    )
 
 
-def plain_read(files: Sequence[Path]) -> int:
-    """open + read() of every file; returns the bytes read."""
-    total = 0
+def plain_read(files: Sequence[Path]) -> list[bytes]:
+    """open + read() of every file, all kept in memory (as any restore must hold them).
+
+    Dropping each file's bytes before reading the next would recycle one cache-hot buffer
+    (~2x faster here), a speed no restore of the whole context can have.
+    """
+    out = []
     for path in files:
         with open(path, "rb") as f:
-            total += len(f.read())
-    return total
+            out.append(f.read())
+    return out
 
 
 def mlxlm_load(path: Path) -> list:
@@ -203,7 +211,7 @@ def mlxlm_load(path: Path) -> list:
 
 
 def mxload_files(files: Sequence[Path]) -> list:
-    """`mx.load` of every file, evaluated: no checksum, no pool blocks, no rebuild."""
+    """`mx.load` of every file, evaluated: no checksum, no per-layer buffers."""
     loaded = [mx.load(str(path)) for path in files]
     mx.eval([list(arrays.values()) for arrays in loaded])
     return loaded
@@ -350,12 +358,12 @@ def bench_prefill(model, lengths: list[int], repeats: int, target: int, seed: in
 
 # Where ours spends its time: (label, file name or "~" for built-ins, function, column).
 SPLITS = (
-    ("file read (read())", "~", "<method 'read' of '_io.BufferedReader' objects>", "tottime"),
-    ("checksum (xxh3)", "tensor_files.py", "checksum_of", "cumtime"),
-    ("tensor parsing (_tensor)", "tensor_files.py", "_tensor", "cumtime"),
-    ("to mx.array (copy)", "persistence.py", "_device", "cumtime"),
-    ("payload eval", "persistence.py", "_payload_from", "cumtime"),
-    ("rebuild_caches", "kv_blocks.py", "rebuild_caches", "cumtime"),
+    ("buffers (mx.zeros, eval)", "persistence.py", "_alloc_buffers", "cumtime"),
+    ("host views of the buffers", "persistence.py", "_writable", "cumtime"),
+    ("block files (read+checksum, threads)", "store.py", "read_blocks_into", "cumtime"),
+    ("state file (tail, windows)", "store.py", "read_state", "cumtime"),
+    ("tail rows copy", "persistence.py", "_fill_tail", "cumtime"),
+    ("rebuild_caches (wrap)", "kv_blocks.py", "rebuild_caches", "cumtime"),
     ("total", "bench_restore.py", "restore_ours", "cumtime"),
 )
 
@@ -382,8 +390,6 @@ def profile_ours(case: Case, regime: str, runs: int, top: int) -> tuple[dict, st
             if name == func and (file == "~" or Path(path).name == file):
                 value = tottime if column == "tottime" else cumtime
                 found[label] = found.get(label, 0.0) + value * 1e3 / runs
-    if "payload eval" in found:  # _payload_from minus the conversions inside it
-        found["payload eval"] -= found.get("to mx.array (copy)", 0.0)
     known = sum(v for k, v in found.items() if k != "total")
     found["other (Python, pool; cProfile)"] = found.get("total", 0.0) - known
     out = io.StringIO()

@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import (
@@ -42,7 +43,13 @@ from .records import (
     unpack_tokens,
 )
 from .schema import open_index
-from .tensor_files import FileOps, HostTensor, read_tensor_file, write_tensor_file
+from .tensor_files import (
+    FileOps,
+    HostTensor,
+    read_tensor_file,
+    read_tensor_file_into,
+    write_tensor_file,
+)
 
 log = logging.getLogger("agentkv.storage")
 
@@ -96,6 +103,7 @@ class CacheStore:
             "states_read": 0,
             "corrupt_rows": 0,
         }
+        self._pool: ThreadPoolExecutor | None = None  # block readers, made on first restore
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="agentkv-writer", daemon=True)
@@ -188,6 +196,45 @@ class CacheStore:
         self.counters["blocks_read"] += 1
         return tensors
 
+    def read_blocks_into(
+        self, fingerprint: str, jobs: list[tuple[str, dict[str, HostTensor]]]
+    ) -> list[bool]:
+        """Read block files straight into caller-owned arrays; True per block read whole.
+
+        Each job names a block hash and where each of its tensors goes (see
+        `read_tensor_file_into`). Files are read and checksummed in parallel (a few reader
+        threads; both the reads and the hashing run without the GIL). A bad file is
+        handled as in `read_block`, and its job's views hold garbage.
+        """
+        if not jobs:
+            return []
+        futures = [
+            self._readers().submit(self._read_into, h, fingerprint, dests) for h, dests in jobs
+        ]
+        ok = []
+        for (h, _), future in zip(jobs, futures, strict=True):
+            try:
+                future.result()
+                ok.append(True)
+            except CorruptFileError as exc:
+                self._corrupt(exc, block=h)
+                ok.append(False)
+        with self._lock:
+            self.counters["blocks_read"] += sum(ok)
+        return ok
+
+    def _read_into(self, block_hash: str, fingerprint: str, dests) -> None:
+        path = self.block_path(block_hash)
+        meta = read_tensor_file_into(path, dests)
+        _expect(meta, path, fingerprint=fingerprint, block_hash=block_hash)
+
+    def _readers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                workers = min(4, os.cpu_count() or 1)
+                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="agentkv-reader")
+            return self._pool
+
     def read_state(self, agent: StoredAgent) -> tuple[dict[str, str], dict[str, HostTensor]]:
         """An agent's state file (tail rows, windows, recurrent states), checksum verified.
 
@@ -272,6 +319,8 @@ class CacheStore:
         self._closed = True
         self._queue.put(_STOP)
         self._writer.join()
+        if self._pool is not None:
+            self._pool.shutdown()
         self._db.conn.close()
         self._lockfile.close()  # releases the flock
 

@@ -58,6 +58,7 @@ TAGS = {
     "bool": "BOOL",
 }
 MAX_HEADER = 16 * 2**20
+IOV_MAX = 1024  # buffers per preadv call (the Linux limit)
 
 
 @dataclass(slots=True, frozen=True)
@@ -180,6 +181,119 @@ def read_tensor_file(
             raise CorruptFileError(path, f"checksum mismatch ({got} != {want})")
     tensors = {name: _tensor(path, name, info, data) for name, info in header.items()}
     return dict(meta), tensors
+
+
+def read_tensor_file_into(path: Path, dests: Mapping[str, HostTensor]) -> dict[str, str]:
+    """Read a file's tensors straight into caller-owned arrays; returns its metadata.
+
+    `dests` names every tensor the file must hold, each with the dtype and shape it must
+    have; `data` may be a strided view (e.g. rows of a larger buffer). The bytes go from the
+    file into those views with scatter reads (one copy) and the checksum is computed over
+    them afterwards, so nothing is staged. On error the views hold garbage.
+
+    Raises:
+        CorruptFileError: missing, truncated, malformed, not the expected tensors, or
+            checksum mismatch.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise CorruptFileError(path, "missing") from exc
+    try:
+        size = os.fstat(fd).st_size
+        head = _pread_header(path, fd, size)
+        header = _parse_header(path, head[8:])
+        meta = header.pop("__metadata__", {}) or {}
+        chunks = _dest_chunks(path, header, dests, size - len(head))
+        _preadv_all(path, fd, chunks, len(head))
+    finally:
+        os.close(fd)
+    want = meta.get("checksum") if isinstance(meta, dict) else None
+    if not isinstance(want, str) or len(want) != len(CHECKSUM_PLACEHOLDER):
+        raise CorruptFileError(path, "no checksum")
+    got = checksum_of([head.replace(want.encode(), CHECKSUM_PLACEHOLDER.encode(), 1), *chunks])
+    if got != want:
+        raise CorruptFileError(path, f"checksum mismatch ({got} != {want})")
+    return dict(meta)
+
+
+def _pread_header(path: Path, fd: int, size: int) -> bytes:
+    """The 8-byte length and the JSON header."""
+    if size < 8:
+        raise CorruptFileError(path, f"truncated ({size} bytes)")
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if n > MAX_HEADER or 8 + n > size:
+        raise CorruptFileError(path, "truncated or bad header length")
+    head = os.pread(fd, 8 + n, 0)
+    if len(head) != 8 + n:
+        raise CorruptFileError(path, "truncated header")
+    return head
+
+
+def _parse_header(path: Path, text: bytes) -> dict:
+    try:
+        header = json.loads(text)
+    except ValueError as exc:
+        raise CorruptFileError(path, "header is not JSON") from exc
+    if not isinstance(header, dict):
+        raise CorruptFileError(path, "header is not an object")
+    return header
+
+
+def _dest_chunks(path: Path, header: dict, dests: Mapping[str, HostTensor], data_len: int):
+    """Writable byte views of `dests` in the file's data order, checked against the header."""
+    if set(header) != set(dests):
+        raise CorruptFileError(path, "tensors do not match the expected layout")
+    try:
+        order = sorted(header, key=lambda name: header[name]["data_offsets"][0])
+    except (KeyError, TypeError, IndexError) as exc:
+        raise CorruptFileError(path, f"bad tensor entry: {exc}") from exc
+    chunks: list[memoryview] = []
+    offset = 0
+    for name in order:
+        info, dest = header[name], dests[name]
+        want = [offset, offset + dest.data.nbytes]
+        if (
+            info.get("dtype") != TAGS[dest.dtype]
+            or info.get("shape") != list(dest.data.shape)
+            or info.get("data_offsets") != want
+        ):
+            raise CorruptFileError(path, f"tensor {name!r} is not the expected one")
+        chunks += _writable_chunks(dest.data)
+        offset = want[1]
+    if offset != data_len:
+        raise CorruptFileError(path, f"holds {data_len} data bytes, header says {offset}")
+    return chunks
+
+
+def _writable_chunks(a: np.ndarray) -> list[memoryview]:
+    """`a`'s memory as contiguous byte views in C order (one per run of contiguous rows)."""
+    if a.size == 0:
+        return []
+    # The longest trailing run of dimensions that is contiguous within `a`.
+    k, step = a.ndim, a.itemsize
+    while k > 0 and (a.shape[k - 1] == 1 or a.strides[k - 1] == step):
+        step *= a.shape[k - 1]
+        k -= 1
+    if k == 0:
+        return [memoryview(a.reshape(-1).view(np.uint8))]
+    return [memoryview(a[idx].reshape(-1).view(np.uint8)) for idx in np.ndindex(*a.shape[:k])]
+
+
+def _preadv_all(path: Path, fd: int, chunks: list[memoryview], offset: int) -> None:
+    """Fill every chunk from the file, in order, starting at `offset`."""
+    pending = [c for c in chunks if len(c)]
+    while pending:
+        batch = pending[:IOV_MAX]
+        n = os.preadv(fd, batch, offset)
+        if n <= 0:
+            raise CorruptFileError(path, "truncated (short read)")
+        offset += n
+        while n and pending:  # drop what was filled; a short read leaves a partial chunk
+            if n >= len(pending[0]):
+                n -= len(pending.pop(0))
+            else:
+                pending[0], n = pending[0][n:], 0
 
 
 def _contiguous_bytes(a: np.ndarray) -> memoryview:

@@ -38,6 +38,7 @@ from agentkv.storage.tensor_files import (
     FileOps,
     HostTensor,
     read_tensor_file,
+    read_tensor_file_into,
     write_tensor_file,
 )
 
@@ -306,6 +307,74 @@ def test_damaged_tensor_file_raises_corrupt_file_error(tmp_path, damage):
     with pytest.raises(CorruptFileError) as info:
         read_tensor_file(path)
     assert info.value.path == path
+
+
+def _into(path):
+    """read_tensor_file_into with destinations made from what the file should hold."""
+    dests = {
+        "x": HostTensor("float32", np.zeros((3, 5), np.float32)),
+        "e": HostTensor("float32", np.zeros((0, 4), np.float32)),
+    }
+    return read_tensor_file_into(path, dests), dests
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_flip_data, _truncate, _garbage_header, _huge_header_length, _header_not_object]
+    + [_shape_off_by_one, _shorter_than_length_field],
+)
+def test_damaged_tensor_file_read_into_raises_corrupt_file_error(tmp_path, damage):
+    """The restore path's reader catches the same damage as the plain one."""
+    path = tmp_path / "t.safetensors"
+    write_tensor_file(path, {"x": TENSORS["float32"], "e": TENSORS["empty"]}, META)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CorruptFileError) as info:
+        _into(path)
+    assert info.value.path == path
+
+
+@pytest.mark.parametrize("name", [n for n in TENSORS if n != "strided"])
+def test_tensor_file_read_into_strided_rows_of_a_larger_buffer(tmp_path, name):
+    """Bytes land in a strided view (rows of a bigger buffer) and nowhere else."""
+    t = TENSORS[name]
+    path = tmp_path / "t.safetensors"
+    write_tensor_file(path, {"a": t, "b": TENSORS["odd"]}, META)
+    # Each tensor's destination is every other row block of a buffer twice its size.
+    big_a = np.full((2, *t.data.shape), 7, dtype=t.data.dtype)
+    big_b = np.full((1, 3, 10, 7), 7, dtype=np.float16)
+    dests = {
+        "a": HostTensor(t.dtype, big_a[1, ...]),
+        "b": HostTensor("float16", big_b[:, :, 2:7, :]),
+    }
+    meta = read_tensor_file_into(path, dests)
+    assert meta == read_tensor_file(path)[0]
+    np.testing.assert_array_equal(big_a[1, ...], t.data)
+    np.testing.assert_array_equal(big_b[:, :, 2:7, :], TENSORS["odd"].data)
+    assert (big_a[0] == 7).all()
+    assert (big_b[:, :, :2] == 7).all() and (big_b[:, :, 7:] == 7).all()
+
+
+@pytest.mark.parametrize(
+    "dests",
+    [
+        {"x": HostTensor("float32", np.zeros((3, 5), np.float32))},  # one tensor missing
+        {
+            "x": HostTensor("float32", np.zeros((3, 4), np.float32)),  # other shape
+            "e": HostTensor("float32", np.zeros((0, 4), np.float32)),
+        },
+        {
+            "x": HostTensor("float16", np.zeros((3, 5), np.float16)),  # other dtype
+            "e": HostTensor("float32", np.zeros((0, 4), np.float32)),
+        },
+    ],
+    ids=["missing", "shape", "dtype"],
+)
+def test_tensor_file_read_into_refuses_another_layout(tmp_path, dests):
+    """A file that does not hold exactly the expected tensors is not read into buffers."""
+    path = tmp_path / "t.safetensors"
+    write_tensor_file(path, {"x": TENSORS["float32"], "e": TENSORS["empty"]}, META)
+    with pytest.raises(CorruptFileError, match="expected"):
+        read_tensor_file_into(path, dests)
 
 
 def test_missing_tensor_file_raises_corrupt_file_error(tmp_path):

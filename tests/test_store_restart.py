@@ -70,6 +70,39 @@ def test_restart_resumes_every_agent_exactly(loaded_models, tmp_path, arch):
     after.close()
 
 
+def test_restore_takes_pooled_shared_blocks_from_memory_and_forks(loaded_models, tmp_path):
+    """After a restart: blocks another agent already brought back are copied from memory,
+    not read again; a restored agent forked before its next turn branches exactly."""
+    model, tokenizer = loaded_models["llama"]
+    eos = eos_ids(tokenizer)
+    rng = np.random.default_rng(8)
+    shared = random_tokens(rng, 40, VOCAB)  # two full 16-token blocks
+    firsts = {a: shared + random_tokens(rng, 20 + 9 * i, VOCAB) for i, a in enumerate("abc")}
+    before = _engine(model, tokenizer, tmp_path)
+    _turns(before, firsts)
+    contexts = {a: before.agent_tokens(a) for a in firsts}
+    before.close()
+
+    after = _engine(model, tokenizer, tmp_path)
+    first = _turns(after, {"a": [5, 6]})["a"]
+    assert first.usage.restored_tokens == len(contexts["a"])
+    read = after.store.counters["blocks_read"]
+    second = _turns(after, {"b": [5, 6]})["b"]
+    own_blocks = len(contexts["b"]) // 16 - 2
+    assert after.store.counters["blocks_read"] - read == own_blocks  # not the shared two
+    assert second.usage.restored_tokens == len(contexts["b"]) - 32
+    for agent, c in (("a", first), ("b", second)):
+        want = scratch_tokens(model, contexts[agent] + [5, 6], TURN_TOKENS, eos=eos)
+        assert c.token_ids == want, agent
+
+    after.fork_agent("c", "c2")  # c is only on disk until now
+    forked = _turns(after, {"c": [7], "c2": [8, 9]})
+    for agent, prompt in (("c", [7]), ("c2", [8, 9])):
+        want = scratch_tokens(model, contexts["c"] + prompt, TURN_TOKENS, eos=eos)
+        assert forked[agent].token_ids == want, agent
+    after.close()
+
+
 def _llama_store(loaded_models, root: Path):
     """A store holding one agent with several blocks and a tail; returns what's needed."""
     model, tokenizer = loaded_models["llama"]
