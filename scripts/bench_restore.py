@@ -21,6 +21,8 @@ Compared in the same run, interleaved run by run, with the same bytes:
 - (a1) plain read of mlx-lm's one file (below): one file against 32, same reader.
 - (b) mlx-lm: `load_prompt_cache` + `mx.eval` of the same cache saved once with mlx-lm's
   `save_prompt_cache` (one file per agent, no checksum).
+- (b2) (b) followed by an xxh3 over the loaded arrays: what mlx-lm's load would cost if it
+  verified its bytes as ours does (reported, no target).
 - (e) `mx.load` of the per-block files (no checksum, no rebuild): the per-block format read
   by the reader (b) uses, so that (e) against (b) is per-block files against one file.
 - (c) cold prefill of the same context: NOT run at 8,000 tokens (minutes on this CPU).
@@ -65,6 +67,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import xxhash
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.utils import _get_classes
@@ -97,6 +100,7 @@ READ = "(a) plain read, the same 32 files"
 READ_ONE = "(a1) plain read, mlx-lm's 1 file"
 MLXLM = "(b) mlx-lm load_prompt_cache"
 MXLOAD = "(e) mx.load of the 32 files only"
+MLXLM_CHECKED = "(b2) (b) + xxh3 of its bytes"
 REGIMES = ("warm/fresh", "warm/reused", "dropped/fresh", "dropped/reused")
 REUSED_CACHE_LIMIT = 4 * 2**30  # above what any case allocates (the daemon: the pool's size)
 
@@ -207,6 +211,17 @@ def mlxlm_load(path: Path) -> list:
     """mlx-lm's own prompt-cache load, evaluated."""
     cache = load_prompt_cache(str(path))
     mx.eval([c.state for c in cache])
+    return cache
+
+
+def mlxlm_load_checked(path: Path) -> list:
+    """(b), then an xxh3 over every loaded array: what verifying mlx-lm's file would add."""
+    cache = mlxlm_load(path)
+    h = xxhash.xxh3_64()
+    for c in cache:
+        for a in c.state[:2]:
+            h.update(memoryview(np.array(a, copy=False)))
+    h.hexdigest()
     return cache
 
 
@@ -429,6 +444,7 @@ def verdict(rows: list[Row], prefill: dict | None) -> dict:
             "mlxlm_target_met": vs_mlxlm <= TARGET_MLXLM,
             "read_32_over_read_1": round(med[(regime, READ)] / med[(regime, READ_ONE)], 2),
             "mxload_32_over_mlxlm": round(med[(regime, MXLOAD)] / med[(regime, MLXLM)], 2),
+            "ours_over_mlxlm_checked": round(ours / med[(regime, MLXLM_CHECKED)], 2),
         }
         if prefill is not None:
             out[regime]["prefill_over_ours"] = round(prefill["fitted_estimate_s"] * 1e3 / ours)
@@ -496,7 +512,7 @@ def print_report(rows: list[Row], meta: dict, prefill: dict | None, result: dict
         )
         line = (
             f"{'':14} per-block vs one file: (a)/(a1) {v['read_32_over_read_1']:.2f}, "
-            f"(e)/(b) {v['mxload_32_over_mlxlm']:.2f}"
+            f"(e)/(b) {v['mxload_32_over_mlxlm']:.2f}; ours/(b2) {v['ours_over_mlxlm_checked']:.2f}"
         )
         if prefill is not None:
             line += (
@@ -551,6 +567,7 @@ def make_cases(spec, store: CacheStore, stored: StoredAgent, mlxlm_file: Path) -
         Case(READ_ONE, [mlxlm_file], nothing, lambda _: plain_read([mlxlm_file])),
         Case(MLXLM, [mlxlm_file], nothing, lambda _: mlxlm_load(mlxlm_file)),
         Case(MXLOAD, files, nothing, lambda _: mxload_files(files)),
+        Case(MLXLM_CHECKED, [mlxlm_file], nothing, lambda _: mlxlm_load_checked(mlxlm_file)),
     ]
 
 

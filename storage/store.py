@@ -90,6 +90,8 @@ class CacheStore:
         self._lock = threading.Lock()
         self._on_disk = {row[0] for row in self._db.execute("SELECT hash FROM blocks")}
         self._queued: dict[str, int] = {}  # block hash -> turns queued that write it
+        # block hash -> queued turns that list it (with or without its bytes): never evicted
+        self._referenced: dict[str, int] = {}
         self._pending: dict[str, int] = {}  # agent id -> queued operations
         self._errors: list[str] = []
         self.counters = {
@@ -269,6 +271,7 @@ class CacheStore:
             for b in record.blocks:
                 if b.tensors is not None:
                     self._queued[b.block_hash] = self._queued.get(b.block_hash, 0) + 1
+                self._referenced[b.block_hash] = self._referenced.get(b.block_hash, 0) + 1
         self._put(("turn", record), record.agent_id)
 
     def delete_agent(self, agent_id: str, fingerprint: str) -> None:
@@ -389,11 +392,8 @@ class CacheStore:
             if op[0] == "turn":
                 for b in op[1].blocks:
                     if b.tensors is not None:
-                        n = self._queued.get(b.block_hash, 1) - 1
-                        if n:
-                            self._queued[b.block_hash] = n
-                        else:
-                            self._queued.pop(b.block_hash, None)
+                        _decrement(self._queued, b.block_hash)
+                    _decrement(self._referenced, b.block_hash)
             if agent_id is not None:
                 n = self._pending.get(agent_id, 1) - 1
                 if n:
@@ -597,6 +597,8 @@ class CacheStore:
     def _delete_unreferenced(self, db) -> list[str]:
         """Drop blocks no agent references: index rows first, then the files."""
         rows = db.execute("SELECT hash, path FROM blocks WHERE refcount = 0").fetchall()
+        with self._lock:  # a queued turn that lists a block without its bytes needs it kept
+            rows = [(h, path) for h, path in rows if h not in self._referenced]
         with db.conn:
             db.execute("BEGIN IMMEDIATE")
             db.conn.executemany(
@@ -649,6 +651,14 @@ class CacheStore:
                     "stored_tokens = 0 WHERE agent_id = ? AND fingerprint = ?",
                     ids,
                 )
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    n = counts.get(key, 1) - 1
+    if n:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
 
 
 def _truncate_agent(db, agent_id: str, fingerprint: str, seq: int) -> None:

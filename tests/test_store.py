@@ -889,3 +889,29 @@ def test_restore_reads_exactly_that_agents_files_once(llama, tmp_path):
     assert c.usage.restored_tokens == 0 and c.usage.cached_tokens == len(later)
     assert {k: store.counters[k] for k in reads} == reads
     again.close()
+
+
+def test_budget_eviction_keeps_blocks_a_queued_turn_lists_without_bytes(tmp_path):
+    """A turn queued with a shared block it did not send (already on disk) still finds it,
+    even when the disk budget evicts the block's other owner while the turn waits."""
+    fp = "a" * 32
+    store = CacheStore(tmp_path)
+    store.save_turn(_record("x", fp, blocks=1))
+    store.flush()
+    used = store.stats()["block_bytes"]
+    store.close()
+
+    store = CacheStore(tmp_path, disk_budget=used + 64)
+    (shared,) = store.agent("x", fp).block_hashes
+    follower = _record("y", fp, blocks=0)
+    follower.blocks = [BlockRecord(shared, BLOCK, None)]  # on disk already: no bytes sent
+    follower.stored_tokens += BLOCK
+    follower.tokens = list(range(follower.stored_tokens))
+    store.save_turn(_record("z", fp, blocks=3))  # over budget: evicts x, the LRU agent
+    store.save_turn(follower)
+    store.flush()  # raises StoreWriteError if the block went with x
+    assert store.agent("x", fp).block_hashes == []  # evicted (and z after y, over budget)
+    assert store.agent("y", fp).block_hashes == [shared]
+    assert _block_file(tmp_path, shared).exists()
+    assert _index(tmp_path, "SELECT refcount FROM blocks WHERE hash = ?", (shared,)) == [(1,)]
+    store.close()
