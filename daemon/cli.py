@@ -23,7 +23,16 @@ from agentkv.client import Client, DaemonUnavailable, Unauthorized
 from agentkv.client.errors import AgentKVClientError
 from agentkv.client.paths import default_socket, default_store
 
-from .process import LOGFILE, DaemonOptions, StartError, read_pid, read_state, run_daemon
+from .process import (
+    LOGFILE,
+    DaemonOptions,
+    StartError,
+    listening,
+    pid_alive,
+    read_pid,
+    read_state,
+    run_daemon,
+)
 
 EXIT_NOT_RUNNING = 3
 EXIT_UNREACHABLE = 4
@@ -182,6 +191,8 @@ def stop(socket_, store, as_json, timeout, auth_key, cancel) -> None:
 def status(socket_, store, as_json, timeout, auth_key) -> None:
     """Exit 0 if the daemon runs, 3 if not, 4 if its process lives but does not answer."""
     try:
+        if listening(socket_) is False:
+            raise DaemonUnavailable(f"nothing listens on {socket_}")
         with Client(socket_, timeout=timeout, auth_key=auth_key) as c:
             stats = c.stats()
     except DaemonUnavailable:
@@ -321,6 +332,7 @@ def _spawn(opts: DaemonOptions, timeout: float, as_json: bool) -> None:
         "agentkv.daemon.cli",
         "start",
         "--foreground",
+        "--detached",
         "--socket",
         opts.socket,
         "--store",
@@ -362,6 +374,8 @@ def _spawn(opts: DaemonOptions, timeout: float, as_json: bool) -> None:
 
 
 def _hello(endpoint: str, key, timeout: float) -> dict | None:
+    if listening(endpoint) is False:
+        return None
     try:
         with Client(endpoint, timeout=timeout, auth_key=key) as c:
             return c.info
@@ -373,6 +387,8 @@ def _hello(endpoint: str, key, timeout: float) -> dict | None:
 
 def _client(endpoint: str, timeout: float, key) -> Client:
     try:
+        if listening(endpoint) is False:
+            raise DaemonUnavailable(endpoint)
         return Client(endpoint, timeout=timeout, auth_key=key)
     except DaemonUnavailable:
         raise click.ClickException(f"agentkv daemon is not running on {endpoint}") from None
@@ -421,11 +437,7 @@ def _alive(pid: int) -> bool:
             return False
     except ChildProcessError:
         pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return pid_alive(pid)
 
 
 def _cache_dir(store: Path) -> Path:

@@ -64,14 +64,69 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def listening(endpoint: str, timeout: float = 0.5) -> bool | None:
+    """Whether anything accepts connections at an endpoint: True, False (nothing there:
+    no socket file, or the connection is refused), or None when it cannot tell.
+
+    A plain connect, so `status`, `stop` and `start` need not wait a ZeroMQ timeout to
+    learn that no daemon runs.
+    """
+    url = urlparse(endpoint)
+    if url.scheme == "ipc":
+        path = endpoint[len("ipc://") :]
+        if path.startswith("@"):  # abstract namespace: no file to look at
+            return None
+        if not os.path.exists(path):
+            return False
+        family, address = socket.AF_UNIX, path
+    elif url.scheme == "tcp" and url.hostname and url.port:
+        family = socket.AF_INET6 if ":" in url.hostname else socket.AF_INET
+        address = (url.hostname, url.port)
+    else:
+        return None
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(address)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    """True if the process exists and is not a zombie (an exited daemon whose parent has
+    not reaped it yet, e.g. under a container init that never reaps). A process is gone
+    only when all its threads are: the main thread can be a zombie while others still
+    exit, holding the process's files (and the store's lock)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return not Path("/proc/self").exists()  # no procfs (macOS): kill() is all we know
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # that thread is gone
+        if stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X"):
+            return True
+    return False
+
+
 def read_pid(store: Path) -> int | None:
     """The pid in the store's pidfile if that process is alive, else None (stale)."""
     try:
         pid = int((store / PIDFILE).read_text().strip())
-        os.kill(pid, 0)
     except (OSError, ValueError):
         return None
-    return pid
+    return pid if pid > 0 and pid_alive(pid) else None
 
 
 def read_state(store: Path) -> dict:
@@ -87,6 +142,8 @@ def run_daemon(opts: DaemonOptions) -> None:
     from .server import DaemonServer
 
     check_endpoint(opts.socket, opts.auth_key)
+    if listening(opts.socket):  # binding an ipc path would take it from the other daemon
+        raise StartError(f"another process is listening on {opts.socket}")
     opts.store.mkdir(parents=True, exist_ok=True)
     _prepare_ipc(opts.socket)
     _setup_logging(opts.store)
