@@ -20,7 +20,7 @@ from pathlib import Path
 import zmq
 
 from . import protocol
-from .errors import DaemonUnavailable, GenerationFailed, error_for
+from .errors import DaemonUnavailable, GenerationFailed, MessageTooLarge, error_for
 from .paths import default_socket
 from .protocol import MessageType
 
@@ -244,7 +244,13 @@ class Client:
 
     def _call(self, kind: MessageType, body: dict, wait: float | None = None):
         rid = next(self._ids)
-        self._sock.send_multipart(protocol.encode(kind, {**body, "id": rid}, self._key))
+        frames = protocol.encode(kind, {**body, "id": rid}, self._key)
+        size = sum(len(f) for f in frames)
+        if size > protocol.MAX_MESSAGE_BYTES:  # the daemon would refuse it anyway
+            raise MessageTooLarge(
+                f"request of {size} bytes exceeds {protocol.MAX_MESSAGE_BYTES} bytes"
+            )
+        self._sock.send_multipart(frames)
         wait = self.timeout if wait is None else wait
         deadline = time.monotonic() + wait
         while True:

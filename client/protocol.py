@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import math
 import os
 import re
 import time
@@ -150,7 +151,8 @@ class ReplayGuard:
     def check(self, header: dict) -> None:
         """Raise ProtocolError("unauthorized") for a stale or repeated message."""
         nonce, ts = header.get("nonce"), header.get("ts")
-        if not isinstance(nonce, str) or not isinstance(ts, (int, float)):
+        ok_ts = isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts)
+        if not isinstance(nonce, str) or not ok_ts:
             raise ProtocolError("unauthorized", "signed message lacks nonce or ts")
         now = time.time()
         if abs(now - ts) > self.window_s:

@@ -8,6 +8,7 @@ with nothing to report is parked until something arrives or its timeout passes.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .errors import AgentKVError
 log = logging.getLogger("agentkv.commands")
 
 MAX_STEP_WAIT_S = 30.0
+DRAIN_GRACE_S = 2.0  # on shutdown, how long finished turns' events wait for their client
 SUBMIT_FIELDS = {
     "agent_id",
     "prompt",
@@ -42,6 +44,7 @@ SUBMIT_FIELDS = {
 class _Client:
     events: dict[int, dict] = field(default_factory=dict)  # uid -> merged event
     parked: tuple | None = None  # (request id, deadline) of a waiting step
+    running: int = 0  # this client's requests not finished yet
 
 
 class CommandHandler:
@@ -61,6 +64,7 @@ class CommandHandler:
         self._clients: dict[bytes, _Client] = {}
         self._owner: dict[int, bytes] = {}
         self._closing = False
+        self._grace_until: float | None = None
         self._handlers = {
             MessageType.SUBMIT: self._submit,
             MessageType.STEP: self._step,
@@ -111,9 +115,22 @@ class CommandHandler:
             for event in self.engine.step_once():
                 self._route(event)
         now = time.monotonic()
-        for identity, client in self._clients.items():
+        for identity, client in list(self._clients.items()):
             if client.parked and (client.events or now >= client.parked[1]):
                 self._answer_step(identity, client)
+
+    def drained(self) -> bool:
+        """After `begin_shutdown`: True once no turn runs and every client has collected
+        its finished turns' events (or `DRAIN_GRACE_S` passed waiting for it to step)."""
+        if self.busy:
+            return False
+        undelivered = any(c.events and not c.parked for c in self._clients.values())
+        if not undelivered:
+            return True
+        now = time.monotonic()
+        if self._grace_until is None:
+            self._grace_until = now + DRAIN_GRACE_S
+        return now >= self._grace_until
 
     def begin_shutdown(self, *, cancel: bool) -> None:
         """Refuse new turns; with cancel, stop the running ones too."""
@@ -124,7 +141,7 @@ class CommandHandler:
 
     def finish_shutdown(self) -> None:
         """Answer parked steps, then close the engine (flushing the store)."""
-        for identity, client in self._clients.items():
+        for identity, client in list(self._clients.items()):
             if client.parked:
                 self._answer_step(identity, client)
         self.engine.close()
@@ -154,16 +171,22 @@ class CommandHandler:
             stop=h.get("stop"),
         )
         self._owner[uid] = identity
-        self._clients.setdefault(identity, _Client())
+        self._clients.setdefault(identity, _Client()).running += 1
         return {"uid": uid}
 
     def _step(self, identity: bytes, h: dict) -> None:
         timeout = h.get("timeout", 1.0)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+        if (
+            not isinstance(timeout, (int, float))
+            or isinstance(timeout, bool)
+            or math.isnan(timeout)
+            or timeout < 0
+        ):
             raise ProtocolError("invalid_request", "timeout must be a number >= 0")
-        client = self._clients.setdefault(identity, _Client())
-        if client.parked:  # a client has one outstanding step; the older one answers now
+        client = self._clients.get(identity)
+        if client is not None and client.parked:  # one outstanding step: the older answers now
             self._answer_step(identity, client)
+        client = self._clients.setdefault(identity, _Client())
         client.parked = (h.get("id"), time.monotonic() + min(float(timeout), MAX_STEP_WAIT_S))
         if client.events or timeout == 0:
             self._answer_step(identity, client)
@@ -171,7 +194,7 @@ class CommandHandler:
 
     def _cancel(self, identity: bytes, h: dict) -> dict:
         uid = h.get("uid")
-        if not isinstance(uid, int) or self._owner.get(uid) != identity:
+        if not isinstance(uid, int) or isinstance(uid, bool) or self._owner.get(uid) != identity:
             raise ProtocolError("unknown_request", f"no running request {uid!r} of this client")
         return {"cancelled": self.engine.cancel(uid)}
 
@@ -217,12 +240,15 @@ class CommandHandler:
             if c.error is not None:
                 merged["error"] = {"code": c.error_code or "internal", "message": c.error}
             del self._owner[event.uid]
+            self._clients[identity].running -= 1
 
     def _answer_step(self, identity: bytes, client: _Client) -> None:
         rid, _ = client.parked
         client.parked = None
         events, client.events = list(client.events.values()), {}
         self.send(identity, *protocol.reply(rid, {"events": events}))
+        if not client.running:  # nothing more will come for it: forget it
+            del self._clients[identity]
 
     def _agent_dict(self, agent_id: str, detail: bool = False) -> dict:
         info = self.engine.agent_info(agent_id)

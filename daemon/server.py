@@ -16,6 +16,7 @@ import queue
 import threading
 from collections.abc import Callable
 
+import msgpack
 import zmq
 
 from agentkv.client import protocol
@@ -203,7 +204,7 @@ class DaemonServer:
                 identity, msg = item
                 draining |= handler.handle(identity, msg)
             handler.run_step()
-            if draining and not handler.busy:
+            if draining and handler.drained():
                 handler.finish_shutdown()
                 return
 
@@ -224,10 +225,13 @@ class DaemonServer:
 
 
 def _request_id(body: list[bytes]):
-    """Best effort: the id of a request we refused, so the client can match the error."""
-    try:
-        header = protocol.decode(body[:3]).header
-    except (ProtocolError, IndexError):
+    """Best effort: the id of a request we refused, so the client can match the error
+    (oversized ones too: the socket bounds what arrives at 4x the protocol's limit)."""
+    if len(body) < 3 or body[0] != protocol.MAGIC:
         return None
-    rid = header.get("id")
+    try:
+        header = msgpack.unpackb(body[2], raw=False, strict_map_key=True)
+    except Exception:  # msgpack raises several unrelated types on garbage
+        return None
+    rid = header.get("id") if isinstance(header, dict) else None
     return rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
