@@ -1,0 +1,213 @@
+"""The daemon's life across stops and crashes, through real processes, sockets and stores.
+
+- `daemonctl stop` then `daemonctl start`: every agent resumes exactly, its cache read from
+  disk once.
+- SIGKILL in the middle of a generation: the store opens and verifies, completed turns are
+  kept, the interrupted one is not, and every agent resumes exactly.
+- `shutdown` drains: the running turn finishes, reaches its client, is kept; then the
+  process exits.
+
+Exactness is checked token for token against the in-process engine and a from-scratch
+mlx-lm run (`generate_step` over the whole context the daemon reports).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens
+
+from agentkv.client import EngineClosed
+from agentkv.storage import CacheStore
+
+VOCAB = 768
+BLOCK = 16
+ARGS = ("--block-size", str(BLOCK), "--pool-blocks", "96")
+TURN_TOKENS = 10
+TURN_LONG = 60  # decodes in well under a second on the tiny model
+
+
+def _context_of(turns: list[tuple[list[int], object]], eos: set[int], context: list[int]) -> bool:
+    """True if `context` is exactly the turns' prompts and outputs, one after the other
+    (a turn that stopped at EOS leaves that EOS in the context, not in its token ids)."""
+    pos = 0
+    for prompt, event in turns:
+        for part in (prompt, event.token_ids):
+            if context[pos : pos + len(part)] != part:
+                return False
+            pos += len(part)
+        if event.finish_reason == "stop":
+            if pos >= len(context) or context[pos] not in eos:
+                return False
+            pos += 1
+    return pos == len(context)
+
+
+def test_stop_then_start_resumes_every_agent_exactly(daemon_factory, loaded_models):
+    """Three agents, two turns each; `daemonctl stop`, `daemonctl start`; the third turn
+    matches an uninterrupted run and mlx-lm from scratch, restored from disk once."""
+    model, tokenizer = loaded_models["llama"]
+    eos = eos_ids(tokenizer)
+    rng = np.random.default_rng(5)
+    agents = ("planner", "critic", "coder")
+    firsts = {a: random_tokens(rng, 12 + 21 * i, VOCAB) for i, a in enumerate(agents)}
+    firsts["critic"] = "You are the critic. Read the plan."  # a text prompt: BOS added
+    seconds = {a: random_tokens(rng, 4 + i, VOCAB) for i, a in enumerate(agents)}
+    thirds = {a: random_tokens(rng, 3, VOCAB) for a in agents}
+    fourths = {a: [7, 8] for a in agents}
+
+    d = daemon_factory(args=ARGS)
+    d.start()
+    with d.client() as c:
+        for prompts in (firsts, seconds):
+            d.turns(c, prompts, max_tokens=TURN_TOKENS)
+        contexts = {a: c.inspect(a)["token_ids"] for a in agents}
+    stopped = d.ctl("stop", "--json")
+    assert stopped.returncode == 0, stopped.stderr
+    assert '"stopped_by": "shutdown"' in stopped.stdout  # it drained and exited by itself
+    assert d.wait_exit(5)
+
+    d.start()
+    with d.client() as c:
+        assert {r["agent_id"] for r in c.agents()} == set(agents)  # known from the store
+        third = d.turns(c, thirds, max_tokens=TURN_TOKENS)
+        fourth = d.turns(c, fourths, max_tokens=TURN_TOKENS)
+        stats = c.stats()
+    assert stats["restored_agents"] == len(agents)
+
+    uninterrupted = make_engine(model, tokenizer, block_size=BLOCK, total_blocks=256)
+    for prompts in (firsts, seconds, thirds):
+        for agent, prompt in prompts.items():
+            uninterrupted.submit(agent, prompt, max_tokens=TURN_TOKENS)
+        reference = {cpl.agent_id: cpl for cpl in run_all(uninterrupted).values()}
+    for agent in agents:
+        assert contexts[agent] == uninterrupted.agent_tokens(agent)[: len(contexts[agent])]
+        got = third[agent]
+        assert got.token_ids == reference[agent].token_ids, agent
+        assert got.token_ids == scratch_tokens(
+            model, contexts[agent] + thirds[agent], TURN_TOKENS, eos=eos
+        ), agent
+        assert got.usage["restored_tokens"] == len(contexts[agent]) > 0, agent
+        assert got.usage["cached_tokens"] == len(contexts[agent]), agent
+        assert got.usage["recomputed_tokens"] == 0, agent
+        assert fourth[agent].usage["restored_tokens"] == 0, agent  # memory from now on
+        assert fourth[agent].usage["cached_tokens"] > len(contexts[agent]), agent
+    uninterrupted.close()
+
+
+def test_sigkill_mid_generation_keeps_completed_turns(daemon_factory, loaded_models):
+    """kill -9 while a turn decodes: the store is whole, finished turns are kept, the
+    interrupted turn is not, and every agent resumes exactly where the daemon says it is."""
+    model, tokenizer = loaded_models["llama"]
+    eos = eos_ids(tokenizer)
+    rng = np.random.default_rng(17)
+    agents = ("k0", "k1", "k2")
+    firsts = {a: random_tokens(rng, 10 + 19 * i, VOCAB) for i, a in enumerate(agents)}
+
+    d = daemon_factory(args=ARGS)
+    d.start()
+    with d.client() as c:
+        first = d.turns(c, firsts, max_tokens=TURN_TOKENS)
+        _wait_written(c)
+        kept = {a: c.inspect(a)["token_ids"] for a in agents}
+        longs = {a: _no_early_eos(model, eos, kept[a], rng) for a in ("k0", "k1")}
+        long_uid = c.submit("k0", longs["k0"], max_tokens=400)
+        c.submit("k1", longs["k1"], max_tokens=400)
+        seen = _tokens_until(c, long_uid, at_least=3)
+        os.kill(d.pid, signal.SIGKILL)  # mid-generation: k0 has streamed tokens, not finished
+    assert d.wait_exit(10)
+    assert 3 <= len(seen) < 400
+
+    CacheStore(d.store / "cache").close()  # it opens (the dead daemon's lock is gone)
+    verified = d.ctl("verify", "--json")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert '"corrupt": []' in verified.stdout
+
+    d.start()
+    with d.client() as c:
+        contexts = {a: c.inspect(a)["token_ids"] for a in agents}
+        for agent in agents:
+            assert contexts[agent] == kept[agent], agent  # interrupted turns left no trace
+            assert _context_of([(firsts[agent], first[agent])], eos, contexts[agent]), agent
+        nexts = {a: random_tokens(rng, 2 + i, VOCAB) for i, a in enumerate(agents)}
+        resumed = d.turns(c, nexts, max_tokens=TURN_TOKENS)
+    for agent in agents:
+        want = scratch_tokens(model, contexts[agent] + nexts[agent], TURN_TOKENS, eos=eos)
+        assert resumed[agent].token_ids == want, agent
+        assert resumed[agent].usage["restored_tokens"] == len(contexts[agent]), agent
+
+
+def test_shutdown_drains_the_running_turn_then_exits(daemon_factory, loaded_models):
+    """`shutdown` while a turn decodes: new turns are refused, the running one finishes in
+    full and reaches its client, its cache is flushed to the store, and the process exits."""
+    model, tokenizer = loaded_models["llama"]
+    eos = eos_ids(tokenizer)
+    prompt = _no_early_eos(model, eos, [], np.random.default_rng(23), 20, horizon=TURN_LONG)
+    d = daemon_factory(args=ARGS)
+    d.start()
+    with d.client() as c, d.client() as other:
+        uid = c.submit("drainer", prompt, max_tokens=TURN_LONG)
+        head = _tokens_until(c, uid, at_least=2)
+        other.shutdown()
+        with pytest.raises(EngineClosed):
+            other.submit("late", [5, 6], max_tokens=4)
+        time.sleep(1.0)  # the turn ends meanwhile; its last events wait for this client
+        rest = _tokens_until(c, uid, at_least=None)
+    want = scratch_tokens(model, prompt, TURN_LONG, eos=eos)
+    assert rest.finish_reason == "length"
+    assert head + rest.token_ids == want  # the whole turn, not cut short
+    assert d.wait_exit(30), d.log()
+    assert "stopped" in d.log()
+    assert not (d.store / "daemon.pid").exists()  # the daemon removed its own pidfile
+
+    d.start()  # the drained turn was flushed before exit
+    with d.client() as c:
+        context = c.inspect("drainer")["token_ids"]
+    assert context == prompt + want
+
+
+def _no_early_eos(model, eos, context, rng, length: int = 3, horizon: int = 60) -> list[int]:
+    """A random prompt after which greedy decoding runs `horizon` tokens without an EOS,
+    so a long turn is sure to be still decoding when the test interrupts it."""
+    for _ in range(50):
+        prompt = random_tokens(rng, length, VOCAB)
+        if len(scratch_tokens(model, context + prompt, horizon, eos=eos)) == horizon:
+            return prompt
+    raise AssertionError("no prompt without an early EOS")
+
+
+def _wait_written(client, timeout: float = 30.0) -> None:
+    """Wait until the daemon's store has no write-back pending (finished turns durable)."""
+    deadline = time.monotonic() + timeout
+    while client.stats()["store"]["pending"]:
+        assert time.monotonic() < deadline, "write-back never finished"
+        time.sleep(0.05)
+
+
+def _tokens_until(client, uid: int, at_least: int | None):
+    """Step until request `uid` streamed `at_least` tokens (None: until it finishes).
+
+    Returns the merged event so far (token ids concatenated; finish_reason on the last).
+    """
+    merged = None
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline:
+        for event in client.step(timeout=0.5):
+            if event.uid != uid:
+                continue  # another request of this client
+            if merged is None:
+                merged = event
+            else:
+                merged.token_ids += event.token_ids
+                merged.finish_reason, merged.usage = event.finish_reason, event.usage
+            if at_least is not None and merged.finished:
+                raise AssertionError(f"request {uid} finished early: {merged}")
+        if merged is not None and (
+            merged.finished if at_least is None else len(merged.token_ids) >= at_least
+        ):
+            return merged if at_least is None else merged.token_ids
+    raise AssertionError(f"request {uid} did not get there in time")
