@@ -1,0 +1,188 @@
+"""Requests through the Python client against one real daemon: streaming, forks, bad input,
+and many clients at once.
+
+The load test's CI size is small and seeded; the full size (16 clients x 64 agents each x
+5 turns) runs with
+
+    AGENTKV_FULL=1 ./scripts/test tests/test_daemon_requests.py -k load
+
+(`AGENTKV_LOAD=CLIENTS,AGENTS,TURNS` picks any other size).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from refs import FULL, eos_ids, random_tokens, scratch_tokens
+
+from agentkv.client import (
+    AgentExists,
+    InvalidRequest,
+    PoolExhausted,
+    UnknownAgent,
+    UnknownRequest,
+)
+
+VOCAB = 768
+BLOCK = 16
+LOAD = tuple(
+    int(x) for x in os.environ.get("AGENTKV_LOAD", "16,64,5" if FULL else "4,8,2").split(",")
+)
+POOL_BLOCKS = 16384 if FULL else 256  # enough for every agent at once: no cache is dropped
+LOAD_TOKENS = 16 if FULL else 6
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_factory):
+    """One daemon for the module (tiny llama, block size 16)."""
+    d = daemon_factory(args=("--block-size", str(BLOCK), "--pool-blocks", str(POOL_BLOCKS)))
+    d.start()
+    return d
+
+
+@pytest.fixture
+def client(daemon):
+    with daemon.client() as c:
+        yield c
+
+
+def test_stream_deltas_make_generate_text(client):
+    """stream() yields text deltas that join to exactly what generate() returns for the same
+    context; its first turn of text is encoded with a BOS, as mlx-lm does."""
+    prompt = "The quick brown fox jumps over the lazy dog."
+    deltas = list(client.stream("streamer", prompt, max_tokens=24))
+    whole = client.generate("generator", prompt, max_tokens=24)
+    assert len(deltas) > 1
+    assert "".join(deltas) == whole.text
+    streamed = client.inspect("streamer")["token_ids"]
+    assert streamed == client.inspect("generator")["token_ids"]
+    assert streamed[0] == 1  # BOS
+
+
+def test_fork_shares_blocks_and_both_branches_continue_exactly(client, loaded_models):
+    """A fork holds the same blocks (no copy, pool use unchanged); each branch's next turn is
+    mlx-lm's from scratch on the shared context plus its own prompt."""
+    model, tokenizer = loaded_models["llama"]
+    eos = eos_ids(tokenizer)
+    client.generate("trunk", random_tokens(np.random.default_rng(2), 40, VOCAB), max_tokens=8)
+    trunk = client.inspect("trunk")
+    in_use = client.stats()["pool"]["in_use"]
+
+    branch = client.fork("trunk", "branch")
+    assert branch["tokens"] == trunk["tokens"] and branch["blocks"] == trunk["blocks"] >= 3
+    assert branch["shared_blocks"] == branch["blocks"]
+    assert client.inspect("trunk")["shared_blocks"] == trunk["blocks"]
+    assert client.stats()["pool"]["in_use"] == in_use  # shared, not copied
+    assert client.inspect("branch")["token_ids"] == trunk["token_ids"]
+
+    prompts = {"trunk": [5, 6, 7], "branch": [8, 9]}
+    for agent, prompt in prompts.items():
+        r = client.generate(agent, prompt, max_tokens=10)
+        assert r.token_ids == scratch_tokens(model, trunk["token_ids"] + prompt, 10, eos=eos)
+        assert r.usage["cached_tokens"] == trunk["tokens"]  # nothing recomputed
+    assert client.inspect("trunk")["shared_blocks"] >= 2  # the common full blocks stay shared
+
+
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda c: c.generate("bad-in", "", max_tokens=4), InvalidRequest),
+        (lambda c: c.generate("bad-in", [], max_tokens=4), InvalidRequest),
+        (lambda c: c.generate("bad-in", "hi", max_tokens=0), InvalidRequest),
+        (lambda c: c.generate("bad-in", "hi", max_tokens=-3), InvalidRequest),
+        (lambda c: c.generate("bad-in", [VOCAB + 5], max_tokens=4), InvalidRequest),
+        (lambda c: c.generate("bad-in", "hi", max_tokens=4, temperature=-1.0), InvalidRequest),
+        (lambda c: c.generate("bad-in", "hi", max_tokens=4, top_p=0.0), InvalidRequest),
+        (lambda c: c.inspect("nobody-here"), UnknownAgent),
+        (lambda c: c.delete("nobody-here"), UnknownAgent),
+        (lambda c: c.fork("nobody-here", "somebody"), UnknownAgent),
+        (lambda c: c.generate("", "hi", max_tokens=4), InvalidRequest),
+        (lambda c: c.generate("-dash-first", "hi", max_tokens=4), InvalidRequest),
+        (lambda c: c.generate("has space", "hi", max_tokens=4), InvalidRequest),
+        (lambda c: c.generate("a/b", "hi", max_tokens=4), InvalidRequest),
+        (lambda c: c.generate("x" * 129, "hi", max_tokens=4), InvalidRequest),
+        (lambda c: c.inspect("../etc"), InvalidRequest),
+        (lambda c: c.generate("bad-in", [9] * (POOL_BLOCKS * BLOCK), max_tokens=4), PoolExhausted),
+        (lambda c: c.generate("bad-in", "hi", max_tokens=POOL_BLOCKS * BLOCK), PoolExhausted),
+        (lambda c: c.cancel(10**9), UnknownRequest),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_bad_input_is_a_typed_error(client, call, error):
+    """Each bad request fails alone with the right exception; nothing is left behind."""
+    with pytest.raises(error):
+        call(client)
+    assert "bad-in" not in {a["agent_id"] for a in client.agents()}
+    stats = client.stats()
+    assert stats["active"] == 0 and stats["waiting"] == 0
+
+
+def test_fork_onto_an_existing_agent_is_refused(client):
+    client.generate("fork-src", [3, 4, 5], max_tokens=2)
+    client.generate("fork-dst", [6, 7], max_tokens=2)
+    before = client.inspect("fork-dst")["token_ids"]
+    with pytest.raises(AgentExists):
+        client.fork("fork-src", "fork-dst")
+    assert client.inspect("fork-dst")["token_ids"] == before
+
+
+def test_load_no_lost_duplicated_or_crossed_completions(daemon, client, loaded_models):
+    """Many clients, each with its own agents, all turns in flight at once: every submitted
+    turn completes exactly once, to the client and agent that submitted it; each agent's
+    context is its turns one after the other; the pool is back to its baseline at the end."""
+    n_clients, n_agents, n_turns = LOAD
+    eos = eos_ids(loaded_models["llama"][1])
+    base = client.stats()
+
+    def drive(k: int) -> dict[str, list]:
+        rng = np.random.default_rng(1000 + k)
+        agents = [f"load{k}-{j}" for j in range(n_agents)]
+        history: dict[str, list] = {a: [] for a in agents}
+        with daemon.client() as c:
+            for _ in range(n_turns):
+                prompts = {a: random_tokens(rng, int(rng.integers(1, 12)), VOCAB) for a in agents}
+                done = daemon.turns(c, prompts, max_tokens=LOAD_TOKENS)  # checks uid and agent
+                assert set(done) == set(agents)
+                for a in agents:
+                    assert done[a].finish_reason in ("length", "stop"), done[a]
+                    history[a].append((prompts[a], done[a]))
+            for a in agents:
+                assert _is_turns(history[a], eos, c.inspect(a)["token_ids"]), a
+        return history
+
+    with ThreadPoolExecutor(n_clients) as pool:
+        histories = list(pool.map(drive, range(n_clients)))  # re-raises a client's failure
+
+    uids = [e.uid for h in histories for turns in h.values() for _, e in turns]
+    assert len(uids) == len(set(uids)) == n_clients * n_agents * n_turns
+    after = client.stats()
+    assert after["completed"] - base["completed"] == len(uids)
+    assert after["errors"] == base["errors"] and after["dropped_caches"] == base["dropped_caches"]
+    for h in histories:
+        for agent in h:
+            client.delete(agent)
+    pool = client.stats()["pool"]
+    assert (pool["in_use"], pool["free"], pool["reserved"]) == (
+        base["pool"]["in_use"],
+        base["pool"]["free"],
+        base["pool"]["reserved"],
+    )
+
+
+def _is_turns(turns: list, eos: set[int], context: list[int]) -> bool:
+    """True if `context` is exactly the turns' prompts and outputs, one after the other
+    (a turn that stopped at EOS leaves that EOS in the context, not in its token ids)."""
+    pos = 0
+    for prompt, event in turns:
+        for part in (prompt, event.token_ids):
+            if context[pos : pos + len(part)] != part:
+                return False
+            pos += len(part)
+        if event.finish_reason == "stop":
+            if pos >= len(context) or context[pos] not in eos:
+                return False
+            pos += 1
+    return pos == len(context)
