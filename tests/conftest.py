@@ -139,6 +139,23 @@ class Daemon:
                     done[uids[event.uid]] = m
         return done
 
+    @staticmethod
+    def holds_turns(context: list[int], turns: list[tuple[list[int], Any]], eos: set[int]) -> bool:
+        """True if `context` is exactly these turns' prompts and outputs one after the other
+        (prompt, `Event`): a turn that stopped at EOS has that EOS in the context, not in
+        its token ids."""
+        pos = 0
+        for prompt, event in turns:
+            for part in (prompt, event.token_ids):
+                if context[pos : pos + len(part)] != part:
+                    return False
+                pos += len(part)
+            if event.finish_reason == "stop":
+                if pos >= len(context) or context[pos] not in eos:
+                    return False
+                pos += 1
+        return pos == len(context)
+
     def alive(self) -> bool:
         """True while the daemon's process runs."""
         return self.pid is not None and pid_alive(self.pid)

@@ -31,22 +31,6 @@ TURN_TOKENS = 10
 TURN_LONG = 60  # decodes in well under a second on the tiny model
 
 
-def _context_of(turns: list[tuple[list[int], object]], eos: set[int], context: list[int]) -> bool:
-    """True if `context` is exactly the turns' prompts and outputs, one after the other
-    (a turn that stopped at EOS leaves that EOS in the context, not in its token ids)."""
-    pos = 0
-    for prompt, event in turns:
-        for part in (prompt, event.token_ids):
-            if context[pos : pos + len(part)] != part:
-                return False
-            pos += len(part)
-        if event.finish_reason == "stop":
-            if pos >= len(context) or context[pos] not in eos:
-                return False
-            pos += 1
-    return pos == len(context)
-
-
 def test_stop_then_start_resumes_every_agent_exactly(daemon_factory, loaded_models):
     """Three agents, two turns each; `daemonctl stop`, `daemonctl start`; the third turn
     matches an uninterrupted run and mlx-lm from scratch, restored from disk once."""
@@ -132,7 +116,7 @@ def test_sigkill_mid_generation_keeps_completed_turns(daemon_factory, loaded_mod
         contexts = {a: c.inspect(a)["token_ids"] for a in agents}
         for agent in agents:
             assert contexts[agent] == kept[agent], agent  # interrupted turns left no trace
-            assert _context_of([(firsts[agent], first[agent])], eos, contexts[agent]), agent
+            assert d.holds_turns(contexts[agent], [(firsts[agent], first[agent])], eos), agent
         nexts = {a: random_tokens(rng, 2 + i, VOCAB) for i, a in enumerate(agents)}
         resumed = d.turns(c, nexts, max_tokens=TURN_TOKENS)
     for agent in agents:

@@ -150,7 +150,7 @@ def test_load_no_lost_duplicated_or_crossed_completions(daemon, client, loaded_m
                     assert done[a].finish_reason in ("length", "stop"), done[a]
                     history[a].append((prompts[a], done[a]))
             for a in agents:
-                assert _is_turns(history[a], eos, c.inspect(a)["token_ids"]), a
+                assert daemon.holds_turns(c.inspect(a)["token_ids"], history[a], eos), a
         return history
 
     with ThreadPoolExecutor(n_clients) as pool:
@@ -170,19 +170,3 @@ def test_load_no_lost_duplicated_or_crossed_completions(daemon, client, loaded_m
         base["pool"]["free"],
         base["pool"]["reserved"],
     )
-
-
-def _is_turns(turns: list, eos: set[int], context: list[int]) -> bool:
-    """True if `context` is exactly the turns' prompts and outputs, one after the other
-    (a turn that stopped at EOS leaves that EOS in the context, not in its token ids)."""
-    pos = 0
-    for prompt, event in turns:
-        for part in (prompt, event.token_ids):
-            if context[pos : pos + len(part)] != part:
-                return False
-            pos += len(part)
-        if event.finish_reason == "stop":
-            if pos >= len(context) or context[pos] not in eos:
-                return False
-            pos += 1
-    return pos == len(context)
