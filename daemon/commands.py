@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from agentkv.client import protocol
 from agentkv.client.protocol import MessageType, ProtocolError
 
-from .errors import AgentKVError
+from .errors import AgentKVError, UnknownAgentError
 
 log = logging.getLogger("agentkv.commands")
 
@@ -199,7 +199,13 @@ class CommandHandler:
         return {"cancelled": self.engine.cancel(uid)}
 
     def _agents(self, identity: bytes, h: dict) -> dict:
-        return {"agents": [self._agent_dict(a) for a in self.engine.agent_ids()]}
+        rows = []
+        for agent_id in self.engine.agent_ids():
+            try:
+                rows.append(self._agent_dict(agent_id))
+            except UnknownAgentError:  # listed by the store's index while its delete is queued
+                continue
+        return {"agents": rows}
 
     def _inspect(self, identity: bytes, h: dict) -> dict:
         agent_id = protocol.check_agent_id(h.get("agent_id"))

@@ -4,8 +4,8 @@
   disk once.
 - SIGKILL in the middle of a generation: the store opens and verifies, completed turns are
   kept, the interrupted one is not, and every agent resumes exactly.
-- `shutdown` drains: the running turn finishes, reaches its client, is kept; then the
-  process exits.
+- `shutdown` (and SIGTERM) drains: the running turn finishes, reaches its client, is kept;
+  then the process exits.
 
 Exactness is checked token for token against the in-process engine and a from-scratch
 mlx-lm run (`generate_step` over the whole context the daemon reports).
@@ -152,6 +152,11 @@ def test_shutdown_drains_the_running_turn_then_exits(daemon_factory, loaded_mode
     with d.client() as c:
         context = c.inspect("drainer")["token_ids"]
     assert context == prompt + want
+
+    os.kill(d.pid, signal.SIGTERM)  # SIGTERM drains the same way
+    assert d.wait_exit(30), d.log()
+    assert not (d.store / "daemon.pid").exists()
+    assert d.ctl("status").returncode == 3
 
 
 def _no_early_eos(model, eos, context, rng, length: int = 3, horizon: int = 60) -> list[int]:

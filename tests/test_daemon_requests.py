@@ -12,6 +12,7 @@ The load test's CI size is small and seeded; the full size (16 clients x 64 agen
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -127,6 +128,38 @@ def test_fork_onto_an_existing_agent_is_refused(client):
     with pytest.raises(AgentExists):
         client.fork("fork-src", "fork-dst")
     assert client.inspect("fork-dst")["token_ids"] == before
+
+
+def test_deleted_agents_are_gone_at_once(client):
+    """A deleted agent is not listed, not inspectable, and its id starts afresh, even while
+    the store still has its delete queued."""
+    for i in range(5):
+        agent = f"doomed{i}"
+        client.generate(agent, [4, 5, 6], max_tokens=3)
+        while client.stats()["store"]["pending"]:  # the agent is in the store's index
+            time.sleep(0.01)
+        client.delete(agent)
+        assert agent not in {a["agent_id"] for a in client.agents()}
+        with pytest.raises(UnknownAgent):
+            client.inspect(agent)
+        r = client.generate(agent, [7, 8], max_tokens=2)
+        assert r.usage["prompt_tokens"] == 2 and client.inspect(agent)["token_ids"][:2] == [7, 8]
+        client.delete(agent)
+
+
+def test_cancel_mid_turn_leaves_the_context(client):
+    """A cancelled turn finishes with "cancelled" and leaves the agent as it was."""
+    client.generate("canceller", [3, 4, 5, 6], max_tokens=4)
+    before = client.inspect("canceller")["token_ids"]
+    uid = client.submit("canceller", [7, 8], max_tokens=500)
+    assert client.cancel(uid) is True
+    events = []
+    while not (events and events[-1].finished):
+        events += [e for e in client.step(timeout=1.0) if e.uid == uid]
+    assert events[-1].finish_reason == "cancelled"
+    assert client.inspect("canceller")["token_ids"] == before
+    with pytest.raises(UnknownRequest):
+        client.cancel(uid)  # finished: not this client's running request any more
 
 
 def test_load_no_lost_duplicated_or_crossed_completions(daemon, client, loaded_models):
