@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -55,6 +56,7 @@ def default_socket_daemon(daemon_factory):
     d = daemon_factory(socket=f"ipc://{runtime}/agentkv/daemon.sock", args=ARGS, env=env)
     yield d, runtime
     d.kill()
+    shutil.rmtree(runtime, ignore_errors=True)
 
 
 def test_default_ipc_socket_is_in_a_0700_directory(default_socket_daemon):
