@@ -1,7 +1,9 @@
 """The daemon's requests, executed on the engine thread between batch steps.
 
 Each client (ROUTER identity) gets the events of its own requests: token ids and text
-deltas as they are generated, and a final event with finish_reason and usage. A `step`
+deltas as they are generated, and a final event with finish_reason and usage. With a
+store, the final event waits until the turn's write-back is on disk (the engine goes on
+meanwhile), so a turn a client has seen finish survives a crash of the daemon. A `step`
 with nothing to report is parked until something arrives or its timeout passes.
 """
 
@@ -21,6 +23,7 @@ from .errors import AgentKVError, UnknownAgentError
 log = logging.getLogger("agentkv.commands")
 
 MAX_STEP_WAIT_S = 30.0
+HELD_POLL_S = 0.002  # how often finished turns waiting for their write-back are checked
 DRAIN_GRACE_S = 2.0  # on shutdown, how long finished turns' events wait for their client
 SUBMIT_FIELDS = {
     "agent_id",
@@ -63,6 +66,8 @@ class CommandHandler:
         self.started = time.time()
         self._clients: dict[bytes, _Client] = {}
         self._owner: dict[int, bytes] = {}
+        # (client, uid, agent id, final fields): finished turns waiting to be durable
+        self._held: list[tuple[bytes, int, str, dict]] = []
         self._closing = False
         self._grace_until: float | None = None
         self._handlers = {
@@ -84,6 +89,8 @@ class CommandHandler:
     def idle_wait(self) -> float:
         """How long the engine thread may block for the next request."""
         deadlines = [c.parked[1] for c in self._clients.values() if c.parked]
+        if self._held:
+            return HELD_POLL_S
         if not deadlines:
             return 0.5
         return max(0.001, min(0.5, min(deadlines) - time.monotonic()))
@@ -114,6 +121,8 @@ class CommandHandler:
         if self.engine.has_work:
             for event in self.engine.step_once():
                 self._route(event)
+        if self._held:
+            self._release_durable()
         now = time.monotonic()
         for identity, client in list(self._clients.items()):
             if client.parked and (client.events or now >= client.parked[1]):
@@ -122,7 +131,7 @@ class CommandHandler:
     def drained(self) -> bool:
         """After `begin_shutdown`: True once no turn runs and every client has collected
         its finished turns' events (or `DRAIN_GRACE_S` passed waiting for it to step)."""
-        if self.busy:
+        if self.busy or self._held:
             return False
         undelivered = any(c.events and not c.parked for c in self._clients.values())
         if not undelivered:
@@ -240,13 +249,35 @@ class CommandHandler:
             merged["token_ids"].append(event.token)
         merged["text"] += event.text
         c = event.completion
-        if c is not None:
-            merged["finish_reason"] = c.finish_reason
-            merged["usage"] = c.usage.as_dict()
-            if c.error is not None:
-                merged["error"] = {"code": c.error_code or "internal", "message": c.error}
-            del self._owner[event.uid]
-            self._clients[identity].running -= 1
+        if c is None:
+            return
+        final = {"finish_reason": c.finish_reason, "usage": c.usage.as_dict()}
+        if c.error is not None:
+            final["error"] = {"code": c.error_code or "internal", "message": c.error}
+        del self._owner[event.uid]
+        self._held.append((identity, event.uid, event.agent_id, final))
+        self._release_durable()
+
+    def _release_durable(self) -> None:
+        """Hand finished turns to their clients once their agent has nothing left to write.
+
+        A failed write settles too (it is logged and counted by the store): the turn is
+        reported, served from memory, and its agent rewritten at its next turn.
+        """
+        store = self.engine.store
+        waiting = []
+        for item in self._held:
+            identity, uid, agent_id, final = item
+            if store is not None and not store.is_settled(agent_id):
+                waiting.append(item)
+                continue
+            client = self._clients[identity]
+            merged = client.events.setdefault(
+                uid, {"uid": uid, "agent_id": agent_id, "token_ids": [], "text": ""}
+            )
+            merged.update(final)
+            client.running -= 1
+        self._held = waiting
 
     def _answer_step(self, identity: bytes, client: _Client) -> None:
         rid, _ = client.parked

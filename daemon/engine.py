@@ -298,7 +298,7 @@ class BlockPoolBatchEngine:
 
     def agent_info(self, agent_id: str) -> AgentInfo:
         """A snapshot of one agent. Raises UnknownAgentError."""
-        agent = self._agent(agent_id)
+        agent = self._peek(agent_id)
         held = agent.held_blocks()
         return AgentInfo(
             agent_id=agent_id,
@@ -350,7 +350,7 @@ class BlockPoolBatchEngine:
 
     def agent_tokens(self, agent_id: str) -> list[int]:
         """A copy of an agent's context token ids. Raises UnknownAgentError."""
-        return list(self._agent(agent_id).tokens)
+        return list(self._peek(agent_id).tokens)
 
     def agent_cache(self, agent_id: str) -> list:
         """The agent's cache rebuilt into mlx-lm cache objects (for inspection and tests).
@@ -679,6 +679,15 @@ class BlockPoolBatchEngine:
             agent = self._stored_agent(agent_id)
             if agent is not None:
                 self._agents[agent_id] = agent
+        if agent is None:
+            raise UnknownAgentError(f"unknown agent {agent_id!r}")
+        return agent
+
+    def _peek(self, agent_id: str) -> AgentContext:
+        """Like `_agent`, but an agent only on disk is read, not brought into memory."""
+        agent = self._agents.get(agent_id)
+        if agent is None and isinstance(agent_id, str):
+            agent = self._stored_agent(agent_id)
         if agent is None:
             raise UnknownAgentError(f"unknown agent {agent_id!r}")
         return agent

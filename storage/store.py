@@ -158,6 +158,8 @@ class CacheStore:
 
     def agent_ids(self, fingerprint: str | None = None) -> list[str]:
         """Ids of stored agents (of one model, or all)."""
+        if self._pending:
+            self._drain()  # queued writes and deletes land first, as for `agent`
         if fingerprint is None:
             rows = self._db.execute("SELECT DISTINCT agent_id FROM agents ORDER BY agent_id")
         else:

@@ -95,14 +95,19 @@ def test_sigkill_mid_generation_keeps_completed_turns(daemon_factory, loaded_mod
     d = daemon_factory(args=ARGS)
     d.start()
     with d.client() as c:
+        # A turn reported finished is durable: no waiting for write-back before the kill.
         first = d.turns(c, firsts, max_tokens=TURN_TOKENS)
-        _wait_written(c)
         kept = {a: c.inspect(a)["token_ids"] for a in agents}
         longs = {a: _no_early_eos(model, eos, kept[a], rng) for a in ("k0", "k1")}
         long_uid = c.submit("k0", longs["k0"], max_tokens=400)
         c.submit("k1", longs["k1"], max_tokens=400)
-        seen = _tokens_until(c, long_uid, at_least=3)
-        os.kill(d.pid, signal.SIGKILL)  # mid-generation: k0 has streamed tokens, not finished
+        short = [21, 22]
+        short_uid = c.submit("k2", short, max_tokens=4)
+        seen, done = _until_short_done(c, long_uid, short_uid)
+        os.kill(d.pid, signal.SIGKILL)  # at once: k2 just finished, k0 and k1 are decoding
+        kept["k2"] = kept["k2"] + short + done.token_ids
+    turns = {a: [(firsts[a], first[a])] for a in agents}
+    turns["k2"].append((short, done))
     assert d.wait_exit(10)
     assert 3 <= len(seen) < 400
 
@@ -116,7 +121,7 @@ def test_sigkill_mid_generation_keeps_completed_turns(daemon_factory, loaded_mod
         contexts = {a: c.inspect(a)["token_ids"] for a in agents}
         for agent in agents:
             assert contexts[agent] == kept[agent], agent  # interrupted turns left no trace
-            assert d.holds_turns(contexts[agent], [(firsts[agent], first[agent])], eos), agent
+            assert d.holds_turns(contexts[agent], turns[agent], eos), agent
         nexts = {a: random_tokens(rng, 2 + i, VOCAB) for i, a in enumerate(agents)}
         resumed = d.turns(c, nexts, max_tokens=TURN_TOKENS)
     for agent in agents:
@@ -169,12 +174,27 @@ def _no_early_eos(model, eos, context, rng, length: int = 3, horizon: int = 60) 
     raise AssertionError("no prompt without an early EOS")
 
 
-def _wait_written(client, timeout: float = 30.0) -> None:
-    """Wait until the daemon's store has no write-back pending (finished turns durable)."""
-    deadline = time.monotonic() + timeout
-    while client.stats()["store"]["pending"]:
-        assert time.monotonic() < deadline, "write-back never finished"
-        time.sleep(0.05)
+def _until_short_done(client, long_uid: int, short_uid: int):
+    """Step until the short request finished and the long one streamed 3 tokens or more;
+    returns (the long one's tokens, the short one's merged final event)."""
+    seen: list[int] = []
+    short = None
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline:
+        for event in client.step(timeout=0.5):
+            if event.uid == long_uid:
+                assert not event.finished, f"the long turn finished early: {event}"
+                seen += event.token_ids
+            elif event.uid == short_uid:
+                if short is None:
+                    short = event
+                else:
+                    short.token_ids += event.token_ids
+                    short.finish_reason, short.usage = event.finish_reason, event.usage
+        if short is not None and short.finished and len(seen) >= 3:
+            assert short.finish_reason in ("stop", "length"), short
+            return seen, short
+    raise AssertionError("the short turn did not finish in time")
 
 
 def _tokens_until(client, uid: int, at_least: int | None):

@@ -214,3 +214,23 @@ def test_garbage_index_rows_never_raise(loaded_models, tmp_path, sql):
     eos = eos_ids(tokenizer)
     assert c.token_ids == scratch_tokens(model, known + [11, 12, 13], TURN_TOKENS, eos=eos)
     engine.close()
+
+
+def test_inspecting_a_stored_agent_does_not_load_it(loaded_models, tmp_path):
+    """agent_info/agent_tokens of an agent only on disk read the index: the engine's
+    in-memory agents stay as they were, and a deleted agent is no longer listed."""
+    model, tokenizer = loaded_models["llama"]
+    before = _engine(model, tokenizer, tmp_path)
+    _turns(before, {"kept": [5, 6, 7], "gone": [8, 9]})
+    context = before.agent_tokens("kept")
+    before.close()
+
+    after = _engine(model, tokenizer, tmp_path)
+    in_memory = after.stats()["agents"]
+    info = after.agent_info("kept")
+    assert info.in_store and info.tokens == len(context) and info.blocks == 0
+    assert after.agent_tokens("kept") == context
+    assert after.stats()["agents"] == in_memory
+    after.delete_agent("gone")
+    assert after.agent_ids() == ["kept"]
+    after.close()
