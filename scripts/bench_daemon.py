@@ -24,8 +24,8 @@ the pool size): same model, same engine settings. Three measurements:
    per config; medians. Target: daemon / in-process >= 0.90 at every config.
 2. Round trip of an empty `step` (`step(timeout=0)` from a client with nothing pending) and,
    for comparison, of `stats`, interleaved, on an idle daemon; and of the empty step while 8
-   agents decode 128 tokens each (--quick: 64), probes 5 ms apart, those inside the decode
-   window kept (the engine thread answers between batch steps). p50/p99.
+   agents decode 128 tokens each (--quick: 64), probes at random 0-50 ms pauses, those inside
+   the decode window kept (the engine thread answers between batch steps). p50/p99.
 3. Inter-token gap of a decoding agent while another agent prefills a long prompt (8,000
    tokens; --quick: 2,048) on the same daemon, which prefills in 512-token chunks between
    decode steps. The gap is the time between consecutive `step` replies that carry the
@@ -187,7 +187,11 @@ def run_inprocess(engine, prompts: list[list[int]], max_tokens: int, tag: str) -
                 outputs[i].append(e.token)
             if e.completion is not None and e.completion.finish_reason == "error":
                 raise RuntimeError(f"in-process request failed: {e.completion.error}")
-    return window("in-process", start, arrivals, outputs)
+    run = window("in-process", start, arrivals, outputs)
+    # Untimed: the last turns' write-back, so that it does not overlap the next run (the
+    # daemon reports a turn finished only once it is written, so its runs end flushed).
+    engine.store.flush()
+    return run
 
 
 def run_daemon(endpoint: str, prompts: list[list[int]], max_tokens: int, tag: str) -> Run:
@@ -346,8 +350,9 @@ def round_trips(endpoint: str, n: int) -> dict:
 def busy_round_trips(endpoint: str, prompts: list[list[int]], max_tokens: int) -> dict:
     """Empty `step` round trips while `len(prompts)` agents decode on the daemon.
 
-    Probes are 5 ms apart, so the prober takes little CPU from the daemon; only those inside
-    the decode window count (prefill steps are longer).
+    Probes are 0-50 ms apart (seeded random pauses, so that they do not lock onto the batch
+    steps' phase), taking little CPU from the daemon; only those inside the decode window
+    count (prefill steps are longer).
     """
     done = threading.Event()
     box: dict = {}
@@ -361,6 +366,7 @@ def busy_round_trips(endpoint: str, prompts: list[list[int]], max_tokens: int) -
             done.set()
 
     probes: list[tuple[float, float]] = []
+    pause = random.Random(len(prompts))
     with Client(endpoint, timeout=30.0) as c:
         thread = threading.Thread(target=decode, daemon=True)
         thread.start()
@@ -368,7 +374,7 @@ def busy_round_trips(endpoint: str, prompts: list[list[int]], max_tokens: int) -
             t0 = time.perf_counter()
             c.step(timeout=0)
             probes.append((t0, time.perf_counter()))
-            time.sleep(0.005)
+            time.sleep(pause.uniform(0.0, 0.05))
         thread.join()
     if "error" in box:
         raise RuntimeError(f"busy run failed: {box['error']!r}") from box["error"]
@@ -461,22 +467,26 @@ def chunk_times(model, prefill: int, chunk: int, repeats: int, seed: int) -> dic
     rng = random.Random(seed)
     tokens = mx.array([[rng.randrange(8, 700) for _ in range(chunk)]])
     out: dict = {"chunk_tokens": chunk, "chunks": -(-n // chunk)}
+    _time_chunk(model, tokens, 0)  # warm-up
     for name, (offset, size) in plan.items():
-        samples = []
-        for _ in range(repeats + 1):  # the first is a warm-up
-            cache = make_prompt_cache(model)
-            if offset:
-                _fill(cache, offset, model)
-            tic = time.perf_counter()
-            model(tokens[:, :size], cache=cache)
-            mx.eval([c.state for c in cache])
-            samples.append(time.perf_counter() - tic)
-            del cache
-            mx.clear_cache()
-        seconds = round(statistics.median(samples[1:]), 3)
-        out[name] = {"offset": offset, "tokens": size, "s": seconds}
+        samples = [_time_chunk(model, tokens[:, :size], offset) for _ in range(repeats)]
+        out[name] = {"offset": offset, "tokens": size, "s": round(statistics.median(samples), 3)}
     out["longest"] = max((out[k] for k in plan), key=lambda c: c["s"])
     return out
+
+
+def _time_chunk(model, tokens: mx.array, offset: int) -> float:
+    """Seconds of one prefill chunk on top of `offset` cached rows."""
+    cache = make_prompt_cache(model)
+    if offset:
+        _fill(cache, offset, model)
+    tic = time.perf_counter()
+    model(tokens, cache=cache)
+    mx.eval([c.state for c in cache])
+    seconds = time.perf_counter() - tic
+    del cache
+    mx.clear_cache()
+    return seconds
 
 
 def _fill(cache: list, offset: int, model) -> None:
@@ -708,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The decoder gets a token per chunk: room for every chunk, several times over.
     plan["decoder_tokens"] = plan["baseline_tokens"] + 4 * -(-plan["prefill"] // 512) + 64
 
+    # SIGTERM unwinds like Ctrl-C, so the daemon is stopped and the temp dir removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.perf_counter()
     loadavg = os.getloadavg()
     model_dir = (args.model or ensure_default_model()).expanduser().resolve()

@@ -169,6 +169,10 @@ def verdicts(data: dict) -> str:
     words = {True: "MET", False: "NOT MET"}
     if len(flags) == 1:
         return words[flags[0][1]]
+    overall = dict(flags).get("target_met")
+    if overall is not None and len(flags) > 3:  # the overall verdict, and how many parts met
+        met = sum(v for _, v in flags if v)
+        return f"{words[overall]} ({met} of {len(flags)} flags met)"
     return ", ".join(
         f"{k.removesuffix('target_met').rstrip('._') or 'target'}: {words[v]}" for k, v in flags
     )
