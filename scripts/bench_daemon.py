@@ -170,6 +170,12 @@ def make_prompts(n: int, seed: int, low: int, high: int) -> list[list[int]]:
 
 def run_inprocess(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> Run:
     """Every prompt through the in-process engine, one fresh agent per prompt."""
+    start, arrivals, outputs = _drive(engine, prompts, max_tokens, tag)
+    return window("in-process", start, arrivals, outputs)
+
+
+def _drive(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> tuple:
+    """Submit every prompt, step until idle; the start time, token arrivals and outputs."""
     arrivals: list[list[tuple[float, int]]] = [[] for _ in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     start = time.perf_counter()
@@ -187,11 +193,10 @@ def run_inprocess(engine, prompts: list[list[int]], max_tokens: int, tag: str) -
                 outputs[i].append(e.token)
             if e.completion is not None and e.completion.finish_reason == "error":
                 raise RuntimeError(f"in-process request failed: {e.completion.error}")
-    run = window("in-process", start, arrivals, outputs)
     # Untimed: the last turns' write-back, so that it does not overlap the next run (the
     # daemon reports a turn finished only once it is written, so its runs end flushed).
     engine.store.flush()
-    return run
+    return start, arrivals, outputs
 
 
 def run_daemon(endpoint: str, prompts: list[list[int]], max_tokens: int, tag: str) -> Run:
@@ -256,8 +261,8 @@ def pick_prompts(engine, n: int, max_tokens: int, seed: int) -> tuple[list[list[
     check, replaced = list(range(n)), 0
     for attempt in range(1, 20):
         tag = f"pick{seed}-{attempt}"
-        run = run_inprocess(engine, [prompts[i] for i in check], max_tokens, tag)
-        bad = [i for i, out in zip(check, run.outputs, strict=True) if len(out) < max_tokens]
+        _, _, outputs = _drive(engine, [prompts[i] for i in check], max_tokens, tag)
+        bad = [i for i, out in zip(check, outputs, strict=True) if len(out) < max_tokens]
         if not bad:
             return prompts, replaced
         for i, p in zip(bad, make_prompts(len(bad), seed + 1000 * attempt, low, high), strict=True):
