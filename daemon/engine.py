@@ -115,6 +115,8 @@ class BlockPoolBatchEngine:
         store: a CacheStore; agents' caches are then written back after each turn and
             restored from disk when an agent not in memory comes back. `close()` flushes
             and closes it.
+        model_id: what the store records as the model's id (its path or Hugging Face id);
+            by default its model type.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class BlockPoolBatchEngine:
         prefill_batch_size: int = 8,
         prefill_step_size: int = 2048,
         store: CacheStore | None = None,
+        model_id: str | None = None,
     ) -> None:
         if pool.block_size != spec.block_size and spec.block_size:
             log.debug("pool block size %d overrides spec's %d", pool.block_size, spec.block_size)
@@ -167,7 +170,10 @@ class BlockPoolBatchEngine:
         self._layout = persistence.layout_meta(spec, pool.block_size)
         if store is not None:
             store.register_model(
-                spec.fingerprint, model_id=spec.model_type, block_size=pool.block_size
+                spec.fingerprint,
+                model_id=model_id or spec.model_type,
+                config=persistence.model_config(model),
+                block_size=pool.block_size,
             )
 
     # -- public API ------------------------------------------------------------------------
@@ -500,7 +506,8 @@ class BlockPoolBatchEngine:
 
     def _restore(self, agent: AgentContext) -> None:
         """Bring an agent's stored cache into the pool (once; later turns use memory)."""
-        stored = self.store.agent(agent.agent_id, self.spec.fingerprint)
+        # Its last turn may still be queued: wait for it, so that the files exist.
+        stored = self.store.agent(agent.agent_id, self.spec.fingerprint, wait=True)
         agent.in_store = False
         if stored is None or stored.tokens != agent.tokens:
             return

@@ -8,6 +8,7 @@ a pool block, so the turn after a restore, and every later one, is served from m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -15,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from agentkv.storage import CacheStore, CorruptFileError, StoredAgent
+from agentkv.storage.paths import is_block_hash
 from agentkv.storage.records import BlockRecord, TurnRecord
 from agentkv.storage.tensor_files import HostTensor
 
@@ -48,10 +50,23 @@ def layout_meta(spec: ModelCacheSpec, block_size: int) -> dict[str, str]:
     }
 
 
+def model_config(model) -> str:
+    """The model's config (its mlx-lm `args`) as JSON, or "" when it has none."""
+    args = getattr(model, "args", None)
+    if not dataclasses.is_dataclass(args):
+        return ""
+    return json.dumps(dataclasses.asdict(args), sort_keys=True, default=str)
+
+
 def turn_record(
     spec: ModelCacheSpec, store: CacheStore, agent: AgentContext, layout: dict[str, str]
 ) -> TurnRecord:
-    """Everything the store needs to make the agent's state durable (only new blocks' bytes)."""
+    """Everything the store needs to make the agent's state durable (only new blocks' bytes).
+
+    A block on disk now may be gone by the time the writer gets to the turn (the disk
+    budget removes unreferenced blocks); the writer then stores the turn's blocks before it
+    and no state, and the agent's next turn sends that block's bytes again.
+    """
     blocks = []
     for block in agent.blocks:
         digest = block.block_hash.hex()
@@ -93,12 +108,14 @@ def restore(
     """
     bs = pool.block_size
     n_blocks, n = len(stored.block_hashes), stored.stored_tokens
-    if not n_blocks * bs <= n <= len(agent.tokens):
+    if not n_blocks * bs <= n <= len(agent.tokens) or not all(
+        is_block_hash(h) for h in stored.block_hashes
+    ):
         if n or n_blocks:
             log.warning("agent %r: stored cache does not match its tokens", agent.agent_id)
         return 0
-    if n == 0:
-        return 0
+    if n == 0 or (stored.state_file is None and not spec.all_full):
+        return 0  # windows and recurrent states need the state file (a corrupt one was cut)
     buffers = _alloc_buffers(spec, n)
     views = {i: (_writable(k), _writable(v)) for i, (k, v) in buffers.items()}
     good, from_disk = _fill_blocks(spec, pool, store, stored, views)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import sqlite_utils
 
@@ -84,15 +85,26 @@ def _v1(db: sqlite_utils.Database) -> None:
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
 
 
-def open_index(path: Path, *, read_only: bool = False) -> sqlite_utils.Database:
+def open_index(
+    path: Path, *, read_only: bool = False, immutable: bool = False
+) -> sqlite_utils.Database:
     """Open (creating and migrating if needed) the index in WAL mode.
 
+    Args:
+        path: the index file.
+        read_only: open it read-only (never created or migrated).
+        immutable: with read_only, tell SQLite that nothing can change the file (true on a
+            read-only file system, where it could not create the WAL's -shm file).
+
     Raises:
-        StorageError: the index is newer than this agentkv, or unreadable.
+        StorageError: the index is newer than this agentkv, unreadable, or (read-only)
+            missing.
     """
     try:
         if read_only:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            flags = "mode=ro&immutable=1" if immutable else "mode=ro"
+            uri = f"file:{quote(str(path))}?{flags}"
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         else:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         db = sqlite_utils.Database(conn)
@@ -102,8 +114,12 @@ def open_index(path: Path, *, read_only: bool = False) -> sqlite_utils.Database:
         db.execute("PRAGMA busy_timeout=10000")
         if not read_only:
             migrate(db)
-        elif schema_version(db) > SCHEMA_VERSION:
-            raise StorageError(f"index {path} is newer than this agentkv (v{SCHEMA_VERSION})")
+        elif (version := schema_version(db)) != SCHEMA_VERSION:
+            newer = "newer than" if version > SCHEMA_VERSION else "older than"
+            raise StorageError(
+                f"index {path} (v{version}) is {newer} this agentkv (v{SCHEMA_VERSION}) "
+                "and cannot be migrated read-only"
+            )
         return db
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"cannot open index {path}: {exc}") from exc

@@ -10,19 +10,25 @@ Layout under the store's root:
 Writes happen on one writer thread behind a bounded queue: the engine hands over host
 buffers and goes on decoding. Every write puts the files first (temp, fsync, rename, fsync
 the directory) and the index transaction after, so a crash leaves at worst an orphan file,
-never an index row pointing at a missing or partial file.
+never an index row pointing at a missing or partial file. Removals go the other way: index
+first, then the file.
+
+Lookups (`agent`, `agent_ids`) never wait for the queue: they read the index and lay the
+queued turns and deletes over it. Paths read back from the index are checked (`paths.py`)
+before any file is read, moved or deleted. On a read-only file system the store opens
+read-only: restores work, writes fail with StoreWriteError.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
-import hashlib
 import logging
 import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import (
@@ -32,7 +38,9 @@ from .errors import (
     StoreLockedError,
     StoreWriteError,
 )
+from .index_rows import AGENT_COLUMNS, BLOCKS_QUERY, parse_agent
 from .maintenance import collect_garbage, verify_store
+from .paths import Containment, agent_key, block_rel, is_state_rel
 from .records import (
     BlockRecord,
     GcReport,
@@ -40,7 +48,6 @@ from .records import (
     TurnRecord,
     VerifyReport,
     pack_tokens,
-    unpack_tokens,
 )
 from .schema import open_index
 from .tensor_files import (
@@ -55,18 +62,26 @@ log = logging.getLogger("agentkv.storage")
 
 FORMAT_VERSION = "1"
 _STOP = object()
+_DELETED = None  # what the overlay holds for an agent whose delete is queued
 
 
 class CacheStore:
     """Durable home of agents' caches.
 
     Args:
-        root: the store directory (created if missing).
+        root: the store directory (created if missing). On a read-only file system it is
+            opened read-only (`read_only` is then True): restores work, writes fail.
         disk_budget: bytes of block and state files to keep at most; beyond it the least
             recently used unpinned agents lose their files (their tokens stay, so they are
             recomputed if they come back). None: no limit.
         max_pending: turns queued for writing before `save_turn` blocks (backpressure).
         file_ops: the file-system calls to use (tests inject faults here).
+
+    Raises:
+        StoreWriteError: the store cannot be created, or opened for writing on a writable
+            file system (e.g. permissions).
+        StoreLockedError: another process has the store open.
+        StorageError: the index is unreadable or newer than this agentkv.
     """
 
     def __init__(
@@ -80,19 +95,31 @@ class CacheStore:
         self.root = Path(root).expanduser()
         self.disk_budget = disk_budget
         self.ops = file_ops or FileOps()
+        self.read_only = self._prepare_root()
+        self._paths = Containment(self.root)
+        self._lockfile = None if self.read_only else _lock_store(self.root)
         try:
-            for sub in ("blocks", "agents", "quarantine"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreWriteError(f"cannot create store at {self.root}: {exc}") from exc
-        self._lockfile = _lock_store(self.root)
-        self._db = open_index(self.root / "index.db")
+            # On a read-only file system nothing can change the index under us, and SQLite
+            # opens a WAL database there only as immutable (it cannot create the -shm file).
+            self._db = open_index(
+                self.root / "index.db", read_only=self.read_only, immutable=self.read_only
+            )
+        except StorageError:
+            if self._lockfile is not None:
+                self._lockfile.close()
+            raise
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # notified as queued ops land
         self._on_disk = {row[0] for row in self._db.execute("SELECT hash FROM blocks")}
         self._queued: dict[str, int] = {}  # block hash -> turns queued that write it
         # block hash -> queued turns that list it (with or without its bytes): never evicted
         self._referenced: dict[str, int] = {}
         self._pending: dict[str, int] = {}  # agent id -> queued operations
+        # (agent id, fingerprint) -> (ticket of its latest queued turn or delete, what
+        # lookups see meanwhile: the turn's record, or _DELETED)
+        self._overlay: dict[tuple[str, str], tuple[int, StoredAgent | None]] = {}
+        self._tickets = 0
+        self._bad_rows: set[tuple[str, str]] = set()  # corrupt rows counted already
         self._errors: list[str] = []
         self.counters = {
             "turns_written": 0,
@@ -111,63 +138,105 @@ class CacheStore:
         self._writer = threading.Thread(target=self._write_loop, name="agentkv-writer", daemon=True)
         self._writer.start()
 
+    def _prepare_root(self) -> bool:
+        """Create the store's directories; True if the file system is read-only."""
+        if self.root.is_dir() and self.ops.is_read_only(self.root):
+            log.info("store %s is on a read-only file system: opened read-only", self.root)
+            return True
+        try:
+            if not self.root.is_dir():
+                self.root.mkdir(parents=True)
+                self.ops.fsync_dir(self.root.parent)
+            created = [sub for sub in ("blocks", "agents", "quarantine") if _mkdir(self.root / sub)]
+            if created:
+                self.ops.fsync_dir(self.root)  # the new directories survive a crash
+        except OSError as exc:
+            raise StoreWriteError(f"cannot create store at {self.root}: {exc}") from exc
+        return False
+
     # -- reading (caller's thread) ---------------------------------------------------------
 
-    def agent(self, agent_id: str, fingerprint: str) -> StoredAgent | None:
-        """The index's record of an agent under a model, or None (reads the index only)."""
-        if self._pending.get(agent_id):
-            # A queued write or delete for this agent must land first. Wait only: failures
-            # (of any agent) are for the caller of `flush`, not for whoever looks an agent up.
-            self._drain()
+    def agent(self, agent_id: str, fingerprint: str, *, wait: bool = False) -> StoredAgent | None:
+        """An agent as the store knows it under a model, or None.
+
+        Answers at once, without waiting for queued writes: a queued turn is visible (its
+        record as it will be written; `state_file` is None until then), a queued delete
+        hides the agent. A garbage index row is never raised: it is logged and counted in
+        `counters["corrupt_rows"]`; the agent keeps its tokens whenever they are readable
+        (its cache is then recomputed) and is None otherwise.
+
+        Args:
+            agent_id: the agent.
+            fingerprint: the model.
+            wait: first wait until this agent's queued writes are applied (or failed), and
+                answer from the index alone: every file the answer names then exists. What
+                a restore needs.
+        """
+        if wait:
+            with self._settled:
+                self._settled.wait_for(lambda: not self._pending.get(agent_id))
+        else:
+            with self._lock:
+                queued = self._overlay.get((agent_id, fingerprint))
+            if queued is not None:
+                return self._queued_view(queued[1])
+        return self._indexed_agent(agent_id, fingerprint)
+
+    def _queued_view(self, view: StoredAgent | None) -> StoredAgent | None:
+        if view is None:
+            return None
         row = self._db.execute(
-            "SELECT tokens, token_count, stored_tokens, state_file, state_checksum, pinned, "
-            "last_used FROM agents WHERE agent_id = ? AND fingerprint = ?",
-            (agent_id, fingerprint),
+            "SELECT pinned FROM agents WHERE agent_id = ? AND fingerprint = ?",
+            (view.agent_id, view.fingerprint),
+        ).fetchone()
+        return dataclasses.replace(view, pinned=bool(row and row[0] == 1))
+
+    def _indexed_agent(self, agent_id: str, fingerprint: str) -> StoredAgent | None:
+        key = (agent_id, fingerprint)
+        row = self._db.execute(
+            f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ? AND fingerprint = ?", key
         ).fetchone()
         if row is None:
             return None
-        hashes = [
-            r[0]
-            for r in self._db.execute(
-                "SELECT block_hash FROM agent_blocks WHERE agent_id = ? AND fingerprint = ? "
-                "ORDER BY seq",
-                (agent_id, fingerprint),
-            )
-        ]
-        try:
-            tokens = unpack_tokens(row[0])
-            if len(tokens) != row[1] or not all(isinstance(h, str) for h in hashes):
-                raise ValueError(f"{len(tokens)} tokens, index says {row[1]}")
-        except (TypeError, ValueError) as exc:
-            self.counters["corrupt_rows"] += 1
-            log.warning(
-                "agent %r: unreadable index row (%s); treated as a new agent", agent_id, exc
-            )
-            return None
-        return StoredAgent(
-            agent_id,
-            fingerprint,
-            tokens,
-            int(row[2] or 0),
-            hashes,
-            row[3],
-            row[4],
-            bool(row[5]),
-            float(row[6] or 0.0),
+        parsed = parse_agent(
+            agent_id, fingerprint, row, self._db.execute(BLOCKS_QUERY, key).fetchall()
         )
+        if parsed.problems:
+            outcome = "treated as a new agent" if parsed.agent is None else "context kept"
+            self._corrupt_row(key, f"{'; '.join(parsed.problems)}; {outcome}")
+        return parsed.agent
+
+    def _corrupt_row(self, key: tuple[str, str], what: str) -> None:
+        """Count and log a corrupt agent row, once until the agent's row is written again."""
+        with self._lock:
+            if key in self._bad_rows:
+                return
+            self._bad_rows.add(key)
+            self.counters["corrupt_rows"] += 1
+        log.warning("agent %r: corrupt index row: %s", key[0], what)
 
     def agent_ids(self, fingerprint: str | None = None) -> list[str]:
-        """Ids of stored agents (of one model, or all)."""
-        if self._pending:
-            self._drain()  # queued writes and deletes land first, as for `agent`
+        """Ids of stored agents (of one model, or all), queued turns and deletes included.
+
+        Answers at once, like `agent`.
+        """
+        with self._lock:
+            overlay = {k: v[1] for k, v in self._overlay.items()}
         if fingerprint is None:
-            rows = self._db.execute("SELECT DISTINCT agent_id FROM agents ORDER BY agent_id")
+            rows = self._db.execute("SELECT agent_id, fingerprint FROM agents")
         else:
             rows = self._db.execute(
-                "SELECT agent_id FROM agents WHERE fingerprint = ? ORDER BY agent_id",
-                (fingerprint,),
+                "SELECT agent_id, fingerprint FROM agents WHERE fingerprint = ?", (fingerprint,)
             )
-        return [r[0] for r in rows]
+        pairs = {(a, f) for a, f in rows if isinstance(a, str)}
+        for key, view in overlay.items():
+            if fingerprint is not None and key[1] != fingerprint:
+                continue
+            if view is _DELETED:
+                pairs.discard(key)
+            else:
+                pairs.add(key)
+        return sorted({agent_id for agent_id, _ in pairs})
 
     def is_settled(self, agent_id: str) -> bool:
         """True when nothing is queued for this agent: what it has is on disk already."""
@@ -180,18 +249,23 @@ class CacheStore:
             return block_hash in self._on_disk or block_hash in self._queued
 
     def block_path(self, block_hash: str) -> Path:
-        """Where a block's file lives."""
-        return self.root / "blocks" / block_hash[:2] / f"{block_hash}.safetensors"
+        """Where a block's file lives.
+
+        Raises:
+            ValueError: `block_hash` is not a lowercase hex digest.
+        """
+        return self.root / block_rel(block_hash)
 
     def read_block(self, block_hash: str, fingerprint: str) -> dict[str, HostTensor]:
         """A block's tensors, checksum verified.
 
         Raises:
-            CorruptFileError: missing, truncated, corrupt or of another model; the file was
-                moved to quarantine and the index no longer points at it.
+            CorruptFileError: missing, truncated, corrupt or of another model; the index
+                forgets it and the file is moved to quarantine.
         """
         path = self.block_path(block_hash)
         try:
+            self._check_contained(path)
             meta, tensors = read_tensor_file(path)
             _expect(meta, path, fingerprint=fingerprint, block_hash=block_hash)
         except CorruptFileError as exc:
@@ -229,6 +303,7 @@ class CacheStore:
 
     def _read_into(self, block_hash: str, fingerprint: str, dests) -> None:
         path = self.block_path(block_hash)
+        self._check_contained(path)
         meta = read_tensor_file_into(path, dests)
         _expect(meta, path, fingerprint=fingerprint, block_hash=block_hash)
 
@@ -243,14 +318,19 @@ class CacheStore:
         """An agent's state file (tail rows, windows, recurrent states), checksum verified.
 
         Raises:
-            CorruptFileError: as for `read_block`; the agent's stored cache is dropped.
+            CorruptFileError: as for `read_block` (a name that is not this agent's state
+                file, or that leads out of the store, is never read); the agent's stored
+                cache is then its blocks only.
         """
         if agent.state_file is None:
             return {}, {}
-        path = self.root / agent.state_file
+        path = self.root / str(agent.state_file)
         try:
+            if not is_state_rel(agent.state_file, agent.agent_id):
+                raise CorruptFileError(path, "not a state file name of this agent")
+            self._check_contained(path)
             meta, tensors = read_tensor_file(path)
-            _expect(meta, path, fingerprint=agent.fingerprint, agent_key=_agent_key(agent.agent_id))
+            _expect(meta, path, fingerprint=agent.fingerprint, agent_key=agent_key(agent.agent_id))
             if meta.get("checksum") != agent.state_checksum:
                 raise CorruptFileError(path, "not the state file the index recorded")
         except CorruptFileError as exc:
@@ -259,27 +339,41 @@ class CacheStore:
         self.counters["states_read"] += 1
         return meta, tensors
 
+    def _check_contained(self, path: Path) -> None:
+        if not self._paths.contains(path):
+            raise CorruptFileError(path, "a symlink leads out of the store")
+
     # -- writing (queued, applied on the writer thread) ------------------------------------
 
     def register_model(
         self, fingerprint: str, *, model_id: str = "", config: str = "", block_size: int = 0
     ) -> None:
-        """Record a model (idempotent)."""
-        self._put(("model", fingerprint, model_id, config, block_size), None)
+        """Record a model: its id (a path or hub id) and config (JSON), when known.
+
+        Idempotent; a later call with a non-empty id or config fills them in. Skipped on a
+        read-only store (the record is informative only).
+        """
+        if not self.read_only:
+            self._put(("model", fingerprint, model_id, config, block_size), None)
 
     def save_turn(self, record: TurnRecord) -> None:
-        """Queue an agent's state for writing; blocks while the queue is full."""
+        """Queue an agent's state for writing; blocks while the queue is full.
+
+        Lookups see the turn at once (see `agent`).
+        """
         with self._lock:
             for b in record.blocks:
                 if b.tensors is not None:
                     self._queued[b.block_hash] = self._queued.get(b.block_hash, 0) + 1
                 self._referenced[b.block_hash] = self._referenced.get(b.block_hash, 0) + 1
-        self._put(("turn", record), record.agent_id)
+        view = (record.fingerprint, _queued_record(record))
+        self._put(("turn", record), record.agent_id, view=view)
 
     def delete_agent(self, agent_id: str, fingerprint: str) -> None:
-        """Queue the removal of an agent. Blocks it shared stay for the others; its own
-        blocks stay on disk, unreferenced, until `gc` or the disk budget removes them."""
-        self._put(("delete", agent_id, fingerprint), agent_id)
+        """Queue the removal of an agent; lookups no longer see it. Blocks it shared stay
+        for the others; its own blocks stay on disk, unreferenced, until `gc` or the disk
+        budget removes them."""
+        self._put(("delete", agent_id, fingerprint), agent_id, view=(fingerprint, _DELETED))
 
     def drop_cache(self, agent_id: str, fingerprint: str) -> None:
         """Queue forgetting an agent's files but keeping its tokens (it will be recomputed)."""
@@ -327,25 +421,36 @@ class CacheStore:
         if self._pool is not None:
             self._pool.shutdown()
         self._db.conn.close()
-        self._lockfile.close()  # releases the flock
+        if self._lockfile is not None:
+            self._lockfile.close()  # releases the flock
 
     def gc(
         self, fingerprint: str | None = None, *, dry_run: bool = True, progress: bool = False
     ) -> GcReport:
-        """Flush, then collect garbage (see `maintenance.collect_garbage`)."""
-        self.flush()
-        report = collect_garbage(
-            self.root, fingerprint, dry_run=dry_run, progress=progress, _locked=True
-        )
-        if not dry_run:
-            with self._lock:
-                self._on_disk = {r[0] for r in self._db.execute("SELECT hash FROM blocks")}
-        return report
+        """Collect garbage (see `maintenance.collect_garbage`) once queued writes landed.
+
+        A real run happens on the writer thread, in queue order: writes queued before it are
+        done, later ones wait, so a file being written is never taken for an orphan; blocks
+        that queued turns list are kept. Failed writes stay for `flush` to report.
+
+        Raises:
+            StoreWriteError: a real run on a read-only store.
+        """
+        if dry_run:
+            self._drain()  # files being written are not orphans
+            return collect_garbage(
+                self.root, fingerprint, progress=progress, read_only=self.read_only
+            )
+        if self.read_only:
+            raise StoreWriteError(f"store {self.root} is read-only")
+        done: Future = Future()
+        self._put(("gc", fingerprint, progress, done), None)
+        return done.result()
 
     def verify(self, *, progress: bool = False) -> VerifyReport:
         """Flush, then re-check every file's checksum (see `maintenance.verify_store`)."""
         self.flush()
-        return verify_store(self.root, progress=progress)
+        return verify_store(self.root, progress=progress, read_only=self.read_only)
 
     def stats(self) -> dict:
         """Counters plus index totals."""
@@ -361,35 +466,57 @@ class CacheStore:
 
     # -- writer thread ---------------------------------------------------------------------
 
-    def _put(self, op: tuple, agent_id: str | None) -> None:
+    def _put(
+        self, op: tuple, agent_id: str | None, *, view: tuple[str, StoredAgent | None] | None = None
+    ) -> None:
+        """Queue an op. `view`: (fingerprint, what lookups of the agent see until the op
+        lands: its record, or _DELETED)."""
         if self._closed:
             raise StoreClosedError("store is closed")
-        if agent_id is not None:
-            with self._lock:
+        ticket = None
+        with self._lock:
+            if agent_id is not None:
                 self._pending[agent_id] = self._pending.get(agent_id, 0) + 1
-        self._queue.put((op, agent_id))
+            if view is not None:
+                self._tickets += 1
+                ticket = ((agent_id, view[0]), self._tickets)
+                self._overlay[ticket[0]] = (self._tickets, view[1])
+        self._queue.put((op, agent_id, ticket))
 
     def _write_loop(self) -> None:
-        db = open_index(self.root / "index.db")
+        try:
+            db = None if self.read_only else open_index(self.root / "index.db")
+        except StorageError as exc:  # every write then fails; reads go on
+            log.error("store %s: the writer cannot open the index: %s", self.root, exc)
+            db = None
         while True:
             item = self._queue.get()
             if item is _STOP:
                 self._queue.task_done()
                 break
-            op, agent_id = item
+            op, agent_id, ticket = item
             try:
+                if db is None:
+                    raise StoreWriteError(f"store {self.root} is read-only")
                 self._apply(db, op)
             except Exception as exc:  # one failed write must not stop the writer
-                self.counters["write_errors"] += 1
-                log.error("store write failed (%s): %s", op[0], exc)
-                with self._lock:
-                    self._errors.append(f"{op[0]}: {exc}")
+                self._write_failed(op, exc)
             finally:
-                self._settle(op, agent_id)
+                self._settle(op, agent_id, ticket)
                 self._queue.task_done()
-        db.conn.close()
+        if db is not None:
+            db.conn.close()
 
-    def _settle(self, op: tuple, agent_id: str | None) -> None:
+    def _write_failed(self, op: tuple, exc: Exception) -> None:
+        if op[0] == "gc":  # the caller waits for this one: the error is its own
+            op[3].set_exception(exc)
+            return
+        self.counters["write_errors"] += 1
+        log.error("store write failed (%s): %s", op[0], exc)
+        with self._lock:
+            self._errors.append(f"{op[0]}: {exc}")
+
+    def _settle(self, op: tuple, agent_id: str | None, ticket) -> None:
         with self._lock:
             if op[0] == "turn":
                 for b in op[1].blocks:
@@ -397,11 +524,11 @@ class CacheStore:
                         _decrement(self._queued, b.block_hash)
                     _decrement(self._referenced, b.block_hash)
             if agent_id is not None:
-                n = self._pending.get(agent_id, 1) - 1
-                if n:
-                    self._pending[agent_id] = n
-                else:
-                    self._pending.pop(agent_id, None)
+                _decrement(self._pending, agent_id)
+            # The index now says what the op did (or, if it failed, what was there before).
+            if ticket is not None and self._overlay.get(ticket[0], (None,))[0] == ticket[1]:
+                del self._overlay[ticket[0]]
+            self._settled.notify_all()
 
     def _apply(self, db, op: tuple) -> None:
         kind = op[0]
@@ -417,18 +544,37 @@ class CacheStore:
                 (int(op[3]), op[1], op[2]),
             )
         elif kind == "model":
-            db.execute(
-                "INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?)",
-                (op[1], op[2], op[3], op[4], time.time()),
-            )
+            _register_model(db, *op[1:])
         elif kind == "quarantined":
             self._forget_file(db, *op[1:])
+        elif kind == "gc":
+            op[3].set_result(self._gc_now(db, op[1], op[2]))
+
+    def _gc_now(self, db, fingerprint: str | None, progress: bool) -> GcReport:
+        with self._lock:
+            keep = frozenset(self._referenced)  # listed by turns still queued
+        report = collect_garbage(
+            self.root, fingerprint, dry_run=False, progress=progress, _locked=True, _keep=keep
+        )
+        with self._lock:
+            self._on_disk = {r[0] for r in db.execute("SELECT hash FROM blocks")}
+        return report
 
     def _write_turn(self, db, rec: TurnRecord) -> None:
+        kept = self._available_prefix(rec)
+        if kept < len(rec.blocks):
+            # A block the turn listed without its bytes (on disk when the engine looked) was
+            # removed since by the disk budget. Keep what is there; the agent's next turn
+            # sends the block's bytes again.
+            log.info(
+                "agent %r: block %s left the disk before its turn was written; "
+                "storing its first %d block(s) only",
+                rec.agent_id,
+                rec.blocks[kept].block_hash,
+                kept,
+            )
+            rec = _prefix_of(rec, kept)
         written = [self._write_block(rec, b) for b in rec.blocks if self._needs_write(b)]
-        missing = [b.block_hash for b in rec.blocks if not self._will_exist(b, written)]
-        if missing:
-            raise StoreWriteError(f"agent {rec.agent_id!r}: block {missing[0]} is not on disk")
         state = self._write_state(rec)
         try:
             old = self._commit_turn(db, rec, written, state)
@@ -438,23 +584,30 @@ class CacheStore:
             raise
         with self._lock:
             self._on_disk.update(h for h, _ in written)
+        key = (rec.agent_id, rec.fingerprint)
         if old and (state is None or old != state[0]):
-            (self.root / old).unlink(missing_ok=True)
+            self._unlink_state(old, key)
+        with self._lock:
+            self._bad_rows.discard(key)  # rewritten whole
         self.counters["turns_written"] += 1
         if self.disk_budget is not None:
             self._enforce_budget(db, keep=(rec.agent_id, rec.fingerprint))
+
+    def _available_prefix(self, rec: TurnRecord) -> int:
+        """How many leading blocks of the turn are on disk or come with their bytes."""
+        with self._lock:
+            for i, b in enumerate(rec.blocks):
+                if b.tensors is None and b.block_hash not in self._on_disk:
+                    return i
+        return len(rec.blocks)
 
     def _needs_write(self, b: BlockRecord) -> bool:
         with self._lock:
             return b.tensors is not None and b.block_hash not in self._on_disk
 
-    def _will_exist(self, b: BlockRecord, written: list) -> bool:
-        with self._lock:
-            return b.block_hash in self._on_disk or any(h == b.block_hash for h, _ in written)
-
     def _write_block(self, rec: TurnRecord, b: BlockRecord) -> tuple[str, object]:
         path = self.block_path(b.block_hash)
-        path.parent.mkdir(exist_ok=True)
+        self._make_dir(path.parent)
         meta = {
             **rec.layout,
             "format": "agentkv-block",
@@ -468,12 +621,12 @@ class CacheStore:
         self.counters["bytes_written"] += info.nbytes
         return b.block_hash, (info, b.token_count)
 
-    def _write_state(self, rec: TurnRecord) -> tuple[str, str] | None:
+    def _write_state(self, rec: TurnRecord) -> tuple[str, str, int] | None:
+        """Write the agent's state file; (its path, checksum, size), or None if no state."""
         if not rec.state:
             return None
-        key = _agent_key(rec.agent_id)
-        directory = self.root / "agents" / key
-        directory.mkdir(exist_ok=True)
+        key = agent_key(rec.agent_id)
+        self._make_dir(self.root / "agents" / key)
         rel = f"agents/{key}/{time.time_ns():x}.safetensors"
         meta = {
             **rec.layout,
@@ -488,6 +641,13 @@ class CacheStore:
         self.counters["bytes_written"] += info.nbytes
         return rel, info.checksum, info.nbytes
 
+    def _make_dir(self, directory: Path) -> None:
+        """Create a file's directory if needed, durably; never one reached through a symlink."""
+        if _mkdir(directory):
+            self.ops.fsync_dir(directory.parent)  # the new entry survives a crash
+        if not self._paths.contains(directory):
+            raise StoreWriteError(f"{directory} leads out of the store (a symlink)")
+
     def _commit_turn(self, db, rec: TurnRecord, written: list, state) -> str | None:
         """One transaction: new block rows, the agent's block list and row, refcounts."""
         now = time.time()
@@ -497,40 +657,26 @@ class CacheStore:
             db.conn.executemany(
                 "INSERT OR IGNORE INTO blocks VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
                 [
-                    (
-                        h,
-                        rec.fingerprint,
-                        str(self.block_path(h).relative_to(self.root)),
-                        info.nbytes,
-                        info.checksum,
-                        n,
-                        now,
-                        now,
-                    )
+                    (h, rec.fingerprint, block_rel(h), info.nbytes, info.checksum, n, now, now)
                     for h, (info, n) in written
                 ],
             )
             old = db.execute(
                 "SELECT state_file, created FROM agents WHERE agent_id = ? AND fingerprint = ?", key
             ).fetchone()
-            old_hashes = [
-                r[0]
-                for r in db.execute(
-                    "SELECT block_hash FROM agent_blocks WHERE agent_id = ? AND fingerprint = ?",
-                    key,
-                )
-            ]
+            old_hashes = _listed_blocks(db, *key)
             db.execute("DELETE FROM agent_blocks WHERE agent_id = ? AND fingerprint = ?", key)
             db.conn.executemany(
                 "INSERT INTO agent_blocks VALUES (?, ?, ?, ?)",
                 [(*key, i, b.block_hash) for i, b in enumerate(rec.blocks)],
             )
             _check_blocks_exist(db, rec)
+            # `pinned = 1` also turns a garbage pinned value back into 0.
             db.execute(
                 "INSERT OR REPLACE INTO agents (agent_id, fingerprint, tokens, token_count, "
                 "stored_tokens, state_file, state_checksum, state_bytes, created, last_used, "
-                "pinned) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                "COALESCE((SELECT pinned FROM agents WHERE agent_id = ? AND fingerprint = ?), 0))",
+                "pinned) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE((SELECT pinned = 1 "
+                "FROM agents WHERE agent_id = ? AND fingerprint = ?), 0))",
                 (
                     *key,
                     pack_tokens(rec.tokens),
@@ -554,13 +700,7 @@ class CacheStore:
             row = db.execute(
                 "SELECT state_file FROM agents WHERE agent_id = ? AND fingerprint = ?", key
             ).fetchone()
-            hashes = [
-                r[0]
-                for r in db.execute(
-                    "SELECT block_hash FROM agent_blocks WHERE agent_id = ? AND fingerprint = ?",
-                    key,
-                )
-            ]
+            hashes = _listed_blocks(db, *key)
             db.execute("DELETE FROM agent_blocks WHERE agent_id = ? AND fingerprint = ?", key)
             if keep_tokens:
                 db.execute(
@@ -572,7 +712,18 @@ class CacheStore:
                 db.execute("DELETE FROM agents WHERE agent_id = ? AND fingerprint = ?", key)
             _recount(db, set(hashes), time.time())
         if row and row[0]:
-            (self.root / row[0]).unlink(missing_ok=True)
+            self._unlink_state(row[0], key)
+        with self._lock:
+            self._bad_rows.discard(key)
+
+    def _unlink_state(self, rel: object, key: tuple[str, str]) -> None:
+        """Delete a state file the index no longer lists, if its name is one the store
+        gave this agent and it lies inside the store; anything else is left alone."""
+        path = self.root / str(rel)
+        if is_state_rel(rel, key[0]) and self._paths.contains(path, link_ok=True):
+            path.unlink(missing_ok=True)
+        else:
+            self._corrupt_row(key, f"state_file was {rel!r}; that file was left alone")
 
     def _enforce_budget(self, db, keep: tuple[str, str]) -> None:
         """Evict least recently used unpinned agents' files until under the disk budget."""
@@ -598,61 +749,140 @@ class CacheStore:
 
     def _delete_unreferenced(self, db) -> list[str]:
         """Drop blocks no agent references: index rows first, then the files."""
-        rows = db.execute("SELECT hash, path FROM blocks WHERE refcount = 0").fetchall()
+        rows = db.execute("SELECT hash FROM blocks WHERE refcount = 0").fetchall()
         with self._lock:  # a queued turn that lists a block without its bytes needs it kept
-            rows = [(h, path) for h, path in rows if h not in self._referenced]
+            hashes = [r[0] for r in rows if r[0] not in self._referenced]
         with db.conn:
             db.execute("BEGIN IMMEDIATE")
             db.conn.executemany(
-                "DELETE FROM blocks WHERE hash = ? AND refcount = 0", [(h,) for h, _ in rows]
+                "DELETE FROM blocks WHERE hash = ? AND refcount = 0", [(h,) for h in hashes]
             )
         with self._lock:
-            self._on_disk.difference_update(h for h, _ in rows)
-        for _, path in rows:
-            (self.root / path).unlink(missing_ok=True)
-        return [h for h, _ in rows]
+            self._on_disk.difference_update(hashes)
+        for h in hashes:
+            self._unlink_block(h)
+        return hashes
+
+    def _unlink_block(self, block_hash: object) -> None:
+        """Delete a block's file: the one the store names after the hash (a path column is
+        never followed), and only inside the store."""
+        try:
+            path = self.block_path(block_hash)
+        except ValueError:
+            self.counters["corrupt_rows"] += 1
+            log.warning("index held a block row with hash %r; no file deleted", block_hash)
+            return
+        if self._paths.contains(path, link_ok=True):
+            path.unlink(missing_ok=True)
 
     # -- corruption ------------------------------------------------------------------------
 
     def _corrupt(
         self, exc: CorruptFileError, *, block: str | None = None, agent: StoredAgent | None = None
     ) -> None:
-        """Count, log, move the file aside, and have the index forget it (via the writer)."""
-        self.counters["corrupt_files"] += 1
+        """Count and log; the writer makes the index forget the file, then moves it aside."""
+        with self._lock:
+            self.counters["corrupt_files"] += 1
         log.warning("corrupt cache file: %s", exc)
-        if exc.path.exists():
-            dest = self.root / "quarantine" / f"{exc.path.name}.{time.time_ns():x}"
-            try:
-                os.replace(exc.path, dest)
-            except OSError as move_err:
-                log.error("cannot move %s aside: %s", exc.path, move_err)
         if block is not None:
             with self._lock:
                 self._on_disk.discard(block)
-            self._put(("quarantined", "block", block), None)
+            self._put(("quarantined", "block", exc.path, block), None)
         if agent is not None:
-            self._put(("quarantined", "agent", agent.agent_id, agent.fingerprint), agent.agent_id)
+            ids = (agent.agent_id, agent.fingerprint, agent.state_file)
+            self._put(("quarantined", "agent", exc.path, *ids), agent.agent_id)
 
-    def _forget_file(self, db, kind: str, *ids: str) -> None:
-        if kind == "block":
-            # Agents that listed the block keep their tokens and the blocks before it.
-            with db.conn:
-                db.execute("BEGIN IMMEDIATE")
-                for agent_id, fingerprint, seq in db.execute(
-                    "SELECT agent_id, fingerprint, MIN(seq) FROM agent_blocks WHERE block_hash = ? "
-                    "GROUP BY agent_id, fingerprint",
+    def _forget_file(self, db, kind: str, path: Path, *ids: str | None) -> None:
+        """Index first (one transaction), then the file to quarantine: a crash in between
+        leaves a stray file, never a row that points at nothing."""
+        with db.conn:
+            db.execute("BEGIN IMMEDIATE")
+            if kind == "block":
+                # Agents that listed the block keep their tokens and the blocks before it.
+                owners = db.execute(
+                    "SELECT agent_id, fingerprint, MIN(seq) FROM agent_blocks "
+                    "WHERE block_hash = ? GROUP BY agent_id, fingerprint",
                     ids,
-                ).fetchall():
-                    _truncate_agent(db, agent_id, fingerprint, seq)
+                ).fetchall()
+                cuts = [((a, f), _truncate_agent(db, a, f, seq=seq)) for a, f, seq in owners]
                 db.execute("DELETE FROM blocks WHERE hash = ?", ids)
-        else:
-            with db.conn:
-                db.execute("BEGIN IMMEDIATE")
-                db.execute(
-                    "UPDATE agents SET state_file = NULL, state_bytes = 0, state_checksum = NULL, "
-                    "stored_tokens = 0 WHERE agent_id = ? AND fingerprint = ?",
-                    ids,
-                )
+            else:  # only if the agent still has that state file
+                agent_id, fingerprint, rel = ids
+                cut = _truncate_agent(db, agent_id, fingerprint, state_file=rel)
+                cuts = [((agent_id, fingerprint), cut)]
+            _recount(db, {h for _, cut in cuts for h in cut.blocks}, time.time())
+        if kind == "block":  # its owners' state files no longer apply
+            for key, cut in cuts:
+                if cut.state_file is not None:
+                    self._unlink_state(cut.state_file, key)
+        self._quarantine(path)
+
+    def _quarantine(self, path: Path) -> None:
+        if not self._paths.contains(path, link_ok=True) or not os.path.lexists(path):
+            return  # never move a file from outside the store (a link moves, not its target)
+        dest = self.root / "quarantine" / f"{path.name}.{time.time_ns():x}"
+        try:
+            self.ops.replace(path, dest)
+        except OSError as move_err:
+            log.error("cannot move %s aside: %s", path, move_err)
+
+
+def _queued_record(rec: TurnRecord) -> StoredAgent:
+    """What lookups see of a turn still queued: its files are not written yet."""
+    hashes = [b.block_hash for b in rec.blocks]
+    return StoredAgent(
+        rec.agent_id,
+        rec.fingerprint,
+        rec.tokens,
+        rec.stored_tokens,
+        hashes,
+        None,
+        None,
+        False,
+        time.time(),
+    )
+
+
+def _prefix_of(rec: TurnRecord, blocks: int) -> TurnRecord:
+    """The turn with its first `blocks` blocks only, and no state (it needs them all)."""
+    kept = rec.blocks[:blocks]
+    return TurnRecord(
+        rec.agent_id,
+        rec.fingerprint,
+        rec.tokens,
+        sum(b.token_count for b in kept),
+        kept,
+        layout=rec.layout,
+    )
+
+
+def _mkdir(directory: Path) -> bool:
+    """Create a directory; True if it was created (it is then to be fsynced in its parent)."""
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        return False
+    return True
+
+
+def _register_model(db, fingerprint: str, model_id: str, config: str, block_size: int) -> None:
+    db.execute(
+        "INSERT INTO models VALUES (?, ?, ?, ?, ?) ON CONFLICT(fingerprint) DO UPDATE SET "
+        "model_id = CASE WHEN excluded.model_id != '' THEN excluded.model_id ELSE model_id END, "
+        "config = CASE WHEN excluded.config != '' THEN excluded.config ELSE config END, "
+        "block_size = excluded.block_size",
+        (fingerprint, model_id, config, block_size, time.time()),
+    )
+
+
+def _listed_blocks(db, agent_id: str, fingerprint: str) -> list[str]:
+    return [
+        r[0]
+        for r in db.execute(
+            "SELECT block_hash FROM agent_blocks WHERE agent_id = ? AND fingerprint = ?",
+            (agent_id, fingerprint),
+        )
+    ]
 
 
 def _decrement(counts: dict[str, int], key: str) -> None:
@@ -663,19 +893,41 @@ def _decrement(counts: dict[str, int], key: str) -> None:
         counts.pop(key, None)
 
 
-def _truncate_agent(db, agent_id: str, fingerprint: str, seq: int) -> None:
-    """Keep an agent's first `seq` blocks only; its state file (now an orphan for gc) no
-    longer applies."""
+@dataclasses.dataclass(slots=True)
+class _Cut:
+    """What truncating an agent took from it."""
+
+    blocks: set[str]  # block hashes it no longer lists (their refcounts are to be recounted)
+    state_file: str | None  # the state file it no longer has
+
+
+def _truncate_agent(
+    db, agent_id: str, fingerprint: str, *, seq: int | None = None, state_file: str | None = None
+) -> _Cut:
+    """Keep an agent's first `seq` blocks (all if None) and drop its state file, which no
+    longer applies; stored_tokens becomes what the kept blocks hold, so the row stays one
+    that a restore accepts. With `state_file`: only if the agent still has that one."""
     key = (agent_id, fingerprint)
-    db.execute(
-        "DELETE FROM agent_blocks WHERE agent_id = ? AND fingerprint = ? AND seq >= ?",
-        (*key, seq),
-    )
+    row = db.execute(
+        "SELECT state_file FROM agents WHERE agent_id = ? AND fingerprint = ?", key
+    ).fetchone()
+    if row is None or (state_file is not None and row[0] != state_file):
+        return _Cut(set(), None)
+    dropped: set[str] = set()
+    if seq is not None:
+        where = "WHERE agent_id = ? AND fingerprint = ? AND seq >= ?"
+        dropped = {
+            r[0] for r in db.execute(f"SELECT block_hash FROM agent_blocks {where}", (*key, seq))
+        }
+        db.execute(f"DELETE FROM agent_blocks {where}", (*key, seq))
     db.execute(
         "UPDATE agents SET state_file = NULL, state_bytes = 0, state_checksum = NULL, "
-        "stored_tokens = 0 WHERE agent_id = ? AND fingerprint = ?",
-        key,
+        "stored_tokens = (SELECT COALESCE(SUM(b.token_count), 0) FROM agent_blocks ab "
+        "JOIN blocks b ON b.hash = ab.block_hash WHERE ab.agent_id = ? AND ab.fingerprint = ?) "
+        "WHERE agent_id = ? AND fingerprint = ?",
+        (*key, *key),
     )
+    return _Cut(dropped, row[0])
 
 
 def _check_blocks_exist(db, rec: TurnRecord) -> None:
@@ -704,19 +956,22 @@ def _recount(db, hashes: set[str], now: float) -> None:
 
 
 def _lock_store(root: Path):
-    """Hold an exclusive lock on the store for this process's lifetime (one writer only)."""
-    f = open(root / "lock", "a+")  # noqa: SIM115 - held open until close()
+    """Hold an exclusive lock on the store for this process's lifetime (one writer only).
+
+    Raises:
+        StoreLockedError: another process holds it.
+        StoreWriteError: the lock file cannot be opened for writing (e.g. permissions).
+    """
+    try:
+        f = open(root / "lock", "a+")  # noqa: SIM115 - held open until close()
+    except OSError as exc:
+        raise StoreWriteError(f"cannot open store {root} for writing: {exc}") from exc
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         raise StoreLockedError(f"store {root} is in use by another process") from None
     return f
-
-
-def _agent_key(agent_id: str) -> str:
-    """A file-system-safe name for an agent (ids are never used as paths)."""
-    return hashlib.sha256(agent_id.encode()).hexdigest()[:32]
 
 
 def _expect(meta: dict, path: Path, **want: str) -> None:

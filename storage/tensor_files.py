@@ -105,6 +105,10 @@ class FileOps:
         finally:
             os.close(fd)
 
+    def is_read_only(self, path: Path) -> bool:
+        """True if `path` is on a file system mounted read-only."""
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
 
 def checksum_of(buffers) -> str:
     """xxh3-64 over buffers in order (fast enough to check every restore: ~10 GB/s)."""

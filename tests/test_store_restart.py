@@ -172,6 +172,7 @@ def test_damaged_files_are_detected_and_recomputed(loaded_models, tmp_path, dama
     assert engine.store.counters["corrupt_files"] == 1
     assert c.usage.recomputed_tokens > 0
     assert c.usage.restored_tokens + c.usage.recomputed_tokens == len(context)
+    engine.store.flush()  # the writer forgets the file, then moves it aside
     quarantined = list((tmp_path / "quarantine").iterdir())
     assert len(quarantined) == (0 if damage is _delete else 1)  # moved aside, never deleted
     engine.close()
@@ -184,20 +185,34 @@ def test_damaged_files_are_detected_and_recomputed(loaded_models, tmp_path, dama
     again.close()
 
 
-@pytest.mark.parametrize(
-    "sql",
-    [
-        "UPDATE agents SET tokens = x'0102'",  # not whole int32s
-        "UPDATE agents SET token_count = token_count + 5",
-        "UPDATE agents SET stored_tokens = 99999",
-        "INSERT INTO agent_blocks VALUES ('victim', (SELECT fingerprint FROM agents), 99, 'ff00')",
-        "UPDATE agent_blocks SET block_hash = 'deadbeef' WHERE seq = 1",
-        "UPDATE agents SET state_file = 'agents/nope/x.safetensors'",
-        "UPDATE blocks SET path = 'blocks/zz/missing.safetensors'",
-        "DELETE FROM blocks",
-    ],
-)
+# sql -> what must happen: "new" (the tokens blob is unreadable: the agent starts afresh),
+# "recomputed" (its context is kept and its cache recomputed), "restored" (bookkeeping
+# garbage: counted, the cache still used), "verify" (a block row's path, which restores
+# never follow: the cache is used and verify reports the row).
+GARBAGE = {
+    "UPDATE agents SET tokens = x'0102'": "new",  # not whole int32s
+    "UPDATE agents SET tokens = 'text'": "new",
+    "UPDATE agents SET token_count = token_count + 5": "recomputed",
+    "UPDATE agents SET token_count = 'many'": "recomputed",
+    "UPDATE agents SET stored_tokens = 99999": "recomputed",
+    "UPDATE agents SET stored_tokens = 'garbage'": "recomputed",
+    "INSERT INTO agent_blocks VALUES ('victim', (SELECT fingerprint FROM agents), 99, 'ff00')": (
+        "recomputed"
+    ),
+    "UPDATE agent_blocks SET block_hash = 'deadbeef' WHERE seq = 1": "recomputed",
+    "UPDATE agent_blocks SET block_hash = '../../x' WHERE seq = 0": "recomputed",
+    "UPDATE agents SET state_file = 'agents/nope/x.safetensors'": "recomputed",
+    "DELETE FROM blocks": "recomputed",
+    "UPDATE agents SET last_used = 'yesterday'": "restored",
+    "UPDATE agents SET pinned = 'maybe'": "restored",
+    "UPDATE blocks SET path = 'blocks/zz/missing.safetensors'": "verify",
+}
+
+
+@pytest.mark.parametrize("sql", GARBAGE)
 def test_garbage_index_rows_never_raise(loaded_models, tmp_path, sql):
+    """Garbage in the index is detected and counted, never raised; the tokens are the
+    source of truth, so the context survives whenever their blob is intact."""
     model, tokenizer, context = _llama_store(loaded_models, tmp_path)
     db = sqlite3.connect(tmp_path / "index.db")
     db.execute(sql)
@@ -208,11 +223,16 @@ def test_garbage_index_rows_never_raise(loaded_models, tmp_path, sql):
     (c,) = run_all(engine).values()
     assert c.finish_reason != "error"
     known = engine.agent_tokens("victim")[: -3 - c.usage.generated_tokens]
-    # Either the stored context was still usable (identical output) or it was unreadable and
-    # the agent started afresh; in both cases the output is what mlx-lm computes for it.
-    assert known in (context, [])
     eos = eos_ids(tokenizer)
     assert c.token_ids == scratch_tokens(model, known + [11, 12, 13], TURN_TOKENS, eos=eos)
+    expect = GARBAGE[sql]
+    assert known == ([] if expect == "new" else context)
+    restored = c.usage.restored_tokens
+    assert restored == (len(context) if expect in ("restored", "verify") else 0)
+    assert engine.store.counters["corrupt_rows"] == (0 if expect == "verify" else 1)
+    if expect == "verify":
+        bad = engine.store.verify().corrupt  # every block row (all were edited)
+        assert bad == ["blocks/zz/missing.safetensors"] * len(_block_files(tmp_path))
     engine.close()
 
 
