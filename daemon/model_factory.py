@@ -12,8 +12,11 @@ a model that repeats one token forever would let equivalence tests pass without 
 anything.
 
 ``load_model`` is the one entry point the daemon uses for any model: ``None`` for the
-embedded default model (built on first use into a user cache directory), a local directory,
-or a Hugging Face id handed to mlx-lm.
+embedded default model, a local directory, or a Hugging Face id handed to mlx-lm. The
+default model is not random: it is a tiny llama trained on a synthetic corpus of simple
+sentences (``demo_model``), shipped in the package so that a newcomer's first run prints
+readable text. Benchmarks use a bigger random model (``ensure_random_model``), built once
+into a user cache directory.
 """
 
 from __future__ import annotations
@@ -36,12 +39,11 @@ if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 ARCHITECTURES = ("llama", "gemma3_text", "qwen3_moe", "qwen3_next")
-SIZES = ("tiny", "default")
+SIZES = ("tiny", "small")
 
-# Bump the suffix whenever the default model's bytes change, so that an old cached copy
-# is never mistaken for the new one.
-DEFAULT_MODEL_NAME = "default-llama-v1"
-DEFAULT_SEED = 0
+# Bump whenever build_model_dir's bytes change for the same arguments, so that an old
+# cached copy is never mistaken for the new one.
+_RANDOM_MODEL_VERSION = "v1"
 
 # Files whose presence marks a complete model directory; they appear together because a
 # directory is only ever renamed into place once fully written.
@@ -75,7 +77,7 @@ _ARCH_CONFIGS: dict[tuple[str, str], dict[str, Any]] = {
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
     },
-    ("llama", "default"): {
+    ("llama", "small"): {
         "architectures": ["LlamaForCausalLM"],
         "hidden_size": 256,
         "num_hidden_layers": 8,
@@ -158,8 +160,8 @@ def build_model_dir(
         path: directory to create.
         arch: one of ``ARCHITECTURES``.
         seed: seed of the random weight init.
-        size: ``"tiny"`` (test models, ~0.1-1 M parameters) or ``"default"`` (the ~5 M
-            parameter embedded default model; llama only).
+        size: ``"tiny"`` (test models, ~0.1-1 M parameters) or ``"small"`` (~5 M
+            parameters, the benchmarks' model; llama only).
         overwrite: replace whatever is at ``path``. Without it, a complete model already
             there is returned untouched.
 
@@ -167,7 +169,7 @@ def build_model_dir(
         The model directory.
 
     Raises:
-        ValueError: unknown ``arch`` or ``size``, or ``size="default"`` with an
+        ValueError: unknown ``arch`` or ``size``, or ``size="small"`` with an
             architecture other than llama.
         FileExistsError: ``path`` exists, is neither empty nor a complete model directory,
             and ``overwrite`` is not set.
@@ -190,28 +192,49 @@ def build_model_dir(
 
 
 def default_model_dir() -> Path:
-    """Where the embedded default model lives.
+    """Where the embedded default model lives: ``default_model/`` inside the package."""
+    from .demo_model import SHIPPED_MODEL_DIR
 
-    ``$AGENTKV_HOME/models/default-llama-v1`` when ``AGENTKV_HOME`` is set, else
-    ``$XDG_CACHE_HOME/agentkv/models/default-llama-v1``, else
-    ``~/.cache/agentkv/models/default-llama-v1``.
-    """
-    if home := os.environ.get("AGENTKV_HOME"):
-        root = Path(home).expanduser()
-    else:
-        cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-        root = Path(cache).expanduser() / "agentkv"
-    return root / "models" / DEFAULT_MODEL_NAME
+    return SHIPPED_MODEL_DIR
 
 
 def ensure_default_model() -> Path:
-    """Build the embedded default model on first use and return its directory.
+    """The embedded default model's directory, checked to be complete.
 
-    An exclusive ``fcntl`` lock on a file next to the directory makes concurrent first
-    calls from several processes build it once; later calls reuse it. Temporary
-    directories left by a build that crashed are removed under the same lock.
+    Raises:
+        ModelNotFoundError: the package was installed without its model files.
     """
-    target = default_model_dir()
+    path = default_model_dir()
+    if not _is_complete(path):
+        raise ModelNotFoundError(
+            f"the embedded default model is missing from {path}; reinstall agentkv, or "
+            "rebuild it with scripts/train_demo_model.py"
+        )
+    return path
+
+
+def models_cache_dir() -> Path:
+    """Where models built on demand (``ensure_random_model``) are kept.
+
+    ``$AGENTKV_HOME/models`` when ``AGENTKV_HOME`` is set, else
+    ``$XDG_CACHE_HOME/agentkv/models``, else ``~/.cache/agentkv/models``.
+    """
+    if home := os.environ.get("AGENTKV_HOME"):
+        return Path(home).expanduser() / "models"
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(cache).expanduser() / "agentkv" / "models"
+
+
+def ensure_random_model(arch: str = "llama", size: str = "small", seed: int = 0) -> Path:
+    """Build a random-weight model into ``models_cache_dir()`` on first use; its directory.
+
+    The benchmarks' model (``llama``, ``small``: ~5 M parameters). An exclusive ``fcntl``
+    lock on a file next to the directory makes concurrent first calls from several
+    processes build it once; later calls reuse it. Temporary directories left by a build
+    that crashed are removed under the same lock.
+    """
+    model_config(arch, size)  # validates before touching the disk
+    target = models_cache_dir() / f"random-{arch}-{size}-s{seed}-{_RANDOM_MODEL_VERSION}"
     if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +245,7 @@ def ensure_default_model() -> Path:
         # Only lock holders build here, so any staging directory left now is a crash's.
         for stale in target.parent.glob(f".{target.name}.*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        return build_model_dir(target, "llama", seed=DEFAULT_SEED, size="default")
+        return build_model_dir(target, arch, seed=seed, size=size)
     finally:
         os.close(fd)  # closing releases the lock
 
@@ -231,7 +254,7 @@ def load_model(model: str | os.PathLike[str] | None = None) -> tuple[nn.Module, 
     """Load a model and its tokenizer with mlx-lm.
 
     Args:
-        model: ``None`` for the embedded default model (built on first use); a local model
+        model: ``None`` for the embedded default model (shipped in the package); a local model
             directory; or a Hugging Face id such as ``"mlx-community/Qwen3-0.6B-4bit"``,
             which mlx-lm may download. A missing path that looks local (absolute, starting
             with ``.`` or ``~``, or with path separators) never reaches the hub.
@@ -243,10 +266,7 @@ def load_model(model: str | os.PathLike[str] | None = None) -> tuple[nn.Module, 
         ModelNotFoundError: the argument names no loadable model.
     """
     if model is None:
-        try:
-            return _load_local(ensure_default_model())
-        except OSError as exc:
-            raise ModelNotFoundError(f"cannot build the default model: {exc}") from exc
+        return _load_local(ensure_default_model())
     local = Path(model).expanduser()
     if local.is_dir():
         return _load_local(local)
@@ -262,15 +282,15 @@ def model_config(arch: str, size: str = "tiny") -> dict[str, Any]:
     """The ``config.json`` contents ``build_model_dir`` writes for ``(arch, size)``.
 
     Raises:
-        ValueError: unknown ``arch`` or ``size``, or ``size="default"`` with an
+        ValueError: unknown ``arch`` or ``size``, or ``size="small"`` with an
             architecture other than llama.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
-    if size == "default" and arch != "llama":
-        raise ValueError(f"size 'default' exists for llama only, not {arch!r}")
+    if size == "small" and arch != "llama":
+        raise ValueError(f"size 'small' exists for llama only, not {arch!r}")
     tokens = _tokenizer_ids()
     config: dict[str, Any] = {
         "model_type": arch,
@@ -335,13 +355,29 @@ def _is_empty_dir(path: Path) -> bool:
 
 
 def _write_model_files(directory: Path, config: dict[str, Any], seed: int) -> None:
-    """Write config, weights and tokenizer into ``directory`` and fsync them."""
-    _write_json(directory / "config.json", config)
+    """Write config, seeded random weights and the embedded tokenizer into ``directory``."""
     weights = _init_weights(config, seed, _WEIGHT_SCALE)
+    save_model_dir(directory, config, weights, _trained_tokenizer_json())
+
+
+def save_model_dir(
+    directory: Path, config: dict[str, Any], weights: dict[str, mx.array], tokenizer_json: str
+) -> None:
+    """Write an mlx-lm model directory: config, weights and tokenizer files, fsynced.
+
+    Args:
+        directory: an existing (empty) directory, or one to create.
+        config: the ``config.json`` contents.
+        weights: parameter name -> array, in mlx-lm's naming.
+        tokenizer_json: a serialized ``tokenizers`` tokenizer with the special tokens
+            ``<pad> <s> </s> <|im_start|> <|im_end|>``.
+    """
     import mlx.core as mx
 
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_json(directory / "config.json", config)
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
-    _save_tokenizer(directory)
+    _save_tokenizer(directory, tokenizer_json)
     for file in directory.iterdir():
         _fsync(file)
     _fsync(directory)
@@ -388,12 +424,13 @@ def _install(staging: Path, target: Path, *, overwrite: bool) -> None:
     _fsync(target.parent)
 
 
-def _save_tokenizer(directory: Path) -> None:
+def _save_tokenizer(directory: Path, tokenizer_json: str) -> None:
     """Write the tokenizer files, with deterministic bytes and a portable class name."""
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_trained_tokenizer(),
+        tokenizer_object=Tokenizer.from_str(tokenizer_json),
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
@@ -409,27 +446,36 @@ def _save_tokenizer(directory: Path) -> None:
     _write_json(config_path, tokenizer_config)
 
 
-@functools.cache
-def _trained_tokenizer_json() -> str:
-    """Train the byte-level BPE on the embedded corpus; serialized, so it trains once."""
+def train_bpe_tokenizer(lines: list[str], vocab_size: int) -> Any:
+    """Train a byte-level BPE ``tokenizers.Tokenizer`` on ``lines``, deterministically.
+
+    It has the special tokens ``<pad> <s> </s> <|im_start|> <|im_end|>`` (ids 0-4) and
+    prepends ``<s>`` on ``encode(add_special_tokens=True)``, as Llama tokenizers do.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_TOKENIZER_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(_SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer)
+    tokenizer.train_from_iterator(lines, trainer)
     bos = tokenizer.token_to_id("<s>")
-    # Prepend bos on encode(add_special_tokens=True), as Llama tokenizers do.
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
-    return tokenizer.to_str()
+    return tokenizer
+
+
+@functools.cache
+def _trained_tokenizer_json() -> str:
+    """The random test models' tokenizer, trained on the embedded text; cached."""
+    lines = _CORPUS.splitlines(keepends=True)
+    return train_bpe_tokenizer(lines, _TOKENIZER_VOCAB_SIZE).to_str()
 
 
 def _trained_tokenizer() -> Any:

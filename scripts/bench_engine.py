@@ -1,8 +1,8 @@
 """Engine overhead: decode tokens/s of BlockPoolBatchEngine against raw mlx-lm BatchGenerator.
 
 Both run the same seeded prompts (random non-special token ids, 64-128 tokens each) on the
-default model (`load_model()`: a ~5 M-parameter llama, float32), greedy, with the same
-max_tokens, at 1, 8 and 32 concurrent sequences. The raw side is
+benchmark model (`ensure_random_model()`: a ~5 M-parameter random llama, float32),
+greedy, with the same max_tokens, at 1, 8 and 32 concurrent sequences. The raw side is
 `BatchGenerator(model, stop_tokens=None, completion_batch_size=32, prefill_batch_size=8)`
 with every prompt inserted and `next()` looped until all finish. The engine side is a fresh
 `BlockPoolBatchEngine` (same batch sizes) with a fresh agent per prompt, `step_once()` looped
@@ -47,7 +47,7 @@ from mlx_lm.generate import BatchGenerator
 
 from agentkv.daemon.block_pool import BlockPool
 from agentkv.daemon.engine import BlockPoolBatchEngine
-from agentkv.daemon.model_factory import default_model_dir, load_model
+from agentkv.daemon.model_factory import ensure_random_model, load_model
 from agentkv.daemon.spec import ModelCacheSpec
 
 TARGET = 0.95
@@ -356,7 +356,7 @@ def describe_model(model) -> dict[str, object]:
     args = model.args
     weights = [v for _, v in tree_flatten(model.parameters())]
     return {
-        "path": str(default_model_dir()),
+        "path": str(ensure_random_model()),
         "model_type": args.model_type,
         "hidden_size": args.hidden_size,
         "layers": args.num_hidden_layers,
@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     loadavg = os.getloadavg()
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(ensure_random_model())
     spec = ModelCacheSpec.from_model(model)
     rows, details = [], {}
     for n in plan["agents"]:

@@ -2,7 +2,7 @@
 
 The in-process engine with a CacheStore, built as the daemon builds it (`process._make_engine`
 with the daemon's default options: pool from the 1 GiB memory budget, 512-token prefill
-chunks, MLX cache limit raised to the pool's size) on the embedded default model (a ~5 M
+chunks, MLX cache limit raised to the pool's size) on the benchmark model (a ~5 M
 parameter llama, float32; `--model DIR` for another), in a temp store. One agent per context
 length L (512, 1024, 2048, 4096 and 8000 tokens; --quick: 512 to 2048), each prompt random
 non-special token ids (seeded), greedy, 2 tokens per turn, one turn at a time:
@@ -47,12 +47,12 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from agentkv.daemon.model_factory import ensure_default_model
+from agentkv.daemon.model_factory import ensure_random_model
 from agentkv.daemon.process import DaemonOptions, _make_engine
 
 TURN_TOKENS = 16
 MAX_TOKENS = 2
-MAX_POSITIONS = 8192  # the default model's max_position_embeddings
+MAX_POSITIONS = 8192  # the benchmark model's max_position_embeddings
 COLD = "cold"
 WARM = "warm in memory"
 RESTART = "after restart"
@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     loadavg = [os.getloadavg()]
-    model_dir = (args.model or ensure_default_model()).expanduser().resolve()
+    model_dir = (args.model or ensure_random_model()).expanduser().resolve()
     with tempfile.TemporaryDirectory(prefix="bench-ttft-", dir=args.dir) as tmp:
         bench = Bench(model_dir, Path(tmp) / "store")
         try:

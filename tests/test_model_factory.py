@@ -23,7 +23,9 @@ from agentkv.daemon.model_factory import (
     build_model_dir,
     default_model_dir,
     ensure_default_model,
+    ensure_random_model,
     load_model,
+    models_cache_dir,
 )
 
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
@@ -130,7 +132,7 @@ def test_build_refuses_a_foreign_directory(tmp_path):
 
 @pytest.mark.parametrize(
     ("arch", "size"),
-    [("gpt2", "tiny"), ("llama", "huge"), ("gemma3_text", "default"), ("qwen3_next", "default")],
+    [("gpt2", "tiny"), ("llama", "huge"), ("gemma3_text", "small"), ("qwen3_next", "small")],
 )
 def test_bad_arch_or_size_is_a_value_error(tmp_path, arch, size):
     with pytest.raises(ValueError):
@@ -176,27 +178,25 @@ def test_bad_weights_are_not_a_model(model_dirs, tmp_path):
         load_model(tmp_path)
 
 
-def test_default_model_dir_locations(monkeypatch, tmp_path):
+def test_models_cache_dir_locations(monkeypatch, tmp_path):
     monkeypatch.setenv("AGENTKV_HOME", str(tmp_path / "home"))
-    assert default_model_dir() == tmp_path / "home" / "models" / "default-llama-v1"
+    assert models_cache_dir() == tmp_path / "home" / "models"
     monkeypatch.delenv("AGENTKV_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_model_dir() == tmp_path / "xdg" / "agentkv" / "models" / "default-llama-v1"
+    assert models_cache_dir() == tmp_path / "xdg" / "agentkv" / "models"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
-    expected = tmp_path / "user" / ".cache" / "agentkv" / "models" / "default-llama-v1"
-    assert default_model_dir() == expected
+    assert models_cache_dir() == tmp_path / "user" / ".cache" / "agentkv" / "models"
 
 
-def test_default_model_builds_once_and_loads(monkeypatch, tmp_path):
+def test_random_model_builds_once_and_loads(monkeypatch, tmp_path):
     monkeypatch.setenv("AGENTKV_HOME", str(tmp_path))
-    path = ensure_default_model()
-    assert path == tmp_path / "models" / "default-llama-v1"
+    path = ensure_random_model()
+    assert path.parent == tmp_path / "models"
     mtime = (path / "model.safetensors").stat().st_mtime_ns
-    assert ensure_default_model() == path
+    assert ensure_random_model() == path
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(path)
     assert 3_000_000 <= param_count(model) <= 6_000_000
     assert len(set(greedy(model, tokenizer, "The quick brown fox"))) >= 20
-    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
     assert os.access(path, os.R_OK | os.X_OK)
