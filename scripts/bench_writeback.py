@@ -1,13 +1,14 @@
 """Write-back cost: decode tokens/s with the CacheStore on against off, 8 multi-turn agents.
 
-Both sides run the same sessions on the default model (`load_model()`: a ~5 M-parameter
-llama, float32), greedy, through a fresh `BlockPoolBatchEngine` each (batch 32, prefill batch
-8, the spec's default 256-token blocks): 8 agents, each with a first prompt of 64-128 random
-token ids and then 16-32 new token ids per later turn, every agent's max_tokens drawn per turn
-from 24-40 (so agents finish, and are written back, at different steps). A turn's prompts are
-all submitted, then `step_once()` is looped until idle. "on": `store=CacheStore(tmpdir)` on
-the local disk, so every finished turn is written back (new full blocks and the state file,
-fsynced, indexed) by the store's writer thread while the others decode; "off": `store=None`.
+Both sides run the same sessions on the benchmark model (`ensure_random_model()`: a ~5
+M-parameter random llama, float32), greedy, through a fresh `BlockPoolBatchEngine` each
+(batch 32, prefill batch 8, the spec's default 256-token blocks): 8 agents, each with a
+first prompt of 64-128 random token ids and then 16-32 new token ids per later turn, every
+agent's max_tokens drawn per turn from 24-40 (so agents finish, and are written back, at
+different steps). A turn's prompts are all submitted, then `step_once()` is looped until
+idle. "on": `store=CacheStore(tmpdir)` on the local disk, so every finished turn is written
+back (new full blocks and the state file, fsynced, indexed) by the store's writer thread
+while the others decode; "off": `store=None`.
 
 Decode tokens/s, as in bench_engine: per turn, the window opens at the end of the step in
 which every sequence has its first token and closes at the end of the step in which the last
@@ -43,7 +44,7 @@ from mlx.utils import tree_flatten
 
 from agentkv.daemon.block_pool import BlockPool
 from agentkv.daemon.engine import BlockPoolBatchEngine
-from agentkv.daemon.model_factory import load_model
+from agentkv.daemon.model_factory import ensure_random_model, load_model
 from agentkv.daemon.spec import ModelCacheSpec
 from agentkv.storage import CacheStore
 
@@ -286,7 +287,7 @@ def print_report(res: Result, meta: dict) -> None:
     """Print the comparison table and the verdict."""
     print("Write-back cost: decode tokens/s, CacheStore on vs off, multi-turn agents")
     print(
-        f"default model ({meta['params_m']} M params, float32), greedy; {res.agents} agents x "
+        f"random llama ({meta['params_m']} M params, float32), greedy; {res.agents} agents x "
         f"{res.turns} turns (first prompt {FIRST_PROMPT[0]}-{FIRST_PROMPT[1]} tokens, then "
         f"{LATER_PROMPT[0]}-{LATER_PROMPT[1]}; max_tokens {MAX_TOKENS[0]}-{MAX_TOKENS[1]}); "
         f"{meta['block_size']}-token blocks; store on {meta['store_dir']}"
@@ -336,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     loadavg = [os.getloadavg()]
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(ensure_random_model())
     spec = ModelCacheSpec.from_model(model)
     low = max(tokenizer.all_special_ids or [0]) + 1
     sessions = make_sessions(plan["agents"], plan["turns"], args.seed, low, spec.vocab_size)
