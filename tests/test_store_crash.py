@@ -6,10 +6,9 @@ subprocess and kills it with SIGKILL after a seeded random delay, twice on the s
 kill the store must open, and its index may only point at complete files whose checksums
 match what it recorded; orphan files are allowed. Then every stored agent is resumed by a
 fresh engine, and its next turn must be token for token what mlx-lm computes from scratch
-on the context the index holds, with that context's stored part read from disk. (The one
-tolerated difference is a flip between two tokens whose log-probabilities are within
-1e-3: a cache built turn by turn rounds differently from a one-shot prefill for some
-architectures, crash or no crash; see `_check_near_tie_flip`.)
+on the context the index holds, with that context's stored part read from disk: exactly
+for models without sliding-window layers; with them, a flip between two tokens whose
+log-probabilities are within TIE is tolerated (see `_check_near_tie_flip` for why).
 
 CI runs a seeded handful; the full run is 100 trials:
 
@@ -39,6 +38,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from refs import FULL, eos_ids, make_engine, run_all, scratch_tokens
 
 from agentkv.daemon import ModelCacheSpec
+from agentkv.daemon.spec import LayerKind
 from agentkv.storage import CacheStore, CorruptFileError
 from agentkv.storage.records import unpack_tokens
 from agentkv.storage.tensor_files import read_tensor_file
@@ -53,7 +53,11 @@ MAX_DELAY = 1.5  # seconds; the kill lands uniformly in [0, MAX_DELAY) after MIN
 STARTUP_TIMEOUT = 180.0  # seconds for the child to import MLX and finish MIN_TURNS
 RESUME_PROMPT = [11, 12, 13]
 RESUME_TOKENS = 8
-TIE = 1e-3  # log-probabilities this close are a tie that rounding may break either way
+# Log-probabilities this close are a tie that rounding may break either way (models with
+# sliding-window layers only). Measured: the engine's log-probs differ from mlx-lm's by at
+# most ~1e-4 there (8e-5 over ~100 resumed gemma3 agents), so a flip needs a gap under
+# ~2e-4, and the check's own one-shot prefill can be off by as much again.
+TIE = 5e-4
 
 _restored_per_trial: list[int] = []  # tokens read back from disk, summed per trial
 _near_tie_flips: list[str] = []  # resumed agents whose output left mlx-lm's at a near-tie
@@ -73,6 +77,11 @@ def test_sigkill_during_write_back_leaves_a_whole_store(
         CacheStore(root).close()  # it opens (and its lock was released by the kill)
         agents = _check_consistent(root, fingerprint)
     _restored_per_trial.append(_resume_all(model, tokenizer, root, agents))
+
+
+def _has_windows(model) -> bool:
+    spec = ModelCacheSpec.from_model(model, block_size=BLOCK_SIZE)
+    return any(layer.kind is LayerKind.SLIDING for layer in spec.layers)
 
 
 def test_some_kills_left_agents_to_restore():
@@ -215,6 +224,7 @@ def _verified(path: Path) -> dict[str, str]:
 def _resume_all(model, tokenizer, root: Path, agents: dict[str, tuple[list[int], int]]) -> int:
     """One more turn per stored agent, each on a fresh engine; returns tokens read back."""
     eos = eos_ids(tokenizer)
+    windows = _has_windows(model)
     restored = 0
     for agent_id, (tokens, stored) in agents.items():
         engine = make_engine(model, tokenizer, block_size=BLOCK_SIZE, store=CacheStore(root))
@@ -224,7 +234,9 @@ def _resume_all(model, tokenizer, root: Path, agents: dict[str, tuple[list[int],
         finally:
             engine.close()
         assert c.finish_reason != "error", c.error
-        if c.token_ids != scratch_tokens(model, tokens + RESUME_PROMPT, RESUME_TOKENS, eos=eos):
+        want = scratch_tokens(model, tokens + RESUME_PROMPT, RESUME_TOKENS, eos=eos)
+        if c.token_ids != want:
+            assert windows, f"{agent_id}: {c.token_ids} != mlx-lm's {want}"
             _check_near_tie_flip(model, tokens + RESUME_PROMPT, c.token_ids, eos)
             _near_tie_flips.append(agent_id)
         # Every file verified above, so the whole stored part comes back from disk.
@@ -236,11 +248,16 @@ def _resume_all(model, tokenizer, root: Path, agents: dict[str, tuple[list[int],
 def _check_near_tie_flip(model, context: list[int], got: list[int], eos: set[int]) -> None:
     """Check that `got` differs from mlx-lm's greedy continuation at near-ties only.
 
-    A cache built turn by turn can differ from a one-shot prefill in the last bits (with
-    sliding-window layers, a prompt's last token goes through the decode path), with or
-    without a store. Where the model's two best log-probabilities are within TIE, either
-    token is its greedy choice. So every generated token, and the EOS that ended the turn
-    early, must be within TIE of the best under mlx-lm's own prefill of `context + got`.
+    Only for models with sliding-window layers, and not because of the store: restored
+    caches are bit for bit what the engine had in memory, and for full-attention and
+    recurrent layers the engine's log-probs equal mlx-lm's exactly (so those must match
+    token for token). But once an agent's context is longer than a window, its next turn
+    attends over the window the cache kept plus the new tokens, while mlx-lm's one-shot
+    prefill attends over the whole prompt under a window mask: the same keys, in reductions
+    of another length, so the last bits differ (up to ~1e-4 in log-prob). Where the two
+    best log-probabilities are that close, either token is the greedy choice. So every
+    generated token, and the EOS that ended the turn early, must be within TIE of the best
+    under mlx-lm's own prefill of `context + got`.
     """
     logits = model(mx.array(context + got)[None], cache=make_prompt_cache(model))
     logits = logits[0, len(context) - 1 :].astype(mx.float32)
