@@ -31,6 +31,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from . import index_writes
 from .errors import (
     CorruptFileError,
     StorageError,
@@ -47,7 +48,6 @@ from .records import (
     StoredAgent,
     TurnRecord,
     VerifyReport,
-    pack_tokens,
 )
 from .schema import open_index
 from .tensor_files import (
@@ -544,7 +544,7 @@ class CacheStore:
                 (int(op[3]), op[1], op[2]),
             )
         elif kind == "model":
-            _register_model(db, *op[1:])
+            index_writes.register_model(db, *op[1:])
         elif kind == "quarantined":
             self._forget_file(db, *op[1:])
         elif kind == "gc":
@@ -577,8 +577,8 @@ class CacheStore:
         written = [self._write_block(rec, b) for b in rec.blocks if self._needs_write(b)]
         state = self._write_state(rec)
         try:
-            old = self._commit_turn(db, rec, written, state)
-        except _BlocksGone as exc:
+            old = index_writes.commit_turn(db, rec, written, state)
+        except index_writes.BlocksGone as exc:
             with self._lock:
                 self._on_disk.difference_update(exc.hashes)
             raise
@@ -648,71 +648,11 @@ class CacheStore:
         if not self._paths.contains(directory):
             raise StoreWriteError(f"{directory} leads out of the store (a symlink)")
 
-    def _commit_turn(self, db, rec: TurnRecord, written: list, state) -> str | None:
-        """One transaction: new block rows, the agent's block list and row, refcounts."""
-        now = time.time()
-        key = (rec.agent_id, rec.fingerprint)
-        with db.conn:
-            db.execute("BEGIN IMMEDIATE")
-            db.conn.executemany(
-                "INSERT OR IGNORE INTO blocks VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                [
-                    (h, rec.fingerprint, block_rel(h), info.nbytes, info.checksum, n, now, now)
-                    for h, (info, n) in written
-                ],
-            )
-            old = db.execute(
-                "SELECT state_file, created FROM agents WHERE agent_id = ? AND fingerprint = ?", key
-            ).fetchone()
-            old_hashes = _listed_blocks(db, *key)
-            db.execute("DELETE FROM agent_blocks WHERE agent_id = ? AND fingerprint = ?", key)
-            db.conn.executemany(
-                "INSERT INTO agent_blocks VALUES (?, ?, ?, ?)",
-                [(*key, i, b.block_hash) for i, b in enumerate(rec.blocks)],
-            )
-            _check_blocks_exist(db, rec)
-            # `pinned = 1` also turns a garbage pinned value back into 0.
-            db.execute(
-                "INSERT OR REPLACE INTO agents (agent_id, fingerprint, tokens, token_count, "
-                "stored_tokens, state_file, state_checksum, state_bytes, created, last_used, "
-                "pinned) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, COALESCE((SELECT pinned = 1 "
-                "FROM agents WHERE agent_id = ? AND fingerprint = ?), 0))",
-                (
-                    *key,
-                    pack_tokens(rec.tokens),
-                    len(rec.tokens),
-                    rec.stored_tokens,
-                    state[0] if state else None,
-                    state[1] if state else None,
-                    state[2] if state else 0,
-                    old[1] if old else now,
-                    now,
-                    *key,
-                ),
-            )
-            _recount(db, set(old_hashes) | {b.block_hash for b in rec.blocks}, now)
-        return old[0] if old else None
-
     def _remove_agent(self, db, agent_id: str, fingerprint: str, *, keep_tokens: bool) -> None:
         key = (agent_id, fingerprint)
-        with db.conn:
-            db.execute("BEGIN IMMEDIATE")
-            row = db.execute(
-                "SELECT state_file FROM agents WHERE agent_id = ? AND fingerprint = ?", key
-            ).fetchone()
-            hashes = _listed_blocks(db, *key)
-            db.execute("DELETE FROM agent_blocks WHERE agent_id = ? AND fingerprint = ?", key)
-            if keep_tokens:
-                db.execute(
-                    "UPDATE agents SET stored_tokens = 0, state_file = NULL, state_bytes = 0, "
-                    "state_checksum = NULL WHERE agent_id = ? AND fingerprint = ?",
-                    key,
-                )
-            else:
-                db.execute("DELETE FROM agents WHERE agent_id = ? AND fingerprint = ?", key)
-            _recount(db, set(hashes), time.time())
-        if row and row[0]:
-            self._unlink_state(row[0], key)
+        old = index_writes.remove_agent(db, *key, keep_tokens=keep_tokens)
+        if old:
+            self._unlink_state(old, key)
         with self._lock:
             self._bad_rows.discard(key)
 
@@ -727,9 +667,9 @@ class CacheStore:
 
     def _enforce_budget(self, db, keep: tuple[str, str]) -> None:
         """Evict least recently used unpinned agents' files until under the disk budget."""
-        if self._disk_bytes(db) > self.disk_budget:
+        if index_writes.disk_bytes(db) > self.disk_budget:
             self._delete_unreferenced(db)  # garbage first: no live agent is evicted for it
-        while self._disk_bytes(db) > self.disk_budget:
+        while index_writes.disk_bytes(db) > self.disk_budget:
             victim = db.execute(
                 "SELECT agent_id, fingerprint FROM agents WHERE pinned = 0 AND stored_tokens > 0 "
                 "AND NOT (agent_id = ? AND fingerprint = ?) ORDER BY last_used LIMIT 1",
@@ -740,12 +680,6 @@ class CacheStore:
             self._remove_agent(db, victim[0], victim[1], keep_tokens=True)
             self._delete_unreferenced(db)
             self.counters["evicted_agents"] += 1
-
-    def _disk_bytes(self, db) -> int:
-        """Bytes of block files plus the agents' current state files."""
-        blocks = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM blocks").fetchone()[0]
-        states = db.execute("SELECT COALESCE(SUM(state_bytes), 0) FROM agents").fetchone()[0]
-        return blocks + states
 
     def _delete_unreferenced(self, db) -> list[str]:
         """Drop blocks no agent references: index rows first, then the files."""
@@ -795,26 +729,12 @@ class CacheStore:
     def _forget_file(self, db, kind: str, path: Path, *ids: str | None) -> None:
         """Index first (one transaction), then the file to quarantine: a crash in between
         leaves a stray file, never a row that points at nothing."""
-        with db.conn:
-            db.execute("BEGIN IMMEDIATE")
-            if kind == "block":
-                # Agents that listed the block keep their tokens and the blocks before it.
-                owners = db.execute(
-                    "SELECT agent_id, fingerprint, MIN(seq) FROM agent_blocks "
-                    "WHERE block_hash = ? GROUP BY agent_id, fingerprint",
-                    ids,
-                ).fetchall()
-                cuts = [((a, f), _truncate_agent(db, a, f, seq=seq)) for a, f, seq in owners]
-                db.execute("DELETE FROM blocks WHERE hash = ?", ids)
-            else:  # only if the agent still has that state file
-                agent_id, fingerprint, rel = ids
-                cut = _truncate_agent(db, agent_id, fingerprint, state_file=rel)
-                cuts = [((agent_id, fingerprint), cut)]
-            _recount(db, {h for _, cut in cuts for h in cut.blocks}, time.time())
-        if kind == "block":  # its owners' state files no longer apply
-            for key, cut in cuts:
-                if cut.state_file is not None:
+        if kind == "block":
+            for key, cut in index_writes.forget_block(db, *ids):
+                if cut.state_file is not None:  # it no longer applies to what is left
                     self._unlink_state(cut.state_file, key)
+        else:
+            index_writes.forget_state(db, *ids)
         self._quarantine(path)
 
     def _quarantine(self, path: Path) -> None:
@@ -865,94 +785,12 @@ def _mkdir(directory: Path) -> bool:
     return True
 
 
-def _register_model(db, fingerprint: str, model_id: str, config: str, block_size: int) -> None:
-    db.execute(
-        "INSERT INTO models VALUES (?, ?, ?, ?, ?) ON CONFLICT(fingerprint) DO UPDATE SET "
-        "model_id = CASE WHEN excluded.model_id != '' THEN excluded.model_id ELSE model_id END, "
-        "config = CASE WHEN excluded.config != '' THEN excluded.config ELSE config END, "
-        "block_size = excluded.block_size",
-        (fingerprint, model_id, config, block_size, time.time()),
-    )
-
-
-def _listed_blocks(db, agent_id: str, fingerprint: str) -> list[str]:
-    return [
-        r[0]
-        for r in db.execute(
-            "SELECT block_hash FROM agent_blocks WHERE agent_id = ? AND fingerprint = ?",
-            (agent_id, fingerprint),
-        )
-    ]
-
-
 def _decrement(counts: dict[str, int], key: str) -> None:
     n = counts.get(key, 1) - 1
     if n:
         counts[key] = n
     else:
         counts.pop(key, None)
-
-
-@dataclasses.dataclass(slots=True)
-class _Cut:
-    """What truncating an agent took from it."""
-
-    blocks: set[str]  # block hashes it no longer lists (their refcounts are to be recounted)
-    state_file: str | None  # the state file it no longer has
-
-
-def _truncate_agent(
-    db, agent_id: str, fingerprint: str, *, seq: int | None = None, state_file: str | None = None
-) -> _Cut:
-    """Keep an agent's first `seq` blocks (all if None) and drop its state file, which no
-    longer applies; stored_tokens becomes what the kept blocks hold, so the row stays one
-    that a restore accepts. With `state_file`: only if the agent still has that one."""
-    key = (agent_id, fingerprint)
-    row = db.execute(
-        "SELECT state_file FROM agents WHERE agent_id = ? AND fingerprint = ?", key
-    ).fetchone()
-    if row is None or (state_file is not None and row[0] != state_file):
-        return _Cut(set(), None)
-    dropped: set[str] = set()
-    if seq is not None:
-        where = "WHERE agent_id = ? AND fingerprint = ? AND seq >= ?"
-        dropped = {
-            r[0] for r in db.execute(f"SELECT block_hash FROM agent_blocks {where}", (*key, seq))
-        }
-        db.execute(f"DELETE FROM agent_blocks {where}", (*key, seq))
-    db.execute(
-        "UPDATE agents SET state_file = NULL, state_bytes = 0, state_checksum = NULL, "
-        "stored_tokens = (SELECT COALESCE(SUM(b.token_count), 0) FROM agent_blocks ab "
-        "JOIN blocks b ON b.hash = ab.block_hash WHERE ab.agent_id = ? AND ab.fingerprint = ?) "
-        "WHERE agent_id = ? AND fingerprint = ?",
-        (*key, *key),
-    )
-    return _Cut(dropped, row[0])
-
-
-def _check_blocks_exist(db, rec: TurnRecord) -> None:
-    """Every block the agent lists must have its row (gc in another process may have run)."""
-    wanted = {b.block_hash for b in rec.blocks}
-    if not wanted:
-        return
-    marks = ",".join("?" * len(wanted))
-    have = db.execute(f"SELECT COUNT(*) FROM blocks WHERE hash IN ({marks})", tuple(wanted))
-    if have.fetchone()[0] != len(wanted):
-        raise _BlocksGone(wanted)
-
-
-class _BlocksGone(StoreWriteError):
-    def __init__(self, hashes: set[str]) -> None:
-        self.hashes = hashes
-        super().__init__("blocks removed from the index meanwhile; the next turn rewrites them")
-
-
-def _recount(db, hashes: set[str], now: float) -> None:
-    db.conn.executemany(
-        "UPDATE blocks SET refcount = (SELECT COUNT(*) FROM agent_blocks WHERE block_hash = ?), "
-        "last_used = ? WHERE hash = ?",
-        [(h, now, h) for h in hashes],
-    )
 
 
 def _lock_store(root: Path):
