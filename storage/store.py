@@ -189,7 +189,13 @@ class CacheStore:
             "SELECT pinned FROM agents WHERE agent_id = ? AND fingerprint = ?",
             (view.agent_id, view.fingerprint),
         ).fetchone()
-        return dataclasses.replace(view, pinned=bool(row and row[0] == 1))
+        # Copies: the record's lists belong to the turn the writer has yet to write.
+        return dataclasses.replace(
+            view,
+            tokens=list(view.tokens),
+            block_hashes=list(view.block_hashes),
+            pinned=bool(row and row[0] == 1),
+        )
 
     def _indexed_agent(self, agent_id: str, fingerprint: str) -> StoredAgent | None:
         key = (agent_id, fingerprint)

@@ -598,8 +598,8 @@ def test_turn_after_the_disk_frees_up_is_durable_again(llama, tmp_path):
 
 
 def test_failed_write_is_reported_by_flush_not_by_submit(llama, tmp_path):
-    """Looking an agent up waits for its queued writes but never raises other turns' failures
-    (which `flush` must still report)."""
+    """Looking an agent up (here, one whose delete is queued behind failing writes) never
+    raises other turns' failures, which `flush` must still report."""
     model, tokenizer = llama
     prompts = _prompts(4, ["x", "y", "y2"], 20)
     ops = FaultyOps("writev", errno.ENOSPC, allowed=0, delay=0.3)  # a slow, full disk
