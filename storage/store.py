@@ -142,6 +142,11 @@ class CacheStore:
         """Create the store's directories; True if the file system is read-only."""
         if self.root.is_dir() and self.ops.is_read_only(self.root):
             log.info("store %s is on a read-only file system: opened read-only", self.root)
+            wal = self.root / "index.db-wal"
+            if wal.exists() and wal.stat().st_size:
+                # SQLite opens a WAL index there only as immutable, which ignores the WAL:
+                # the index is read as of its last checkpoint (older turns are recomputed).
+                log.warning("store %s was not closed cleanly: its index's WAL is ignored", wal)
             return True
         try:
             if not self.root.is_dir():
