@@ -17,10 +17,27 @@ from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 from .errors import CacheReconstructionError
 from .spec import LayerKind, ModelCacheSpec
 
-# Rebuilds copy keys on the default stream and values on this one. On the CPU backend each
-# stream runs on its own thread, so both cores copy: ~1.9x the bandwidth of one stream on a
-# 2-core machine (EXP-006). Thread-local, like mlx-lm's generation stream.
-VALUES_STREAM = mx.new_thread_local_stream(mx.default_device())
+_values_stream = None
+
+
+def values_stream():
+    """The stream rebuilds copy values on (keys go on the default stream).
+
+    On the CPU backend each stream runs on its own thread, so both cores copy: ~1.9x the
+    bandwidth of one stream on a 2-core machine (EXP-006). Thread-local, like mlx-lm's
+    generation stream, and made on first use, so importing this module touches no device
+    (the engine thread is the first to use it).
+    """
+    global _values_stream
+    if _values_stream is None:
+        _values_stream = mx.new_thread_local_stream(mx.default_device())
+    return _values_stream
+
+
+def __getattr__(name: str):
+    if name == "VALUES_STREAM":  # the old constant's name, still imported elsewhere
+        return values_stream()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(slots=True, eq=False)
@@ -147,7 +164,7 @@ def _rebuild_full(spec: ModelCacheSpec, payloads: Sequence[BlockKV], n_tokens: i
     for j, index in enumerate(spec.full_layers):
         keys = _join([p.keys[j] for p, _ in pieces], [t for _, t in pieces])
         values = _join(
-            [p.values[j] for p, _ in pieces], [t for _, t in pieces], stream=VALUES_STREAM
+            [p.values[j] for p, _ in pieces], [t for _, t in pieces], stream=values_stream()
         )
         cache = KVCache()
         if n_tokens > 0:
