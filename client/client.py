@@ -14,15 +14,23 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import zmq
 
 from . import protocol
-from .errors import DaemonUnavailable, GenerationFailed, MessageTooLarge, error_for
+from .errors import (
+    DaemonUnavailable,
+    GenerationFailed,
+    InvalidRequest,
+    MessageTooLarge,
+    error_for,
+)
 from .paths import default_socket
 from .protocol import MessageType
+
+MAX_LATE_STEPS = 64  # timed-out steps whose late replies are still taken in
 
 
 @dataclass(slots=True)
@@ -52,6 +60,15 @@ class Event:
         """True on a request's last event."""
         return self.finish_reason is not None
 
+    @classmethod
+    def from_wire(cls, raw: dict) -> Event:
+        """An event from a `step` reply; fields a later minor protocol version adds are
+        ignored."""
+        return cls(**{k: v for k, v in raw.items() if k in _EVENT_FIELDS})
+
+
+_EVENT_FIELDS = frozenset(f.name for f in fields(Event))
+
 
 @dataclass(slots=True)
 class Result:
@@ -76,6 +93,7 @@ class Client:
     Raises:
         DaemonUnavailable: no answer to the handshake within `timeout`.
         ProtocolMismatch: the daemon speaks another major protocol version.
+        InvalidRequest: a malformed endpoint, or an auth key under 16 bytes.
     """
 
     def __init__(
@@ -90,9 +108,16 @@ class Client:
         self._key = _load_key(auth_key)
         self._ids = itertools.count(1)
         self._buffered: deque[Event] = deque()
+        # Steps that timed out: the daemon has handed their events over already, so a late
+        # reply to one is kept for the next step instead of dropped.
+        self._late_steps: deque[int] = deque(maxlen=MAX_LATE_STEPS)
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
+        try:
+            self._sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise InvalidRequest(f"bad endpoint {self.endpoint!r}: {exc}") from None
         try:
             self.info = self._call(MessageType.HELLO, {"version": list(protocol.PROTOCOL_VERSION)})
             protocol.check_version(self.info.get("version"))
@@ -146,12 +171,11 @@ class Client:
 
     def step(self, timeout: float = 1.0) -> list[Event]:
         """Events of this client's requests since its last step, waiting up to `timeout`."""
-        if self._buffered:
-            out = list(self._buffered)
-            self._buffered.clear()
-            return out
-        result = self._call(MessageType.STEP, {"timeout": timeout}, wait=timeout + self.timeout)
-        return [Event(**e) for e in result["events"]]
+        if not self._buffered:
+            self._step_call(timeout)
+        out = list(self._buffered)
+        self._buffered.clear()
+        return out
 
     def generate(self, agent_id: str, prompt=None, **kwargs) -> Result:
         """Submit a turn and wait for it to finish.
@@ -194,12 +218,34 @@ class Client:
     # -- agents and daemon -----------------------------------------------------------------
 
     def agents(self) -> list[dict]:
-        """Every agent the daemon knows (in memory or in its store)."""
-        return self._call(MessageType.AGENTS, {})["agents"]
+        """Every agent the daemon knows (in memory or in its store), fetched page by page."""
+        rows: list[dict] = []
+        after = None
+        while True:
+            page = self._call(MessageType.AGENTS, {} if after is None else {"after": after})
+            rows += page["agents"]
+            after = page.get("next")
+            if not after:
+                return rows
 
     def inspect(self, agent_id: str) -> dict:
-        """One agent in detail. Raises UnknownAgent."""
-        return self._call(MessageType.INSPECT, {"agent_id": agent_id})
+        """One agent in detail, its `token_ids` fetched page by page. Raises UnknownAgent."""
+        for _ in range(8):  # a turn that commits between pages: start again
+            info = self._call(MessageType.INSPECT, {"agent_id": agent_id})
+            tokens = info.get("token_ids")
+            while tokens is not None and len(tokens) < info.get("tokens", 0):
+                page = self._call(
+                    MessageType.INSPECT, {"agent_id": agent_id, "token_offset": len(tokens)}
+                )
+                if (page["tokens"], page.get("last_used")) != (
+                    info["tokens"],
+                    info.get("last_used"),
+                ):
+                    break
+                tokens += page["token_ids"]
+            else:
+                return info
+        raise DaemonUnavailable(f"agent {agent_id!r} kept changing while it was read")
 
     def delete(self, agent_id: str) -> None:
         """Forget an agent (memory and store). Raises UnknownAgent."""
@@ -232,15 +278,24 @@ class Client:
     def _events_of(self, uid: int) -> Iterator[Event]:
         """This request's events; others' are kept for the next `step`."""
         while True:
-            result = self._call(MessageType.STEP, {"timeout": 1.0}, wait=1.0 + self.timeout)
-            for raw in result["events"]:
-                event = Event(**raw)
-                if event.uid != uid:
-                    self._buffered.append(event)
-                    continue
+            mine = self._take_buffered(uid)
+            if not mine:
+                self._step_call(1.0)
+                mine = self._take_buffered(uid)
+            for event in mine:
                 yield event
                 if event.finished:
                     return
+
+    def _step_call(self, timeout: float) -> None:
+        result = self._call(MessageType.STEP, {"timeout": timeout}, wait=timeout + self.timeout)
+        self._buffered.extend(Event.from_wire(e) for e in result["events"])
+
+    def _take_buffered(self, uid: int) -> list[Event]:
+        mine = [e for e in self._buffered if e.uid == uid]
+        if mine:
+            self._buffered = deque(e for e in self._buffered if e.uid != uid)
+        return mine
 
     def _call(self, kind: MessageType, body: dict, wait: float | None = None):
         rid = next(self._ids)
@@ -250,9 +305,31 @@ class Client:
             raise MessageTooLarge(
                 f"request of {size} bytes exceeds {protocol.MAX_MESSAGE_BYTES} bytes"
             )
-        self._sock.send_multipart(frames)
         wait = self.timeout if wait is None else wait
         deadline = time.monotonic() + wait
+        self._send(frames, wait)
+        try:
+            return self._await(rid, deadline, wait)
+        except DaemonUnavailable:
+            if kind is MessageType.STEP:
+                self._late_steps.append(rid)
+            raise
+
+    def _send(self, frames: list[bytes], wait: float) -> None:
+        """Send, waiting at most `wait` for room (the socket's queue fills when the daemon
+        is gone or not reading)."""
+        try:
+            self._sock.setsockopt(zmq.SNDTIMEO, max(1, int(wait * 1000)))
+            self._sock.send_multipart(frames)
+        except zmq.Again:
+            raise DaemonUnavailable(
+                f"could not send to {self.endpoint} within {wait:.1f} s"
+            ) from None
+        except zmq.ZMQError as exc:
+            raise DaemonUnavailable(f"cannot send to {self.endpoint}: {exc}") from None
+
+    def _await(self, rid: int, deadline: float, wait: float):
+        """The reply to request `rid`; late replies to timed-out steps are kept."""
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
@@ -260,15 +337,35 @@ class Client:
             frames = self._sock.recv_multipart()
             try:
                 msg = protocol.decode(frames, self._key)
-            except protocol.ProtocolError:
+            except protocol.ProtocolError as exc:
+                _raise_if_unreadable(exc, frames, rid)
                 _raise_if_refused(frames, rid)
                 continue  # not for us / unreadable: keep waiting for our reply
             if msg.header.get("id") != rid:
-                continue  # a late reply to a request that timed out
+                self._keep_late(msg)
+                continue
             if msg.type is MessageType.ERROR:
                 err = msg.header.get("error") or {}
                 raise error_for(str(err.get("code")), str(err.get("message")))
             return msg.header.get("result")
+
+    def _keep_late(self, msg: protocol.Message) -> None:
+        """A reply to a step that timed out still carries its events: keep them."""
+        rid = msg.header.get("id")
+        if rid not in self._late_steps or msg.type is not MessageType.REPLY:
+            return
+        self._late_steps.remove(rid)
+        events = (msg.header.get("result") or {}).get("events") or []
+        self._buffered.extend(Event.from_wire(e) for e in events)
+
+
+def _raise_if_unreadable(exc: protocol.ProtocolError, frames: list[bytes], rid: int) -> None:
+    """Our reply, but over the size limit: say so instead of timing out."""
+    if exc.code == "too_large" and protocol.peek_id(frames) == rid:
+        size = sum(len(f) for f in frames)
+        raise MessageTooLarge(
+            f"reply of {size} bytes exceeds {protocol.MAX_MESSAGE_BYTES} bytes"
+        ) from None
 
 
 def _raise_if_refused(frames: list[bytes], rid: int) -> None:
@@ -284,6 +381,9 @@ def _raise_if_refused(frames: list[bytes], rid: int) -> None:
 
 
 def _load_key(key: bytes | str | Path | None) -> bytes | None:
-    if key is None or isinstance(key, bytes):
-        return key
-    return Path(key).expanduser().read_bytes().strip()
+    if key is None:
+        return None
+    try:
+        return protocol.check_key(key) if isinstance(key, bytes) else protocol.load_key(key)
+    except protocol.ProtocolError as exc:
+        raise InvalidRequest(str(exc)) from None

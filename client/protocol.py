@@ -13,7 +13,15 @@ also carry `nonce` and `ts` so a captured message cannot be replayed. Replies ha
 `error: {code, message}`), the codes from `ERRORS`.
 
 The protocol version (`PROTOCOL_VERSION`) is separate from the package version; the
-`hello` handshake refuses a different major version.
+`hello` handshake refuses a different major version. A minor version only adds optional
+fields, which older peers ignore.
+
+Replies stay under MAX_MESSAGE_BYTES: `agents` is paged (`after`, `limit` in; `next` out),
+`inspect` pages its `token_ids` (`token_offset`, `token_limit`), and `step` returns at most
+a message's worth of events (the rest come with the next step).
+
+1.1: `agents` and `inspect` paging, usage `prefill_ms`, inspect `disk_blocks` and
+`last_used`, stats `clients`.
 """
 
 from __future__ import annotations
@@ -29,10 +37,14 @@ from dataclasses import dataclass
 
 import msgpack
 
-PROTOCOL_VERSION = (1, 0)
+PROTOCOL_VERSION = (1, 1)
 MAGIC = b"AKV1"
 MAX_MESSAGE_BYTES = 8 * 2**20  # larger requests are refused with `too_large`
-MAX_TOKENS_PER_REQUEST = 1 << 20
+# Token ids one message carries at most (a submit's `tokens`, an inspect page): msgpack
+# takes <= 5 bytes per id, so a full page stays well under MAX_MESSAGE_BYTES.
+MAX_TOKENS_PER_MESSAGE = 1 << 20
+MAX_AGENTS_PER_PAGE = 256  # rows of one `agents` reply
+MIN_KEY_BYTES = 16  # shorter HMAC keys are refused (an empty file would mean no secret)
 REPLAY_WINDOW_S = 60.0
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 
@@ -162,6 +174,43 @@ class ReplayGuard:
         self._seen[nonce] = ts
         if len(self._seen) > 100_000:
             self._seen = {n: t for n, t in self._seen.items() if now - t <= self.window_s}
+
+
+def load_key(path: str | os.PathLike[str]) -> bytes:
+    """Read an HMAC key file (surrounding whitespace stripped).
+
+    Raises:
+        ProtocolError: invalid_request when the key is shorter than MIN_KEY_BYTES.
+        OSError: the file cannot be read.
+    """
+    with open(os.path.expanduser(path), "rb") as f:
+        key = f.read().strip()
+    check_key(key, str(path))
+    return key
+
+
+def check_key(key: bytes, where: str = "auth key") -> bytes:
+    """Refuse an HMAC key under MIN_KEY_BYTES: an empty or tiny key is no secret."""
+    if len(key) < MIN_KEY_BYTES:
+        raise ProtocolError(
+            "invalid_request",
+            f"{where}: the auth key has {len(key)} bytes; use at least {MIN_KEY_BYTES} "
+            "(e.g. `python -c 'import secrets; print(secrets.token_hex(32))' > KEYFILE`)",
+        )
+    return key
+
+
+def peek_id(frames: list[bytes]):
+    """Best effort: the request id in a message's header without checking anything else
+    (an oversized or unsigned message's id, so its error can still be matched)."""
+    if len(frames) < 3 or frames[0] != MAGIC:
+        return None
+    try:
+        header = msgpack.unpackb(frames[2], raw=False, strict_map_key=True)
+    except Exception:  # msgpack raises several unrelated types on garbage
+        return None
+    rid = header.get("id") if isinstance(header, dict) else None
+    return rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
 
 
 def reply(request_id, result) -> tuple[MessageType, dict]:
