@@ -39,6 +39,9 @@ class AgentContext:
         restored_full: after a restore, the full-attention rows read from disk, one (K, V)
             buffer pair per layer, used by the next turn instead of blocks; its commit
             turns the finished cache into blocks and clears this.
+        disk_blocks: full blocks the store holds (or has queued) for this agent, as of its
+            last write-back or when it was read from the store.
+        last_turn: wall-clock time (time.time()) of its last finished turn, 0.0 if none.
     """
 
     agent_id: str
@@ -54,6 +57,8 @@ class AgentContext:
     in_store: bool = False
     restored: int = 0
     restored_full: dict[int, tuple[mx.array, mx.array]] | None = None
+    disk_blocks: int = 0
+    last_turn: float = 0.0
 
     @property
     def busy(self) -> bool:

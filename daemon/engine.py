@@ -62,6 +62,7 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     restore_ms: float = 0.0
+    prefill_ms: float = 0.0
     failure: Exception | None = None
     stop: tuple[str, ...] = ()
     held: str = ""  # text held back while it could be the start of a stop string
@@ -80,6 +81,8 @@ class AgentInfo:
         busy: a turn of this agent is in the batch.
         pending: turns waiting behind it.
         in_store: the store holds its state (restored at its next turn if not in memory).
+        disk_blocks: full blocks of it the store holds (or has queued for writing).
+        last_used: wall-clock time of its last finished turn (0.0: none yet).
     """
 
     agent_id: str
@@ -90,6 +93,8 @@ class AgentInfo:
     busy: bool
     pending: int
     in_store: bool = False
+    disk_blocks: int = 0
+    last_used: float = 0.0
 
 
 class BlockPoolBatchEngine:
@@ -304,10 +309,18 @@ class BlockPoolBatchEngine:
 
     def agent_info(self, agent_id: str) -> AgentInfo:
         """A snapshot of one agent. Raises UnknownAgentError."""
+        return self._info(self._peek(agent_id))
+
+    def agent_snapshot(self, agent_id: str) -> tuple[AgentInfo, list[int]]:
+        """`agent_info` and `agent_tokens` from one lookup (one index read for an agent
+        that is only on disk). Raises UnknownAgentError."""
         agent = self._peek(agent_id)
+        return self._info(agent), list(agent.tokens)
+
+    def _info(self, agent: AgentContext) -> AgentInfo:
         held = agent.held_blocks()
         return AgentInfo(
-            agent_id=agent_id,
+            agent_id=agent.agent_id,
             tokens=len(agent.tokens),
             cached_tokens=agent.cached_len,
             blocks=len(held),
@@ -315,6 +328,8 @@ class BlockPoolBatchEngine:
             busy=agent.busy,
             pending=len(agent.pending),
             in_store=agent.in_store or (self.store is not None and agent.cached_len > 0),
+            disk_blocks=agent.disk_blocks if self.store is not None else 0,
+            last_used=agent.last_turn,
         )
 
     def fork_agent(self, agent_id: str, new_agent_id: str) -> None:
@@ -350,6 +365,7 @@ class BlockPoolBatchEngine:
             states=dict(src.states),
             cached_len=src.cached_len,
             last_used=self._clock,
+            last_turn=src.last_turn,
         )
         if src.cached_len:
             self._write_back(self._agents[new_agent_id])
@@ -388,7 +404,7 @@ class BlockPoolBatchEngine:
         s = self.pool.stats()
         return {
             **self.counters,
-            "agents": len(self._agents),
+            "agents": len(self.agent_ids()),  # in memory, and on disk only (after a restart)
             "waiting": len(self._waiting),
             "active": len(self._active),
             "pool": {k: getattr(s, k) for k in s.__slots__},
@@ -423,7 +439,13 @@ class BlockPoolBatchEngine:
         if not all(0 <= t < vocab for t in stored.tokens):
             log.warning("agent %r: stored tokens outside the vocabulary; ignored", agent_id)
             return None
-        return AgentContext(agent_id, tokens=stored.tokens, in_store=True)
+        return AgentContext(
+            agent_id,
+            tokens=stored.tokens,
+            in_store=True,
+            disk_blocks=len(stored.block_hashes),
+            last_turn=stored.last_used,
+        )
 
     def _check_fits(self, req: _Request, agent: AgentContext) -> None:
         """Refuse a turn that could never fit in the pool, even alone."""
@@ -458,8 +480,27 @@ class BlockPoolBatchEngine:
             agent = self._agents[req.agent_id]
             if agent.busy or agent.pending[0] != uid:
                 continue
-            if not self._admit(req, agent, events):
+            try:
+                admitted = self._admit(req, agent, events)
+            except Exception as exc:  # a bug or an unforeseen store fault: this turn fails alone
+                log.exception("agent %r: admission failed", agent.agent_id)
+                self._abandon(req, agent, exc, events)
+                continue
+            if not admitted:
                 return  # keep FIFO order: later turns wait behind this one
+
+    def _abandon(self, req: _Request, agent: AgentContext, exc: Exception, events) -> None:
+        """Fail a turn whose admission raised; the agent keeps its committed context and
+        recomputes whatever cache it lost."""
+        if req.uid in self._waiting:
+            self._waiting.remove(req.uid)
+        if req.uid in agent.pending:
+            agent.pending.remove(req.uid)
+        self._release(req, agent)
+        if not agent.held_blocks():  # a half-done restore: start from the tokens next time
+            agent.cached_len, agent.restored_full, agent.restored = 0, None, 0
+            agent.windows, agent.states = {}, {}
+        events.append(self._fail(req, exc))
 
     def _admit(self, req: _Request, agent: AgentContext, events: list[StepEvent]) -> bool:
         full = req.full_tokens if req.full_tokens is not None else agent.tokens + req.new_tokens
@@ -562,12 +603,17 @@ class BlockPoolBatchEngine:
     # -- running ---------------------------------------------------------------------------
 
     def _run_batch(self, events: list[StepEvent]) -> None:
+        prefilling = [q for q in self._active.values() if not q.first_token]
+        tic = time.perf_counter()
         try:
             _, responses = self._gen.next()
         except Exception as exc:  # the whole batch step failed: fail its requests, go on
             log.exception("batch step failed; failing %d running request(s)", len(self._active))
             self._fail_all_active(exc, events)
             return
+        step_ms = (time.perf_counter() - tic) * 1e3
+        for q in prefilling:  # a step before a request's first token prefilled it
+            q.prefill_ms += step_ms
         for r in responses:
             req = self._active.get(r.uid)
             if req is not None:
@@ -614,6 +660,7 @@ class BlockPoolBatchEngine:
             return self._fail(req, exc)
         self._clock += 1
         agent.last_used = self._clock
+        agent.last_turn = time.time()
         self._write_back(agent)
         self.counters["completed"] += 1
         completion = self._finish(req, reason)
@@ -626,6 +673,7 @@ class BlockPoolBatchEngine:
         try:
             record = persistence.turn_record(self.spec, self.store, agent, self._layout)
             self.store.save_turn(record)
+            agent.disk_blocks = len(record.blocks)
         except Exception as exc:  # the turn is done and kept in memory either way
             log.error("agent %r: write-back not queued: %s", agent.agent_id, exc)
 
@@ -665,6 +713,7 @@ class BlockPoolBatchEngine:
             recomputed_tokens=adm.recomputed if adm else 0,
             queue_ms=_ms(req.submitted, req.admitted),
             restore_ms=round(req.restore_ms, 3),
+            prefill_ms=round(req.prefill_ms, 3),
             ttft_ms=_ms(req.submitted, req.first_token),
             total_ms=_ms(req.submitted, time.perf_counter()),
         )

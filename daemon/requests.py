@@ -57,6 +57,8 @@ class Usage:
             they were prefilled again.
         queue_ms: submit to admission into the batch.
         restore_ms: rebuilding the cache from blocks.
+        prefill_ms: batch steps spent prefilling this turn's new tokens (from joining the
+            batch to its first token; others' decoding shares those steps).
         ttft_ms: submit to the first generated token.
         total_ms: submit to finish.
     """
@@ -68,6 +70,7 @@ class Usage:
     recomputed_tokens: int = 0
     queue_ms: float = 0.0
     restore_ms: float = 0.0
+    prefill_ms: float = 0.0
     ttft_ms: float = 0.0
     total_ms: float = 0.0
 
