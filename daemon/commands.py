@@ -4,11 +4,19 @@ Each client (ROUTER identity) gets the events of its own requests: token ids and
 deltas as they are generated, and a final event with finish_reason and usage. With a
 store, the final event waits until the turn's write-back is on disk (the engine goes on
 meanwhile), so a turn a client has seen finish survives a crash of the daemon. A `step`
-with nothing to report is parked until something arrives or its timeout passes.
+with nothing to report is parked until something arrives or its timeout passes. A client
+that stays silent for `client_ttl` with nothing running is forgotten, with any events it
+never collected.
+
+Per-request work stays small, since it delays every running turn: `agents` is paged (each
+agent only on disk costs an index read), `inspect` reads one agent, and `stats` recounts
+the store's totals at most every STORE_STATS_EVERY_S.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import logging
 import math
 import time
@@ -16,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agentkv.client import protocol
-from agentkv.client.protocol import MessageType, ProtocolError
+from agentkv.client.protocol import MAX_TOKENS_PER_MESSAGE, MessageType, ProtocolError
 
 from .errors import AgentKVError, UnknownAgentError
 
@@ -25,6 +33,11 @@ log = logging.getLogger("agentkv.commands")
 MAX_STEP_WAIT_S = 30.0
 HELD_POLL_S = 0.002  # how often finished turns waiting for their write-back are checked
 DRAIN_GRACE_S = 2.0  # on shutdown, how long finished turns' events wait for their client
+CLIENT_TTL_S = 300.0  # a silent client with nothing running is forgotten after this
+EXPIRY_EVERY_S = 1.0
+STORE_STATS_EVERY_S = 0.5  # store totals (COUNT/SUM over the index) at most this often
+STEP_REPLY_BYTES = protocol.MAX_MESSAGE_BYTES // 2  # events one step reply carries at most
+AGENTS_PAGE = 128  # stored-only agents cost an index read each: bounded per request
 SUBMIT_FIELDS = {
     "agent_id",
     "prompt",
@@ -48,6 +61,7 @@ class _Client:
     events: dict[int, dict] = field(default_factory=dict)  # uid -> merged event
     parked: tuple | None = None  # (request id, deadline) of a waiting step
     running: int = 0  # this client's requests not finished yet
+    seen: float = field(default_factory=time.monotonic)  # its last request
 
 
 class CommandHandler:
@@ -57,19 +71,38 @@ class CommandHandler:
         engine: the BlockPoolBatchEngine (owned by this thread).
         send: sends (identity, type, header) back through the I/O thread.
         info: static daemon facts for `stats`.
+        client_ttl: seconds after which a client that sent nothing and has nothing running
+            is forgotten, with any finished turns' events it never collected.
+        cancel_on_shutdown: every shutdown cancels running turns, whether or not the
+            `shutdown` request asks for it.
     """
 
-    def __init__(self, engine, send: Callable, info: dict) -> None:
+    def __init__(
+        self,
+        engine,
+        send: Callable,
+        info: dict,
+        *,
+        client_ttl: float = CLIENT_TTL_S,
+        cancel_on_shutdown: bool = False,
+    ) -> None:
         self.engine = engine
         self.send = send
         self.info = info
+        self.client_ttl = client_ttl
+        self.cancel_on_shutdown = cancel_on_shutdown
         self.started = time.time()
         self._clients: dict[bytes, _Client] = {}
-        self._owner: dict[int, bytes] = {}
+        self._owner: dict[int, tuple[bytes, str]] = {}  # uid -> (client, agent id)
         # (client, uid, agent id, final fields): finished turns waiting to be durable
         self._held: list[tuple[bytes, int, str, dict]] = []
         self._closing = False
         self._grace_until: float | None = None
+        self._next_expiry = time.monotonic() + EXPIRY_EVERY_S
+        self._expired = 0
+        self._store_stats: dict | None = None
+        self._store_key: tuple | None = None
+        self._store_at = 0.0
         self._handlers = {
             MessageType.SUBMIT: self._submit,
             MessageType.STEP: self._step,
@@ -98,10 +131,14 @@ class CommandHandler:
     def handle(self, identity: bytes, msg) -> bool:
         """Run one request; returns True if it asked the daemon to shut down."""
         rid = msg.header.get("id")
+        client = self._clients.get(identity)
+        if client is not None:
+            client.seen = time.monotonic()
         try:
             if msg.type is MessageType.SHUTDOWN:
                 self.send(identity, *protocol.reply(rid, {"shutting_down": True}))
-                self.begin_shutdown(cancel=bool(msg.header.get("cancel")))
+                cancel = self.cancel_on_shutdown or bool(msg.header.get("cancel"))
+                self.begin_shutdown(cancel=cancel)
                 return True
             result = self._handlers[msg.type](identity, msg.header)
         except ProtocolError as exc:
@@ -127,6 +164,33 @@ class CommandHandler:
         for identity, client in list(self._clients.items()):
             if client.parked and (client.events or now >= client.parked[1]):
                 self._answer_step(identity, client)
+        if now >= self._next_expiry:
+            self._expire_clients(now)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """After an unexpected error in a step: end every request in flight, and every
+        finished one not yet known to be durable, with an `internal` error event (what
+        became of them is unknown), and answer the steps waiting for them."""
+        error = {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+        for uid, (identity, agent_id) in list(self._owner.items()):
+            del self._owner[uid]
+            try:
+                self.engine.cancel(uid)  # its "cancelled" event is not routed: no owner
+            except Exception:  # the engine may be what is broken
+                log.exception("could not cancel request %d", uid)
+            self._deliver(identity, uid, agent_id, {"finish_reason": "error", "error": error})
+        held, self._held = self._held, []
+        for identity, uid, agent_id, final in held:
+            self._deliver(
+                identity, uid, agent_id, {**final, "finish_reason": "error", "error": error}
+            )
+        self.answer_parked()
+
+    def answer_parked(self) -> None:
+        """Answer every waiting step now (with whatever events there are)."""
+        for identity, client in list(self._clients.items()):
+            if client.parked:
+                self._answer_step(identity, client)
 
     def drained(self) -> bool:
         """After `begin_shutdown`: True once no turn runs and every client has collected
@@ -150,9 +214,7 @@ class CommandHandler:
 
     def finish_shutdown(self) -> None:
         """Answer parked steps, then close the engine (flushing the store)."""
-        for identity, client in list(self._clients.items()):
-            if client.parked:
-                self._answer_step(identity, client)
+        self.answer_parked()
         self.engine.close()
 
     # -- requests --------------------------------------------------------------------------
@@ -164,14 +226,12 @@ class CommandHandler:
         if unknown:
             raise ProtocolError("invalid_request", f"unknown field(s): {sorted(unknown)}")
         agent_id = protocol.check_agent_id(h.get("agent_id"))
-        given = [k for k in ("prompt", "tokens", "messages") if h.get(k) is not None]
-        if len(given) != 1:
-            raise ProtocolError("invalid_request", "give exactly one of prompt, tokens, messages")
+        kind, value = _turn_input(h)
         uid = self.engine.submit(
             agent_id,
-            h.get("prompt") if h.get("prompt") is not None else h.get("tokens"),
+            None if kind == "messages" else value,
             max_tokens=h.get("max_tokens", 256),
-            messages=h.get("messages"),
+            messages=value if kind == "messages" else None,
             temperature=h.get("temperature", 0.0),
             top_p=h.get("top_p", 1.0),
             top_k=h.get("top_k", 0),
@@ -179,7 +239,7 @@ class CommandHandler:
             seed=h.get("seed"),
             stop=h.get("stop"),
         )
-        self._owner[uid] = identity
+        self._owner[uid] = (identity, agent_id)
         self._clients.setdefault(identity, _Client()).running += 1
         return {"uid": uid}
 
@@ -203,47 +263,79 @@ class CommandHandler:
 
     def _cancel(self, identity: bytes, h: dict) -> dict:
         uid = h.get("uid")
-        if not isinstance(uid, int) or isinstance(uid, bool) or self._owner.get(uid) != identity:
+        owner = self._owner.get(uid) if _is_int(uid) else None
+        if owner is None or owner[0] != identity:
             raise ProtocolError("unknown_request", f"no running request {uid!r} of this client")
         return {"cancelled": self.engine.cancel(uid)}
 
     def _agents(self, identity: bytes, h: dict) -> dict:
+        """One page of agents, by id; `next` is the `after` of the next page (None: done)."""
+        after = h.get("after")
+        if after is not None and not isinstance(after, str):
+            raise ProtocolError("invalid_request", "after must be an agent id")
+        limit = _count(h, "limit", AGENTS_PAGE, AGENTS_PAGE)
+        ids = sorted(self.engine.agent_ids())
+        i = bisect.bisect_right(ids, after) if after is not None else 0
         rows = []
-        for agent_id in self.engine.agent_ids():
-            try:
-                rows.append(self._agent_dict(agent_id))
-            except UnknownAgentError:  # listed by the store's index while its delete is queued
-                continue
-        return {"agents": rows}
+        while i < len(ids) and len(rows) < limit:
+            # UnknownAgentError: listed by the store's index while its delete is queued
+            with contextlib.suppress(UnknownAgentError):
+                rows.append(_info_dict(self.engine.agent_info(ids[i])))
+            i += 1
+        return {"agents": rows, "next": ids[i - 1] if i < len(ids) else None}
 
     def _inspect(self, identity: bytes, h: dict) -> dict:
+        """One agent; `token_ids` holds `token_limit` ids from `token_offset` on."""
         agent_id = protocol.check_agent_id(h.get("agent_id"))
-        return self._agent_dict(agent_id, detail=True)
+        offset = _count(h, "token_offset", 0, None, lo=0)
+        limit = _count(h, "token_limit", MAX_TOKENS_PER_MESSAGE, MAX_TOKENS_PER_MESSAGE)
+        info, tokens = self.engine.agent_snapshot(agent_id)
+        out = _info_dict(info)
+        out["token_offset"] = offset
+        out["token_ids"] = tokens[offset : offset + limit]
+        return out
 
     def _delete(self, identity: bytes, h: dict) -> dict:
         self.engine.delete_agent(protocol.check_agent_id(h.get("agent_id")))
+        self._store_key = None  # the store's totals change once the delete lands
         return {"deleted": True}
 
     def _fork(self, identity: bytes, h: dict) -> dict:
         src = protocol.check_agent_id(h.get("agent_id"))
         dst = protocol.check_agent_id(h.get("new_agent_id"))
         self.engine.fork_agent(src, dst)
-        return self._agent_dict(dst)
+        return _info_dict(self.engine.agent_info(dst))
 
     def _stats(self, identity: bytes, h: dict) -> dict:
         stats = self.engine.stats()
         if self.engine.store is not None:
-            stats["store"] = self.engine.store.stats()
+            stats["store"] = self._cached_store_stats()
+        stats["clients"] = len(self._clients)
+        stats["expired_clients"] = self._expired
         return {**self.info, "uptime_s": round(time.time() - self.started, 3), **stats}
+
+    def _cached_store_stats(self) -> dict:
+        """The store's totals, recounted at most every STORE_STATS_EVERY_S and only when
+        something was written or deleted since (or writes were pending); its counters are
+        always current."""
+        store = self.engine.store
+        key = tuple(store.counters.values())
+        now = time.monotonic()
+        cached = self._store_stats
+        changed = cached is None or key != self._store_key or cached.get("pending")
+        if changed and (cached is None or now - self._store_at >= STORE_STATS_EVERY_S):
+            self._store_stats, self._store_key, self._store_at = store.stats(), key, now
+        return {**self._store_stats, **store.counters}
 
     # -- events ----------------------------------------------------------------------------
 
     def _route(self, event) -> None:
-        identity = self._owner.get(event.uid)
-        if identity is None:
+        owner = self._owner.get(event.uid)
+        if owner is None:
             return
+        identity = owner[0]
         merged = self._clients[identity].events.setdefault(
-            event.uid, {"uid": event.uid, "agent_id": event.agent_id, "token_ids": [], "text": ""}
+            event.uid, _new_event(event.uid, event.agent_id)
         )
         if event.token is not None:
             merged["token_ids"].append(event.token)
@@ -253,7 +345,7 @@ class CommandHandler:
             return
         final = {"finish_reason": c.finish_reason, "usage": c.usage.as_dict()}
         if c.error is not None:
-            final["error"] = {"code": c.error_code or "internal", "message": c.error}
+            final["error"] = {"code": _known(c.error_code), "message": c.error}
         del self._owner[event.uid]
         self._held.append((identity, event.uid, event.agent_id, final))
         self._release_durable()
@@ -271,30 +363,101 @@ class CommandHandler:
             if store is not None and not store.is_settled(agent_id):
                 waiting.append(item)
                 continue
-            client = self._clients[identity]
-            merged = client.events.setdefault(
-                uid, {"uid": uid, "agent_id": agent_id, "token_ids": [], "text": ""}
-            )
-            merged.update(final)
-            client.running -= 1
+            self._deliver(identity, uid, agent_id, final)
         self._held = waiting
+
+    def _deliver(self, identity: bytes, uid: int, agent_id: str, final: dict) -> None:
+        """A request's last fields, for its client's next step."""
+        client = self._clients.get(identity)
+        if client is None:
+            return
+        merged = client.events.setdefault(uid, _new_event(uid, agent_id))
+        merged.update(final)
+        client.running -= 1
 
     def _answer_step(self, identity: bytes, client: _Client) -> None:
         rid, _ = client.parked
         client.parked = None
-        events, client.events = list(client.events.values()), {}
+        events = _take_events(client.events)
         self.send(identity, *protocol.reply(rid, {"events": events}))
-        if not client.running:  # nothing more will come for it: forget it
+        if not client.running and not client.events:  # nothing more for it: forget it
             del self._clients[identity]
 
-    def _agent_dict(self, agent_id: str, detail: bool = False) -> dict:
-        info = self.engine.agent_info(agent_id)
-        out = {k: getattr(info, k) for k in info.__slots__}
-        if detail:
-            out["token_ids"] = self.engine.agent_tokens(agent_id)
-        return out
+    def _expire_clients(self, now: float) -> None:
+        """Forget clients silent for `client_ttl` with nothing running (gone, or never
+        stepping): their uncollected events would otherwise be kept forever."""
+        self._next_expiry = now + EXPIRY_EVERY_S
+        for identity, c in list(self._clients.items()):
+            if c.running or c.parked or now - c.seen < self.client_ttl:
+                continue
+            del self._clients[identity]
+            self._expired += 1
+            log.info(
+                "forgot client %s: silent for %.0f s, %d finished turn(s) never collected",
+                identity.hex(),
+                now - c.seen,
+                len(c.events),
+            )
+
+
+def _turn_input(h: dict) -> tuple[str, object]:
+    """Which of prompt / tokens / messages the turn gives, type-checked."""
+    given = [k for k in ("prompt", "tokens", "messages") if h.get(k) is not None]
+    if len(given) != 1:
+        raise ProtocolError("invalid_request", "give exactly one of prompt, tokens, messages")
+    kind = given[0]
+    value = h[kind]
+    if kind == "prompt" and not isinstance(value, str):
+        raise ProtocolError("invalid_request", "prompt must be a string (token ids: `tokens`)")
+    if kind in ("tokens", "messages") and not isinstance(value, list):
+        raise ProtocolError("invalid_request", f"{kind} must be a list")
+    if kind == "tokens" and len(value) > MAX_TOKENS_PER_MESSAGE:
+        raise ProtocolError(
+            "invalid_request", f"at most {MAX_TOKENS_PER_MESSAGE} token ids per request"
+        )
+    return kind, value
+
+
+def _take_events(events: dict[int, dict]) -> list[dict]:
+    """Remove and return the oldest events that fit one reply (always at least one); the
+    rest wait for the next step."""
+    out, size = [], 0
+    for uid in list(events):
+        ev = events[uid]
+        # msgpack: <= 5 bytes per token id, <= 4 per character, a few hundred for the rest
+        cost = 512 + 5 * len(ev["token_ids"]) + 4 * len(ev["text"])
+        if out and size + cost > STEP_REPLY_BYTES:
+            break
+        out.append(events.pop(uid))
+        size += cost
+    return out
+
+
+def _new_event(uid: int, agent_id: str) -> dict:
+    return {"uid": uid, "agent_id": agent_id, "token_ids": [], "text": ""}
+
+
+def _info_dict(info) -> dict:
+    return {k: getattr(info, k) for k in info.__slots__}
+
+
+def _count(h: dict, name: str, default: int, most: int | None, lo: int = 1) -> int:
+    value = h.get(name, default)
+    if not _is_int(value) or value < lo or (most is not None and value > most):
+        bounds = f"in [{lo}, {most}]" if most is not None else f">= {lo}"
+        raise ProtocolError("invalid_request", f"{name} must be an integer {bounds}")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _code(exc: AgentKVError) -> str:
-    code = getattr(exc, "code", "internal")
+    return _known(getattr(exc, "code", "internal"))
+
+
+def _known(code) -> str:
+    """The error code as the protocol's table knows it: others (a storage or model error's
+    own code) are `internal`, the same for direct replies and error events."""
     return code if code in protocol.ERRORS else "internal"

@@ -4,8 +4,11 @@ The I/O loop owns the ROUTER socket: it decodes and checks every message (size, 
 signature, replay, version), answers `hello` and protocol errors itself, and queues the
 rest for the engine thread. The engine thread owns MLX, the engine and the pool: it runs
 commands between batch steps, keeps each client's events until that client steps, and
-sends replies through an inproc socket the I/O loop forwards. No client can stall the
-engine; a bad message fails that request only.
+sends replies through an inproc socket the I/O loop forwards (unbounded: the engine
+thread never waits for the I/O thread). No client can stall the engine; a bad message
+fails that request only. An unexpected error in an engine step fails the requests in
+flight and the daemon serves on; if steps keep failing, the engine is closed (the store
+flushed) and the daemon exits.
 """
 
 from __future__ import annotations
@@ -16,18 +19,22 @@ import queue
 import threading
 from collections.abc import Callable
 
-import msgpack
 import zmq
 
 from agentkv.client import protocol
 from agentkv.client.protocol import MessageType, ProtocolError
 
-from .commands import CommandHandler
+from .commands import CLIENT_TTL_S, CommandHandler
 
 log = logging.getLogger("agentkv.server")
 
 OUTBOX = "inproc://agentkv-outbox"
+MAX_STEP_FAILURES = 3  # unexpected step errors in a row before the engine is given up
 _SHUTDOWN = object()
+
+
+class EngineFailedError(RuntimeError):
+    """Engine steps kept failing: the daemon closed the engine and shut down."""
 
 
 class DaemonServer:
@@ -39,6 +46,7 @@ class DaemonServer:
         info: static facts for `hello` and `stats` (model, fingerprint, pid, ...).
         auth_key: if set, every frame must carry a valid HMAC-SHA256 signature.
         cancel_on_shutdown: cancel in-flight turns on shutdown instead of finishing them.
+        client_ttl: seconds before a silent client with nothing running is forgotten.
     """
 
     def __init__(
@@ -49,11 +57,13 @@ class DaemonServer:
         info: dict,
         auth_key: bytes | None = None,
         cancel_on_shutdown: bool = False,
+        client_ttl: float = CLIENT_TTL_S,
     ) -> None:
         self.endpoint = endpoint
         self.info = info
         self.key = auth_key
         self.cancel_on_shutdown = cancel_on_shutdown
+        self.client_ttl = client_ttl
         self._make_engine = make_engine
         self._ctx = zmq.Context()
         self._inbox: queue.Queue = queue.Queue()
@@ -74,6 +84,7 @@ class DaemonServer:
         router.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_MESSAGE_BYTES)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         outbox = self._ctx.socket(zmq.PULL)
+        outbox.setsockopt(zmq.RCVHWM, 0)  # 0: no limit, so the engine's sends never block
         outbox.bind(OUTBOX)
         engine_thread = threading.Thread(target=self._engine_main, name="agentkv-engine")
         engine_thread.start()
@@ -135,7 +146,9 @@ class DaemonServer:
             except ProtocolError as exc:
                 # Unsigned when unauthorized: a client with no key or a wrong one can read it.
                 signed = exc.code != "unauthorized"
-                rid = _request_id(body)
+                # The id of a refused request, so the client can match the error (oversized
+                # ones too: the socket bounds what arrives at 4x the protocol's limit).
+                rid = protocol.peek_id(body)
                 self._send(
                     router, identity, *protocol.error(rid, exc.code, str(exc)), signed=signed
                 )
@@ -175,38 +188,64 @@ class DaemonServer:
 
     def _engine_main(self) -> None:
         outbox = self._ctx.socket(zmq.PUSH)
+        outbox.setsockopt(zmq.SNDHWM, 0)  # unbounded: replies queue, the engine never blocks
         outbox.connect(OUTBOX)
+        engine = None
         try:
 
             def send(identity: bytes, kind: MessageType, header: dict) -> None:
                 outbox.send_multipart([identity, *protocol.encode(kind, header, self.key)])
 
-            handler = CommandHandler(self._make_engine(), send, self.info)
+            engine = self._make_engine()
+            handler = CommandHandler(
+                engine,
+                send,
+                self.info,
+                client_ttl=self.client_ttl,
+                cancel_on_shutdown=self.cancel_on_shutdown,
+            )
             self._engine_ready.set()
             self._engine_loop(handler)
         except BaseException as exc:  # surfaced by serve() after the I/O loop stops
             log.exception("engine thread failed")
             self._engine_error = exc
         finally:
+            if engine is not None:
+                _close_engine(engine)
             outbox.close(linger=1000)
             self._engine_ready.set()
             self._engine_done.set()
 
     def _engine_loop(self, handler: CommandHandler) -> None:
         draining = False
+        failures = 0
         while True:
             timeout = 0.0 if handler.busy else handler.idle_wait()
             for item in self._drain(timeout):
                 if item is _SHUTDOWN:
                     draining = True
-                    handler.begin_shutdown(cancel=self.cancel_on_shutdown)
+                    handler.begin_shutdown(cancel=handler.cancel_on_shutdown)
                     continue
                 identity, msg = item
                 draining |= handler.handle(identity, msg)
-            handler.run_step()
+            failures = self._guarded_step(handler, failures)
             if draining and handler.drained():
                 handler.finish_shutdown()
                 return
+
+    def _guarded_step(self, handler: CommandHandler, failures: int) -> int:
+        """One step; an unexpected error fails the requests in flight and serving goes on,
+        unless steps keep failing (then EngineFailedError: the engine is closed)."""
+        try:
+            handler.run_step()
+            return 0
+        except Exception as exc:
+            failures += 1
+            log.exception("engine step failed (%d in a row); failing requests in flight", failures)
+            handler.fail_all(exc)
+            if failures >= MAX_STEP_FAILURES:
+                raise EngineFailedError(f"{failures} engine steps failed in a row") from exc
+            return failures
 
     def _drain(self, timeout: float) -> list:
         items = []
@@ -224,14 +263,12 @@ class DaemonServer:
         return items
 
 
-def _request_id(body: list[bytes]):
-    """Best effort: the id of a request we refused, so the client can match the error
-    (oversized ones too: the socket bounds what arrives at 4x the protocol's limit)."""
-    if len(body) < 3 or body[0] != protocol.MAGIC:
-        return None
+def _close_engine(engine) -> None:
+    """Close the engine (flushing the store) whatever state it is in."""
     try:
-        header = msgpack.unpackb(body[2], raw=False, strict_map_key=True)
-    except Exception:  # msgpack raises several unrelated types on garbage
-        return None
-    rid = header.get("id") if isinstance(header, dict) else None
-    return rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
+        engine.close()
+    except Exception:
+        log.exception("closing the engine failed; flushing the store alone")
+        store = getattr(engine, "store", None)
+        if store is not None:
+            store.close()

@@ -10,12 +10,12 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import time
 
 import msgpack
 import numpy as np
 import pytest
 import zmq
+import zmq.utils.monitor
 from refs import FULL
 
 from agentkv.client import protocol
@@ -90,6 +90,7 @@ def test_fuzzed_frames_each_get_an_error_and_the_daemon_serves_on(daemon, dealer
     gets an error reply with a code from the table; none is an internal error."""
     rng = np.random.default_rng(0)
     codes: dict[str, int] = {}
+    inputs: dict[str, int] = {}  # submits with one of prompt/tokens/messages, by which
     for i in range(FRAMES):
         frames, rid = _fuzz_frames(rng, i)
         dealer.send_multipart(frames)
@@ -100,11 +101,16 @@ def test_fuzzed_frames_each_get_an_error_and_the_daemon_serves_on(daemon, dealer
         assert code in protocol.ERRORS and code != "internal", (frames, reply.header)
         if rid is not NO_ID:
             assert reply.header["id"] == rid, (frames, reply.header)
+        given = _one_input(frames)
+        if given is not None:  # its own checks ran, not the "exactly one" rule
+            assert "exactly one" not in reply.header["error"]["message"], (frames, reply.header)
+            inputs[given] = inputs.get(given, 0) + 1
         codes[code] = codes.get(code, 0) + 1
     # The mix reached every layer: framing, decoding, the I/O thread and the engine thread.
     for code in ("malformed", "unknown_type", "invalid_request", "unknown_agent"):
         assert codes.get(code, 0) > 0, codes
-    print("error codes:", codes)
+    assert min(inputs.get(k, 0) for k in ("prompt", "tokens", "messages")) >= FRAMES // 500, inputs
+    print("error codes:", codes, "single-input submits:", inputs)
     _assert_serves(daemon)
     assert "Traceback" not in daemon.log()
 
@@ -129,12 +135,19 @@ def test_a_message_over_the_socket_limit_drops_that_peer_only(daemon):
     answer: it drops that connection and serves everyone else."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, -1)  # once dropped, stay dropped
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     sock.connect(daemon.socket)
     try:
+        assert _next_event(monitor, 10.0) == zmq.EVENT_CONNECTED
         sock.send_multipart([MAGIC, b"stats", b"\0" * (4 * MAX_MESSAGE_BYTES + 1)])
-        time.sleep(0.5)
+        assert _next_event(monitor, 10.0) == zmq.EVENT_DISCONNECTED  # the daemon hung up
+        with pytest.raises(zmq.Again):  # no connection left to send a request on
+            sock.send_multipart([MAGIC, b"stats", msgpack.packb({"id": 1})], zmq.NOBLOCK)
         _assert_serves(daemon)
     finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
         sock.close(linger=0)
 
 
@@ -163,6 +176,22 @@ def _assert_serves(daemon) -> None:
         r = c.generate(agent, [7, 8, 9], max_tokens=3)
         assert r.finish_reason in ("length", "stop") and r.usage["prompt_tokens"] == 3
         assert c.inspect(agent)["token_ids"][:3] == [7, 8, 9]
+
+
+def _next_event(monitor, timeout: float) -> int | None:
+    """The next socket-monitor event's code, or None if none came in time."""
+    if not monitor.poll(int(timeout * 1000)):
+        return None
+    return zmq.utils.monitor.recv_monitor_message(monitor)["event"]
+
+
+def _one_input(frames: list[bytes]) -> str | None:
+    """Which of prompt, tokens and messages a submit gives, if exactly one."""
+    if len(frames) != 3 or frames[:2] != [MAGIC, b"submit"]:
+        return None
+    header = msgpack.unpackb(frames[2])
+    given = [k for k in ("prompt", "tokens", "messages") if header.get(k) is not None]
+    return given[0] if len(given) == 1 else None
 
 
 def _reply(sock, timeout: float):
@@ -211,15 +240,21 @@ def _bad_fields(rng: np.random.Generator, i: int) -> tuple[list[bytes], object]:
     mtype = _pick(rng, list(BAD))
     header = dict(VALID[mtype])
     fields = list(BAD[mtype])
-    for k in rng.permutation(len(fields))[: int(rng.integers(1, 4))]:
-        name = fields[k]
+    chosen = [fields[k] for k in rng.permutation(len(fields))[: int(rng.integers(1, 4))]]
+    for name in chosen:
         value = _pick(rng, BAD[mtype][name])
         if value is NO_FIELD:
             header.pop(name, None)
         else:
             header[name] = value
-    if mtype == "submit" and rng.random() < 0.3:  # both prompt and tokens: ambiguous
+    if mtype == "submit" and rng.random() < 0.3:  # two of prompt/tokens/messages: ambiguous
         header.setdefault("prompt", "hello")
+    elif mtype == "submit" and "tokens" not in chosen and {"prompt", "messages"} & set(chosen):
+        # A bad prompt or messages alone, so their own validation is reached (the valid
+        # header's tokens would make every such case "give exactly one of ...").
+        header.pop("tokens")
+        if {"prompt", "messages"} <= set(chosen):
+            header.pop(_pick(rng, ["prompt", "messages"]))
     return [MAGIC, mtype.encode(), msgpack.packb({**header, "id": i})], i
 
 

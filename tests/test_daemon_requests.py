@@ -1,5 +1,5 @@
-"""Requests through the Python client against one real daemon: streaming, forks, bad input,
-and many clients at once.
+"""Requests through the Python client against one real daemon: streaming, chat messages,
+forks, bad input, paged listings, a step answered too late, and many clients at once.
 
 The load test's CI size is small and seeded; the full size (16 clients x 64 agents each x
 5 turns) runs with
@@ -12,20 +12,26 @@ The load test's CI size is small and seeded; the full size (16 clients x 64 agen
 from __future__ import annotations
 
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import msgpack
 import numpy as np
 import pytest
+import zmq
 from refs import FULL, eos_ids, random_tokens, scratch_tokens
 
 from agentkv.client import (
     AgentExists,
+    DaemonUnavailable,
     InvalidRequest,
     PoolExhausted,
     UnknownAgent,
     UnknownRequest,
+    protocol,
 )
+from agentkv.daemon.prompts import common_prefix_len, render_messages
 
 VOCAB = 768
 BLOCK = 16
@@ -61,6 +67,101 @@ def test_stream_deltas_make_generate_text(client):
     streamed = client.inspect("streamer")["token_ids"]
     assert streamed == client.inspect("generator")["token_ids"]
     assert streamed[0] == 1  # BOS
+
+
+def test_messages_turns_use_the_chat_template_and_reuse_the_common_prefix(client, loaded_models):
+    """`messages=` is the whole chat, rendered with the model's template; the next turn
+    reuses exactly the longest common token prefix with the agent's context (cached, not
+    prefilled) and generates what mlx-lm does from scratch on the rendered chat."""
+    model, tokenizer = loaded_models["llama"]
+    eos = eos_ids(tokenizer)
+    chat = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    first = client.generate("chatter", messages=chat, max_tokens=6)
+    rendered = render_messages(tokenizer, chat)
+    assert first.usage["prompt_tokens"] == len(rendered) and first.usage["cached_tokens"] == 0
+    context = client.inspect("chatter")["token_ids"]
+    assert context[: len(rendered)] == rendered
+
+    chat += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "More."}]
+    second = client.generate("chatter", messages=chat, max_tokens=6)
+    rendered = render_messages(tokenizer, chat)
+    reused = common_prefix_len(context, rendered)
+    assert len(rendered) // 2 < reused < len(rendered)  # the first turn's prompt, at least
+    assert second.usage["prompt_tokens"] == len(rendered)
+    assert second.usage["cached_tokens"] == reused
+    assert second.token_ids == scratch_tokens(model, rendered, 6, eos=eos)
+    assert 0 < second.usage["prefill_ms"] <= second.usage["ttft_ms"]
+
+
+def test_tokens_given_as_text_are_refused(daemon):
+    """`tokens` must be a list of ids: a string is not run as a text prompt."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.socket)
+    try:
+        for field, value in (("tokens", "hello"), ("tokens", 7), ("prompt", [5, 6])):
+            header = {"id": 1, "agent_id": "typed", field: value, "max_tokens": 2}
+            sock.send_multipart([protocol.MAGIC, b"submit", msgpack.packb(header)])
+            assert sock.poll(10_000)
+            reply = protocol.decode(sock.recv_multipart())
+            assert reply.header["error"]["code"] == "invalid_request", (field, value)
+    finally:
+        sock.close(linger=0)
+
+
+def test_agents_and_inspect_are_paged(daemon, client):
+    """Listings and contexts come in pages that each fit a message; the client joins them.
+    Inspect shows the blocks on disk and when the agent last finished a turn."""
+    tic = time.time()
+    for i in range(5):
+        client.generate(f"paged{i}", list(range(3, 3 + 20 + i)), max_tokens=4)
+    with daemon.client() as raw:
+        first = raw._call(protocol.MessageType.AGENTS, {"limit": 2})
+        assert len(first["agents"]) == 2 and first["next"] == first["agents"][-1]["agent_id"]
+        rest = raw._call(protocol.MessageType.AGENTS, {"after": first["next"]})
+        page = raw._call(
+            protocol.MessageType.INSPECT,
+            {"agent_id": "paged4", "token_offset": 5, "token_limit": 7},
+        )
+    listed = [r["agent_id"] for r in client.agents()]
+    assert listed == sorted(listed) and {f"paged{i}" for i in range(5)} <= set(listed)
+    assert [r["agent_id"] for r in first["agents"] + rest["agents"]] == listed
+    whole = client.inspect("paged4")
+    assert page["token_ids"] == whole["token_ids"][5:12] and page["token_offset"] == 5
+    assert len(whole["token_ids"]) == whole["tokens"] == 24 + 4
+    assert tic <= whole["last_used"] <= time.time()
+    assert whole["disk_blocks"] == whole["tokens"] // BLOCK
+
+
+def test_a_step_answered_after_the_client_gave_up_loses_nothing(daemon, loaded_models):
+    """The daemon hands events over when it answers a step. If the client timed out first
+    (here: the daemon frozen meanwhile), those events come out of its next step."""
+    prompt = [3, 4, 5]
+    with daemon.client(timeout=1.0) as c:
+        uid = c.submit("late-step", prompt, max_tokens=3)
+        while c.stats()["active"] or c.stats()["waiting"]:
+            time.sleep(0.05)  # finished in the daemon; its events not collected yet
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(DaemonUnavailable):
+                c.step(timeout=0.0)  # the daemon will answer it once thawed, too late
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        events = []
+        deadline = time.monotonic() + 30.0
+        while not (events and events[-1].finished):
+            assert time.monotonic() < deadline, f"events lost: {events}"
+            events += c.step(timeout=0.5)
+        context = c.inspect("late-step")["token_ids"]
+    assert [e.uid for e in events] == [uid] * len(events)
+    merged = events[0]
+    merged.token_ids = [t for e in events for t in e.token_ids]
+    merged.finish_reason = events[-1].finish_reason
+    eos = eos_ids(loaded_models["llama"][1])
+    assert daemon.holds_turns(context, [(prompt, merged)], eos)  # every token reported
 
 
 def test_fork_shares_blocks_and_both_branches_continue_exactly(client, loaded_models):
