@@ -1,17 +1,23 @@
 """daemonctl: start, stop and look into the agentkv daemon.
 
 Exit codes follow supervisorctl/LSB: `status` 0 running, 3 not running, 4 unreachable;
-2 bad usage; 1 other failures. Starting a running daemon and stopping a stopped one
-succeed.
+2 bad usage; 1 other failures. Starting a running daemon (or one still loading its model)
+and stopping a stopped one succeed.
+
+Only `start` (in the daemon process) and the store commands load anything heavy: the
+daemon package's MLX parts load on first use, so status/stop/agents/inspect/delete and
+--help start in a fraction of a second.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +25,7 @@ from pathlib import Path
 
 import click
 
-from agentkv.client import Client, DaemonUnavailable, Unauthorized
+from agentkv.client import Client, DaemonUnavailable, Unauthorized, protocol
 from agentkv.client.errors import AgentKVClientError
 from agentkv.client.paths import default_socket, default_store
 
@@ -27,6 +33,9 @@ from .process import (
     LOGFILE,
     DaemonOptions,
     StartError,
+    StoreInUseError,
+    check_endpoint,
+    is_local_endpoint,
     listening,
     pid_alive,
     read_pid,
@@ -36,6 +45,7 @@ from .process import (
 
 EXIT_NOT_RUNNING = 3
 EXIT_UNREACHABLE = 4
+EXIT_STORE_IN_USE = 75  # a detached child tells `start`: another daemon has the store
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -114,6 +124,14 @@ def main() -> None:
 )
 @click.option("--block-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--cancel-on-shutdown", is_flag=True, help="cancel running turns on stop")
+@click.option(
+    "--client-ttl",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="forget a client silent this long with nothing running (and its uncollected events)",
+)
 @click.option("--detached", is_flag=True, hidden=True)  # set by start for its child
 def start(
     socket_,
@@ -128,6 +146,7 @@ def start(
     pool_blocks,
     block_size,
     cancel_on_shutdown,
+    client_ttl,
     detached,
 ) -> None:
     """Start the daemon (returns once it answers the handshake)."""
@@ -141,23 +160,22 @@ def start(
         block_size=block_size,
         auth_key=auth_key,
         cancel_on_shutdown=cancel_on_shutdown,
+        client_ttl=client_ttl,
     )
     try:
-        from .process import check_endpoint
-
         check_endpoint(socket_, auth_key)
     except StartError as exc:
         raise click.UsageError(str(exc)) from None
     info = _hello(socket_, auth_key, min(timeout, 2.0))
     if info is not None:
-        _out(
-            as_json,
-            {"running": True, "pid": info["pid"], "already": True},
-            f"agentkv daemon already running (pid {info['pid']}) on {socket_}",
-        )
+        _already(as_json, info, socket_)
         return
     if foreground:
-        _run_foreground(opts, log_to_stderr=not detached)
+        _run_foreground(opts, detached=detached)
+        return
+    other = read_pid(store)
+    if other is not None:  # a daemon has the store: still loading its model, most likely
+        _await_other(opts, other, timeout, as_json)
         return
     _spawn(opts, timeout, as_json)
 
@@ -166,24 +184,31 @@ def start(
 @common
 @click.option("--cancel", is_flag=True, help="cancel running turns instead of finishing them")
 def stop(socket_, store, as_json, timeout, auth_key, cancel) -> None:
-    """Stop the daemon: ask it to drain, then SIGTERM, then SIGKILL after the timeout."""
+    """Stop the daemon: ask it to drain, then SIGTERM, then SIGKILL after the timeout.
+
+    A daemon that does not answer but whose pidfile is in --store gets SIGTERM at once.
+    Only a daemon of this machine is ever signalled (its pid in --store's pidfile, or an
+    ipc/loopback endpoint whose daemon reports this host); a remote one is only asked.
+    """
     info = _hello(socket_, auth_key, min(timeout, 2.0))
-    pid = info["pid"] if info else _pid_for(store, socket_)
-    if pid is None:
-        _out(as_json, {"running": False}, "agentkv daemon is not running")
+    if info is None:
+        pid = _pid_for(store, socket_)
+        if pid is None:
+            _out(as_json, {"running": False}, "agentkv daemon is not running")
+            return
+        _stopped(as_json, pid, _wait_exit(pid, timeout, asked=False))
         return
-    if info is not None:
-        try:
-            with Client(socket_, timeout=min(timeout, 5.0), auth_key=auth_key) as c:
-                c.shutdown(cancel=cancel)
-        except AgentKVClientError:
-            pass
-    how = _wait_exit(pid, timeout)
-    _out(
-        as_json,
-        {"running": False, "pid": pid, "stopped_by": how},
-        f"agentkv daemon (pid {pid}) stopped ({how})",
-    )
+    try:
+        with Client(socket_, timeout=min(timeout, 5.0), auth_key=auth_key) as c:
+            c.shutdown(cancel=cancel)
+    except AgentKVClientError:
+        pass
+    pid = _local_pid(info, store, socket_)
+    if pid is None:  # not ours to signal: wait for it to go quiet
+        _wait_quiet(socket_, auth_key, timeout, info)
+        _stopped(as_json, info.get("pid"), "shutdown", remote=True)
+        return
+    _stopped(as_json, pid, _wait_exit(pid, timeout, asked=True))
 
 
 @main.command()
@@ -225,30 +250,36 @@ def inspect(socket_, store, as_json, timeout, auth_key, agent) -> None:
     """A table of agents, or one AGENT in detail."""
     with _client(socket_, timeout, auth_key) as c:
         if agent is None:
-            rows = c.agents()
+            rows = _call(c.agents)
             _out(as_json, rows, _table(rows))
         else:
             row = _call(c.inspect, agent)
-            text = "\n".join(f"{k:>14}: {v}" for k, v in row.items() if k != "token_ids")
-            _out(as_json, row, text)
+            _out(as_json, row, _detail(row))
 
 
 @main.command()
 @common
 def agents(socket_, store, as_json, timeout, auth_key) -> None:
-    """List agent ids."""
-    with _client(socket_, timeout, auth_key) as c:
-        rows = c.agents()
-    _out(as_json, [r["agent_id"] for r in rows], "\n".join(r["agent_id"] for r in rows))
+    """List agent ids (from the store itself when no daemon runs on it)."""
+    if _daemon_answers(socket_, store, timeout, auth_key):
+        with _client(socket_, timeout, auth_key) as c:
+            ids = [r["agent_id"] for r in _call(c.agents)]
+    else:
+        with _offline_store(store) as cache:
+            ids = cache.agent_ids()
+    _out(as_json, ids, "\n".join(ids))
 
 
 @main.command()
 @common
 @click.argument("agent")
 def delete(socket_, store, as_json, timeout, auth_key, agent) -> None:
-    """Forget AGENT (memory and store)."""
-    with _client(socket_, timeout, auth_key) as c:
-        _call(c.delete, agent)
+    """Forget AGENT (memory and store; the store itself when no daemon runs on it)."""
+    if _daemon_answers(socket_, store, timeout, auth_key):
+        with _client(socket_, timeout, auth_key) as c:
+            _call(c.delete, agent)
+    else:
+        _delete_offline(store, agent)
     _out(as_json, {"deleted": agent}, f"deleted {agent}")
 
 
@@ -309,13 +340,18 @@ def gc(socket_, store, as_json, timeout, auth_key, dry_run) -> None:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _run_foreground(opts: DaemonOptions, *, log_to_stderr: bool) -> None:
+def _run_foreground(opts: DaemonOptions, *, detached: bool) -> None:
     import logging
 
-    if log_to_stderr:  # a detached daemon's stderr is its log file already
+    if not detached:  # a detached daemon's stderr is its log file already
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run_daemon(opts)
+    except StoreInUseError as exc:
+        if detached:  # the `start` that spawned us waits for the other daemon instead
+            click.echo(f"agentkv: {exc}", err=True)
+            sys.exit(EXIT_STORE_IN_USE)
+        raise click.ClickException(str(exc)) from None
     except StartError as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:
@@ -326,6 +362,38 @@ def _spawn(opts: DaemonOptions, timeout: float, as_json: bool) -> None:
     """Start a detached daemon and wait for its handshake; on failure show the log's tail."""
     opts.store.mkdir(parents=True, exist_ok=True)
     log_path = opts.store / LOGFILE
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            _child_args(opts),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            other = (
+                _other_daemon(opts.store, proc) if proc.returncode == EXIT_STORE_IN_USE else None
+            )
+            if other is not None:  # another start won the race: wait for that daemon
+                _await_other(opts, other, deadline - time.monotonic(), as_json)
+                return
+            raise click.ClickException(f"daemon exited with {proc.returncode}\n{_tail(log_path)}")
+        info = _hello(opts.socket, opts.auth_key, 0.5)
+        if info is not None:
+            _out(
+                as_json,
+                {"running": True, "pid": info["pid"], "socket": opts.socket},
+                f"agentkv daemon started (pid {info['pid']}) on {opts.socket}",
+            )
+            return
+        time.sleep(0.2)
+    proc.kill()
+    raise click.ClickException(f"daemon did not answer within {timeout:.0f} s\n{_tail(log_path)}")
+
+
+def _child_args(opts: DaemonOptions) -> list[str]:
     args = [
         sys.executable,
         "-m",
@@ -341,6 +409,8 @@ def _spawn(opts: DaemonOptions, timeout: float, as_json: bool) -> None:
         str(opts.memory_budget),
         "--block-size",
         str(opts.block_size),
+        "--client-ttl",
+        str(opts.client_ttl),
     ]
     for flag, value in (
         ("--model", opts.model),
@@ -352,25 +422,46 @@ def _spawn(opts: DaemonOptions, timeout: float, as_json: bool) -> None:
             args += [flag, str(value)]
     if opts.cancel_on_shutdown:
         args.append("--cancel-on-shutdown")
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+    return args
+
+
+def _other_daemon(store: Path, proc: subprocess.Popen) -> int | None:
+    """The daemon that holds the store our child could not lock (its pidfile follows the
+    lock within moments)."""
+    for _ in range(50):
+        pid = read_pid(store)
+        if pid is not None and pid != proc.pid:
+            return pid
+        time.sleep(0.05)
+    return None
+
+
+def _await_other(opts: DaemonOptions, pid: int, timeout: float, as_json: bool) -> None:
+    """Another daemon (pid) has the store: succeed once it answers on our socket."""
+    theirs = read_state(opts.store).get("socket")
+    if theirs is not None and theirs != opts.socket:
+        raise click.ClickException(
+            f"a daemon (pid {pid}) runs on store {opts.store} with socket {theirs}"
         )
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + max(timeout, 0.0)
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise click.ClickException(f"daemon exited with {proc.returncode}\n{_tail(log_path)}")
         info = _hello(opts.socket, opts.auth_key, 0.5)
         if info is not None:
-            _out(
-                as_json,
-                {"running": True, "pid": info["pid"], "socket": opts.socket},
-                f"agentkv daemon started (pid {info['pid']}) on {opts.socket}",
-            )
+            _already(as_json, info, opts.socket)
             return
+        if not pid_alive(pid):
+            tail = _tail(opts.store / LOGFILE)
+            raise click.ClickException(f"daemon pid {pid} exited while starting\n{tail}")
         time.sleep(0.2)
-    proc.kill()
-    raise click.ClickException(f"daemon did not answer within {timeout:.0f} s\n{_tail(log_path)}")
+    raise click.ClickException(f"daemon pid {pid} did not answer within {timeout:.0f} s")
+
+
+def _already(as_json: bool, info: dict, endpoint: str) -> None:
+    _out(
+        as_json,
+        {"running": True, "pid": info["pid"], "already": True},
+        f"agentkv daemon already running (pid {info['pid']}) on {endpoint}",
+    )
 
 
 def _hello(endpoint: str, key, timeout: float) -> dict | None:
@@ -411,12 +502,42 @@ def _pid_for(store: Path, endpoint: str) -> int | None:
     return pid if read_state(store).get("socket", endpoint) == endpoint else None
 
 
-def _wait_exit(pid: int, timeout: float) -> str:
-    for how, sig, wait in (
-        ("shutdown", None, timeout),
-        ("SIGTERM", signal.SIGTERM, 10.0),
-        ("SIGKILL", signal.SIGKILL, 10.0),
-    ):
+def _local_pid(info: dict, store: Path, endpoint: str) -> int | None:
+    """The pid from a daemon's `hello`, if that daemon runs on this machine: --store's
+    pidfile names it, or the endpoint is ipc/loopback and it reports this host. Else None
+    (a tcp daemon elsewhere, or a tunnel to one: its pid means nothing here)."""
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    if read_pid(store) == pid:
+        return pid
+    if is_local_endpoint(endpoint) and info.get("host") == socket.gethostname():
+        return pid
+    return None
+
+
+def _wait_quiet(endpoint: str, key, timeout: float, info: dict) -> None:
+    """Wait for a daemon we may not signal to stop answering."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _hello(endpoint, key, 0.5) is None:
+            return
+        time.sleep(0.2)
+    raise click.ClickException(
+        f"the daemon on {endpoint} (pid {info.get('pid')} on host {info.get('host')!r}) "
+        f"was asked to shut down but still answers after {timeout:.0f} s; it is not this "
+        "machine's daemon (no pidfile in --store names it), so it was not signalled"
+    )
+
+
+def _wait_exit(pid: int, timeout: float, *, asked: bool) -> str:
+    """Wait for a local daemon to exit: `timeout` for the shutdown it was asked for, then
+    SIGTERM, then SIGKILL. One that was not asked (it did not answer) gets SIGTERM at once
+    and `timeout` to drain."""
+    steps = [("shutdown", None, timeout)] if asked else []
+    steps += [("SIGTERM", signal.SIGTERM, 10.0 if asked else timeout)]
+    steps += [("SIGKILL", signal.SIGKILL, 10.0)]
+    for how, sig, wait in steps:
         if sig is not None:
             try:
                 os.kill(pid, sig)
@@ -428,6 +549,75 @@ def _wait_exit(pid: int, timeout: float) -> str:
                 return how
             time.sleep(0.05)
     raise click.ClickException(f"daemon pid {pid} did not exit")
+
+
+def _stopped(as_json: bool, pid, how: str, *, remote: bool = False) -> None:
+    data = {"running": False, "pid": pid, "stopped_by": how}
+    if remote:
+        data["remote"] = True
+    _out(as_json, data, f"agentkv daemon (pid {pid}) stopped ({how})")
+
+
+def _daemon_answers(endpoint: str, store: Path, timeout: float, key) -> bool:
+    """True if a daemon answers on the endpoint; False if none runs on --store either
+    (the store may then be opened directly)."""
+    if _hello(endpoint, key, min(timeout, 2.0)) is not None:
+        return True
+    pid = read_pid(store)
+    if pid is not None:
+        raise click.ClickException(
+            f"agentkv daemon (pid {pid}) has store {store} but does not answer on {endpoint}"
+        )
+    return False
+
+
+@contextlib.contextmanager
+def _offline_store(store: Path):
+    """The store opened directly (its lock taken: refused while a daemon has it)."""
+    from agentkv.storage import CacheStore, StorageError
+
+    if not (store / "cache" / "index.db").exists():
+        raise click.ClickException(f"no agentkv daemon is running and there is no store at {store}")
+    try:
+        cache = CacheStore(store / "cache")
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        yield cache
+    finally:
+        cache.close()
+
+
+def _delete_offline(store: Path, agent: str) -> None:
+    from agentkv.storage import StorageError
+
+    try:
+        protocol.check_agent_id(agent)
+    except protocol.ProtocolError as exc:
+        raise click.ClickException(str(exc)) from None
+    with _offline_store(store) as cache:
+        fingerprints = _fingerprints_of(store, agent)
+        if not fingerprints:
+            raise click.ClickException(f"unknown agent {agent!r}")
+        for fp in fingerprints:  # one agent id may be stored for several models
+            cache.delete_agent(agent, fp)
+        try:
+            cache.flush()
+        except StorageError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _fingerprints_of(store: Path, agent: str) -> list[str]:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{store / 'cache' / 'index.db'}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT DISTINCT fingerprint FROM agents WHERE agent_id = ?", (agent,)
+        ).fetchall()
+    finally:
+        db.close()
+    return [r[0] for r in rows]
 
 
 def _alive(pid: int) -> bool:
@@ -482,15 +672,38 @@ def _status_text(s: dict) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'agent':<24}{'tokens':>8}{'cached':>8}{'blocks':>8}{'shared':>8}  state"
+    head = (
+        f"{'agent':<24}{'tokens':>8}{'cached':>8}{'blocks':>8}{'shared':>8}{'on disk':>8}"
+        f"  {'last used':<19}  state"
+    )
     lines = [head]
     for r in rows:
         state = "busy" if r.get("busy") else ("on disk" if r.get("in_store") else "idle")
         lines.append(
             f"{r['agent_id']:<24}{r['tokens']:>8}{r['cached_tokens']:>8}"
-            f"{r['blocks']:>8}{r['shared_blocks']:>8}  {state}"
+            f"{r['blocks']:>8}{r['shared_blocks']:>8}{r.get('disk_blocks', 0):>8}"
+            f"  {_when(r.get('last_used')):<19}  {state}"
         )
     return "\n".join(lines)
+
+
+_LABELS = {"disk_blocks": "blocks on disk", "last_used": "last used"}
+
+
+def _detail(row: dict) -> str:
+    lines = []
+    for k, v in row.items():
+        if k in ("token_ids", "token_offset"):
+            continue
+        lines.append(f"{_LABELS.get(k, k):>14}: {_when(v) if k == 'last_used' else v}")
+    return "\n".join(lines)
+
+
+def _when(ts) -> str:
+    """A wall-clock time as local date and time; "-" for never."""
+    if not isinstance(ts, (int, float)) or ts <= 0:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
 def _out(as_json: bool, data, text: str) -> None:

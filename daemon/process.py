@@ -4,6 +4,7 @@ foreground. `daemonctl start` runs this in a detached child; `--foreground` runs
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import logging
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from agentkv.client import protocol
 from agentkv.client.paths import default_socket, default_store
 
 log = logging.getLogger("agentkv.daemon")
@@ -22,6 +24,7 @@ log = logging.getLogger("agentkv.daemon")
 PIDFILE = "daemon.pid"
 STATEFILE = "daemon.json"
 LOGFILE = "daemon.log"
+LOCKFILE = "daemon.lock"  # flock held by the daemon for its whole life
 
 
 @dataclass(slots=True)
@@ -38,21 +41,54 @@ class DaemonOptions:
     auth_key: Path | None = None
     cancel_on_shutdown: bool = False
     prefill_step_size: int = 512
+    client_ttl: float = 300.0
 
 
 class StartError(Exception):
     """The daemon cannot start with these options (bad endpoint, store in use, ...)."""
 
 
+class StoreInUseError(StartError):
+    """Another daemon holds the store's lock (running, or still loading its model)."""
+
+
 def check_endpoint(endpoint: str, auth_key: Path | None) -> None:
-    """ipc:// and loopback tcp are fine; any other address needs an auth key."""
+    """ipc:// paths and loopback tcp are fine; any other address needs an auth key, and so
+    does an abstract-namespace ipc socket (`ipc://@name`: no file, so no 0700 directory
+    keeps other local users out). An auth key must hold MIN_KEY_BYTES or more."""
+    if auth_key is not None:
+        read_key(auth_key)
     url = urlparse(endpoint)
     if url.scheme == "ipc":
+        if endpoint[len("ipc://") :].startswith("@") and auth_key is None:
+            raise StartError(
+                f"{endpoint} is an abstract socket any local user can connect to: "
+                "it needs --auth-key FILE (or use an ipc path, kept in a 0700 directory)"
+            )
         return
     if url.scheme != "tcp" or not url.hostname or not url.port:
         raise StartError(f"unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://HOST:PORT")
     if not _is_loopback(url.hostname) and auth_key is None:
         raise StartError(f"{endpoint} is not a loopback address: it needs --auth-key FILE")
+
+
+def read_key(path: Path) -> bytes:
+    """The auth key file's bytes. Raises StartError if unreadable or too short."""
+    try:
+        return protocol.load_key(path)
+    except OSError as exc:
+        raise StartError(f"cannot read the auth key {path}: {exc.strerror}") from None
+    except protocol.ProtocolError as exc:
+        raise StartError(str(exc)) from None
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for ipc:// and loopback tcp: whatever answers there runs on this machine
+    (unless a tunnel forwards it, which is why callers also compare host names)."""
+    url = urlparse(endpoint)
+    if url.scheme == "ipc":
+        return True
+    return url.scheme == "tcp" and bool(url.hostname) and _is_loopback(url.hostname)
 
 
 def _is_loopback(host: str) -> bool:
@@ -138,16 +174,29 @@ def read_state(store: Path) -> dict:
 
 
 def run_daemon(opts: DaemonOptions) -> None:
-    """Run the daemon until SIGTERM, SIGINT or a shutdown request; returns after draining."""
-    from .server import DaemonServer
+    """Run the daemon until SIGTERM, SIGINT or a shutdown request; returns after draining.
 
+    Raises:
+        StartError: bad endpoint or key, something listens there already, or another
+            daemon has the store.
+    """
     check_endpoint(opts.socket, opts.auth_key)
     if listening(opts.socket):  # binding an ipc path would take it from the other daemon
         raise StartError(f"another process is listening on {opts.socket}")
     opts.store.mkdir(parents=True, exist_ok=True)
+    lock = _lock_store(opts.store)  # before anything else in the store: one daemon per store
+    try:
+        _serve(opts)
+    finally:
+        lock.close()  # releases the flock
+
+
+def _serve(opts: DaemonOptions) -> None:
+    from .server import DaemonServer
+
     _prepare_ipc(opts.socket)
     _setup_logging(opts.store)
-    key = opts.auth_key.expanduser().read_bytes().strip() if opts.auth_key else None
+    key = read_key(opts.auth_key) if opts.auth_key else None
     info = {
         "pid": os.getpid(),
         "socket": opts.socket,
@@ -163,6 +212,7 @@ def run_daemon(opts: DaemonOptions) -> None:
             info=info,
             auth_key=key,
             cancel_on_shutdown=opts.cancel_on_shutdown,
+            client_ttl=opts.client_ttl,
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.request_shutdown())
@@ -172,8 +222,12 @@ def run_daemon(opts: DaemonOptions) -> None:
         _release_pidfile(opts.store)
 
 
-def _make_engine(opts: DaemonOptions, info: dict):
-    """Runs on the engine thread: load the model, build spec, pool, store and engine."""
+def _make_engine(opts: DaemonOptions, info: dict, make_store=None):
+    """Runs on the engine thread: load the model, build spec, pool, store and engine.
+
+    `make_store(root, disk_budget=...)` builds the store (default: CacheStore); tests pass
+    a CacheStore subclass that injects faults.
+    """
     from agentkv.storage import CacheStore
 
     from . import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
@@ -196,9 +250,15 @@ def _make_engine(opts: DaemonOptions, info: dict):
 
     pool_bytes = pool.total_blocks * pool.bytes_per_block
     mx.set_cache_limit(max(mx.set_cache_limit(pool_bytes), pool_bytes))
-    store = CacheStore(opts.store / "cache", disk_budget=opts.disk_budget)
+    store = (make_store or CacheStore)(opts.store / "cache", disk_budget=opts.disk_budget)
     engine = BlockPoolBatchEngine(
-        model, tokenizer, pool, spec, store=store, prefill_step_size=opts.prefill_step_size
+        model,
+        tokenizer,
+        pool,
+        spec,
+        store=store,
+        prefill_step_size=opts.prefill_step_size,
+        model_id=opts.model or "default",
     )
     info.update(
         model=opts.model or "default",
@@ -248,11 +308,26 @@ def _setup_logging(store: Path) -> None:
     root.setLevel(logging.INFO)
 
 
+def _lock_store(store: Path):
+    """Take the store's daemon lock (flock, released when the process exits, however it
+    exits); two daemons starting at once on one store cannot both get it.
+
+    Raises:
+        StoreInUseError: another daemon holds it (running, or still loading its model).
+    """
+    f = open(store / LOCKFILE, "a+")  # noqa: SIM115 (held open for the daemon's life)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        pid = read_pid(store)
+        who = f"a daemon (pid {pid})" if pid else "another daemon"
+        raise StoreInUseError(f"{who} is already running on store {store}") from None
+    return f
+
+
 def _claim_pidfile(store: Path, info: dict) -> None:
-    """Write the pidfile (fsynced) unless a live daemon owns it."""
-    pid = read_pid(store)
-    if pid is not None and pid != os.getpid():
-        raise StartError(f"a daemon (pid {pid}) is already running on store {store}")
+    """Write the pidfile and state file (fsynced); the caller holds the store's lock."""
     for name, text in ((PIDFILE, f"{os.getpid()}\n"), (STATEFILE, json.dumps(info))):
         tmp = store / f".{name}.tmp"
         with open(tmp, "w") as f:

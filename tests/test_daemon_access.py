@@ -5,7 +5,10 @@
   tampered or wrongly signed frame is refused; the key holder is served.
 - `daemonctl` exit codes against a live daemon, as a subprocess: status 0 running /
   3 not running / 4 unreachable, start when running and stop when stopped succeed; bad
-  usage exits 2 and every command has --help (click's CliRunner).
+  usage exits 2 (an auth key under 16 bytes, an abstract ipc socket without a key) and
+  every command has --help (click's CliRunner).
+- `stop` signals only a daemon of this machine: a pid from another host's `hello` is
+  never signalled here.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +28,7 @@ import msgpack
 import pytest
 import zmq
 from click.testing import CliRunner
+from test_daemon_client import Peer
 
 from agentkv.client import Client, Unauthorized, protocol
 from agentkv.client.protocol import MAGIC, MessageType
@@ -84,6 +89,15 @@ def test_daemonctl_exit_codes(default_socket_daemon):
     assert facts["fingerprint"] and facts["pool"]["total"] == 32 and "store" in facts
     assert d.ctl("delete", "nobody-here").returncode == 1  # a typed error, not a crash
     assert d.ctl("inspect", "nobody-here").returncode == 1
+    with d.client() as c:
+        c.generate("listed", [4, 5, 6], max_tokens=3)
+    table = d.ctl("inspect").stdout.splitlines()
+    assert "on disk" in table[0] and "last used" in table[0]
+    assert table[1].startswith("listed") and time.strftime("%Y-%m-%d") in table[1]
+    detail = d.ctl("inspect", "listed").stdout
+    assert "blocks on disk:" in detail and "last used:" in detail
+    row = json.loads(d.ctl("inspect", "listed", "--json").stdout)
+    assert row["disk_blocks"] == 0 and row["last_used"] > 0  # 6 tokens: no full block
 
     os.kill(d.pid, signal.SIGSTOP)  # alive, but it cannot answer
     try:
@@ -115,7 +129,7 @@ def test_tcp_without_or_with_a_wrong_key_is_unauthorized(keyed):
     with pytest.raises(Unauthorized):
         Client(d.socket, timeout=5.0)
     with pytest.raises(Unauthorized):
-        Client(d.socket, timeout=5.0, auth_key=b"not-the-key")
+        Client(d.socket, timeout=5.0, auth_key=b"not-the-key-but-long-enough")
     with Client(d.socket, timeout=10.0, auth_key=key_file) as c:
         r = c.generate("keyholder", [5, 6, 7], max_tokens=3)
         assert r.finish_reason in ("length", "stop")
@@ -147,7 +161,9 @@ def test_replayed_stale_tampered_or_missigned_frames_are_refused(keyed):
         sock.send_multipart(tampered)
         assert _refusal(sock) == "bad signature"
 
-        sock.send_multipart(protocol.encode(MessageType.STATS, {"id": 4}, b"wrong-key"))
+        sock.send_multipart(
+            protocol.encode(MessageType.STATS, {"id": 4}, b"wrong-key-of-enough-bytes")
+        )
         assert _refusal(sock) == "bad signature"
         sock.send_multipart(protocol.encode(MessageType.STATS, {"id": 5}))  # unsigned
         assert _refusal(sock) == "message is not signed"
@@ -178,6 +194,7 @@ def test_every_command_has_help(command):
         ["start", "--socket", "tcp://0.0.0.0:5999"],  # not loopback, and no --auth-key
         ["start", "--socket", "udp://127.0.0.1:5999"],
         ["stop", "--auth-key", "/nonexistent/key"],
+        ["start", "--socket", "ipc://@agentkv-test"],  # abstract: any local user, no key
     ],
     ids=" ".join,
 )
@@ -186,6 +203,50 @@ def test_bad_usage_exits_2(args, tmp_path):
     result = CliRunner().invoke(main, [*args, "--store", str(tmp_path), *where])
     assert result.exit_code == 2, result.output
     assert not (tmp_path / "daemon.pid").exists()
+
+
+@pytest.mark.parametrize("key", [b"", b"\n", b"fifteen-bytes!!"])
+def test_start_refuses_a_short_auth_key(key, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_bytes(key)
+    result = CliRunner().invoke(
+        main,
+        ["start", "--socket", f"tcp://127.0.0.1:{_free_port()}", "--auth-key", str(key_file)]
+        + ["--store", str(tmp_path)],
+    )
+    assert result.exit_code == 2, result.output
+    assert "at least 16" in result.output
+    assert not (tmp_path / "daemon.pid").exists()
+
+
+@pytest.mark.parametrize("same_host", [False, True], ids=["other host", "this host"])
+def test_stop_signals_only_this_machines_daemon(same_host, tmp_path):
+    """A peer on loopback tcp (a tunnel, say) answers hello with a pid that is alive here.
+    Reporting another host, it is only asked to shut down, never signalled; reporting this
+    host, it is SIGTERMed once it does not exit."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    host = socket.gethostname() if same_host else "elsewhere.example"
+
+    def answer(kind, h):
+        result = {"pid": bystander.pid, "host": host, "version": list(protocol.PROTOCOL_VERSION)}
+        return [(0, *protocol.reply(h["id"], result if kind is MessageType.HELLO else {}))]
+
+    peer = Peer(f"tcp://127.0.0.1:{_free_port()}", answer)
+    try:
+        result = CliRunner().invoke(
+            main, ["stop", "--socket", peer.endpoint, "--store", str(tmp_path), "--timeout", "1"]
+        )
+        assert "shutdown" in peer.seen  # asked either way
+        if same_host:
+            assert result.exit_code == 0 and "SIGTERM" in result.output, result.output
+            bystander.wait(5)  # gone (daemonctl, in this process, reaped it already)
+        else:
+            assert result.exit_code == 1 and "not signalled" in result.output, result.output
+            assert bystander.poll() is None
+    finally:
+        peer.close()
+        bystander.kill()
+        bystander.wait()
 
 
 def _free_port() -> int:

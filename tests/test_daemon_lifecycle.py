@@ -5,7 +5,11 @@
 - SIGKILL in the middle of a generation: the store opens and verifies, completed turns are
   kept, the interrupted one is not, and every agent resumes exactly.
 - `shutdown` (and SIGTERM) drains: the running turn finishes, reaches its client, is kept;
-  then the process exits.
+  then the process exits. `stop --cancel` and `--cancel-on-shutdown` cancel it instead.
+- `daemonctl start`: two at once start one daemon; `--foreground` serves in the process
+  itself; a failure shows the log's tail. `stop` of a daemon that does not answer sends
+  SIGTERM at once. `agents` and `delete` work on the store itself when no daemon runs.
+- A client that goes away without collecting its events is forgotten after --client-ttl.
 
 Exactness is checked token for token against the in-process engine and a from-scratch
 mlx-lm run (`generate_step` over the whole context the daemon reports).
@@ -13,12 +17,15 @@ mlx-lm run (`generate_step` over the whole context the daemon reports).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import time
 
 import numpy as np
 import pytest
+from conftest import daemonctl_command
 from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens
 
 from agentkv.client import EngineClosed
@@ -29,6 +36,7 @@ BLOCK = 16
 ARGS = ("--block-size", str(BLOCK), "--pool-blocks", "96")
 TURN_TOKENS = 10
 TURN_LONG = 60  # decodes in well under a second on the tiny model
+LONG = 600  # several seconds for four agents at once
 
 
 def test_stop_then_start_resumes_every_agent_exactly(daemon_factory, loaded_models):
@@ -58,6 +66,7 @@ def test_stop_then_start_resumes_every_agent_exactly(daemon_factory, loaded_mode
     d.start()
     with d.client() as c:
         assert {r["agent_id"] for r in c.agents()} == set(agents)  # known from the store
+        assert c.stats()["agents"] == len(agents)  # counted while only on disk too
         third = d.turns(c, thirds, max_tokens=TURN_TOKENS)
         fourth = d.turns(c, fourths, max_tokens=TURN_TOKENS)
         stats = c.stats()
@@ -162,6 +171,164 @@ def test_shutdown_drains_the_running_turn_then_exits(daemon_factory, loaded_mode
     assert d.wait_exit(30), d.log()
     assert not (d.store / "daemon.pid").exists()
     assert d.ctl("status").returncode == 3
+
+
+@pytest.mark.parametrize(
+    "start_args, stop_args",
+    [((), ("--cancel",)), (("--cancel-on-shutdown",), ())],
+    ids=["stop --cancel", "--cancel-on-shutdown"],
+)
+def test_cancelling_shutdown_cancels_running_turns(
+    daemon_factory, loaded_models, start_args, stop_args
+):
+    """Turns that would decode for seconds end "cancelled" with what they had, reach their
+    client, leave no trace in the store, and the daemon exits at once."""
+    model, tokenizer = loaded_models["llama"]
+    eos = eos_ids(tokenizer)
+    prompt = _no_early_eos(model, eos, [], np.random.default_rng(23), 20, horizon=LONG)
+    d = daemon_factory(args=(*ARGS[:2], "--pool-blocks", "512", *start_args))
+    d.start()
+    with d.client() as c:
+        uids = [c.submit(f"long{i}", prompt, max_tokens=LONG) for i in range(4)]
+        _tokens_until(c, uids[0], at_least=2)
+        stop = subprocess.Popen(
+            _ctl(d, "stop", "--json", *stop_args), stdout=subprocess.PIPE, text=True
+        )
+        finals = _finals(c, set(uids))
+    assert stop.wait(60) == 0
+    assert json.loads(stop.stdout.read())["stopped_by"] == "shutdown"
+    for uid in uids:
+        assert finals[uid].finish_reason == "cancelled", finals[uid]
+        assert finals[uid].usage["generated_tokens"] < LONG
+    assert d.wait_exit(10)
+    listed = d.ctl("agents", "--json")  # no daemon: read from the store itself
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+
+
+def test_two_starts_at_once_start_one_daemon(daemon_factory):
+    """Concurrent `daemonctl start`s on one store: both succeed, naming the same daemon;
+    the one that lost the store's lock waited for the winner's handshake."""
+    d = daemon_factory(args=ARGS)
+    cmd = _ctl(d, "start", "--model", str(d.model_dir), "--json", *ARGS)
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0]["pid"] == outs[1]["pid"]
+    d.pid = outs[0]["pid"]
+    assert int((d.store / "daemon.pid").read_text()) == d.pid
+    with d.client() as c:
+        assert c.stats()["pid"] == d.pid
+    assert d.ctl("stop").returncode == 0
+
+
+def test_start_foreground_serves_in_that_process(daemon_factory):
+    d = daemon_factory(args=ARGS)
+    fg = subprocess.Popen(
+        _ctl(d, "start", "--foreground", "--model", str(d.model_dir), *ARGS),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while d.ctl("status").returncode != 0:
+            assert fg.poll() is None and time.monotonic() < deadline, d.log()
+            time.sleep(0.2)
+        with d.client() as c:
+            assert c.stats()["pid"] == fg.pid
+            assert c.generate("fg", [5, 6, 7], max_tokens=3).finish_reason in ("length", "stop")
+        assert d.ctl("stop").returncode == 0
+        assert fg.wait(30) == 0
+        assert "serving on" in fg.stderr.read()  # logs to stderr too
+    finally:
+        fg.kill()
+
+
+def test_a_failed_start_shows_the_log(daemon_factory, tmp_path):
+    d = daemon_factory(args=ARGS)
+    missing = tmp_path / "no-such-model"
+    proc = d.ctl("start", "--model", str(missing), timeout=120)
+    assert proc.returncode == 1
+    assert "daemon exited with" in proc.stderr and str(missing) in proc.stderr
+    assert not (d.store / "daemon.pid").exists()
+
+
+def test_stop_sigterms_a_daemon_that_does_not_answer_at_once(daemon_factory):
+    """Wedged (SIGSTOP): no shutdown can be asked, so stop signals at once instead of
+    first waiting out --timeout for a drain nobody requested."""
+    d = daemon_factory(args=ARGS)
+    d.start()
+    os.kill(d.pid, signal.SIGSTOP)
+    tic = time.monotonic()
+    stopped = d.ctl("stop", "--json", "--timeout", "3")
+    elapsed = time.monotonic() - tic
+    assert stopped.returncode == 0, stopped.stderr
+    # 2 s handshake, then SIGTERM (pending while stopped) and 3 s, then SIGKILL
+    assert json.loads(stopped.stdout)["stopped_by"] == "SIGKILL"
+    assert elapsed < 9.0, elapsed
+    assert d.wait_exit(5)
+
+
+def test_agents_and_delete_without_a_daemon_use_the_store(daemon_factory):
+    d = daemon_factory(args=ARGS)
+    d.start()
+    with d.client() as c:
+        for agent in ("keep", "drop"):
+            c.generate(agent, [4, 5, 6], max_tokens=3)
+    os.kill(d.pid, signal.SIGSTOP)  # it has the store but does not answer: refused
+    try:
+        wedged = d.ctl("agents", "--timeout", "1")
+        assert wedged.returncode == 1 and "does not answer" in wedged.stderr
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+    assert d.ctl("stop").returncode == 0
+
+    assert json.loads(d.ctl("agents", "--json").stdout) == ["drop", "keep"]
+    deleted = d.ctl("delete", "drop")
+    assert deleted.returncode == 0, deleted.stderr
+    assert d.ctl("delete", "nobody").returncode == 1
+    assert json.loads(d.ctl("agents", "--json").stdout) == ["keep"]
+    d.start()
+    with d.client() as c:
+        assert [r["agent_id"] for r in c.agents()] == ["keep"]
+    assert d.ctl("stop").returncode == 0
+
+
+def test_a_client_that_never_collects_is_forgotten(daemon_factory):
+    """A client that submits and goes away: once --client-ttl passes with nothing running,
+    the daemon drops it and its uncollected events (logged), and serves on."""
+    d = daemon_factory(args=(*ARGS, "--client-ttl", "1"))
+    d.start()
+    with d.client() as gone:
+        gone.submit("orphan", [4, 5, 6], max_tokens=3)
+    with d.client() as c:
+        deadline = time.monotonic() + 30
+        while c.stats()["expired_clients"] == 0:
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.2)
+        stats = c.stats()
+        assert stats["expired_clients"] == 1 and stats["clients"] == 0
+        assert c.inspect("orphan")["tokens"] > 3  # its turn ran; only its events are gone
+        r = c.generate("after", [7, 8], max_tokens=2)
+        assert r.finish_reason in ("length", "stop")
+    assert "forgot client" in d.log()
+    assert d.ctl("stop").returncode == 0
+
+
+def _ctl(d, *args: str) -> list[str]:
+    """The `daemonctl ARGS` command line for daemon `d` (to run it in the background)."""
+    return [*daemonctl_command(), *args, "--store", str(d.store), "--socket", d.socket]
+
+
+def _finals(client, uids: set[int]) -> dict:
+    """Step until every request in `uids` sent its last event; returns uid -> that event."""
+    finals = {}
+    deadline = time.monotonic() + 60.0
+    while set(finals) != uids:
+        assert time.monotonic() < deadline, f"not finished: {uids - set(finals)}"
+        for event in client.step(timeout=0.5):
+            if event.finished:
+                finals[event.uid] = event
+    return finals
 
 
 def _no_early_eos(model, eos, context, rng, length: int = 3, horizon: int = 60) -> list[int]:
