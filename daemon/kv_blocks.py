@@ -34,12 +34,6 @@ def values_stream():
     return _values_stream
 
 
-def __getattr__(name: str):
-    if name == "VALUES_STREAM":  # the old constant's name, still imported elsewhere
-        return values_stream()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass(slots=True, eq=False)
 class BlockKV:
     """K/V rows of one block for every full-attention layer, each `[1, heads, n, dim]`."""

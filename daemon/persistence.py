@@ -22,7 +22,7 @@ from agentkv.storage.tensor_files import HostTensor
 
 from .agents import AgentContext
 from .block_pool import BlockPool
-from .kv_blocks import VALUES_STREAM, BlockKV, RecurrentState, WindowKV
+from .kv_blocks import BlockKV, RecurrentState, WindowKV, values_stream
 from .spec import LayerKind, ModelCacheSpec
 
 log = logging.getLogger("agentkv.persistence")
@@ -168,7 +168,7 @@ def _alloc_buffers(spec: ModelCacheSpec, n: int) -> dict[int, tuple[mx.array, mx
         layer = spec.layers[i]
         dtype = getattr(mx, layer.dtype)
         k = mx.zeros((1, layer.n_kv_heads, n, layer.k_head_dim), dtype)
-        v = mx.zeros((1, layer.n_kv_heads, n, layer.v_head_dim), dtype, stream=VALUES_STREAM)
+        v = mx.zeros((1, layer.n_kv_heads, n, layer.v_head_dim), dtype, stream=values_stream())
         out[i] = (k, v)
     mx.eval(list(out.values()))
     return out

@@ -1,6 +1,6 @@
 """Daemon overhead: decode tokens/s through a real daemon + Client against the in-process engine.
 
-One model directory (default: the embedded default model, a ~5 M-parameter llama, float32;
+One model directory (default: the benchmark model, a ~5 M-parameter random llama, float32;
 `--model DIR` for another) is served by a real daemon started as a subprocess with
 `daemonctl start` (a temp `--store` and an ipc `--socket` under /tmp; always stopped at the
 end), and loaded in this process into a `BlockPoolBatchEngine` built by the daemon's own
@@ -66,7 +66,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 from agentkv.client import Client
-from agentkv.daemon.model_factory import ensure_default_model
+from agentkv.daemon.model_factory import ensure_random_model
 from agentkv.daemon.process import DaemonOptions, _make_engine
 
 TARGET = 0.90
@@ -727,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.perf_counter()
     loadavg = os.getloadavg()
-    model_dir = (args.model or ensure_default_model()).expanduser().resolve()
+    model_dir = (args.model or ensure_random_model()).expanduser().resolve()
     with tempfile.TemporaryDirectory(prefix="akv-", dir=args.dir) as tmp:
         got = run_all(args, plan, model_dir, Path(tmp))
     meta = machine() | {
