@@ -21,8 +21,6 @@ from agentkv.daemon.errors import ModelNotFoundError
 from agentkv.daemon.model_factory import (
     ARCHITECTURES,
     build_model_dir,
-    default_model_dir,
-    ensure_default_model,
     ensure_random_model,
     load_model,
     models_cache_dir,
