@@ -714,7 +714,8 @@ class CacheStore:
         try:
             path = self.block_path(block_hash)
         except ValueError:
-            self.counters["corrupt_rows"] += 1
+            with self._lock:  # lookups on the caller's thread count corrupt rows too
+                self.counters["corrupt_rows"] += 1
             log.warning("index held a block row with hash %r; no file deleted", block_hash)
             return
         if self._paths.contains(path, link_ok=True):
@@ -746,6 +747,9 @@ class CacheStore:
                     self._unlink_state(cut.state_file, key)
         else:
             index_writes.forget_state(db, *ids)
+            agent_id, _, state_file = ids
+            if not is_state_rel(state_file, agent_id):
+                return  # a name the store never gave this agent: maybe another's file
         self._quarantine(path)
 
     def _quarantine(self, path: Path) -> None:

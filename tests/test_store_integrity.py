@@ -11,6 +11,7 @@ restores; the model table; a block removed between the engine's look and the wri
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -243,6 +244,21 @@ def test_block_rows_pointing_outside_the_store_are_never_followed(tmp_path, vict
     assert not (root / "blocks" / h[:2] / f"{h}.safetensors").exists()
     store.close()
     assert victim.read_bytes() == b"precious"
+
+
+def test_a_state_file_named_for_another_agent_is_never_moved(tmp_path):
+    """A record naming another agent's state file is refused unread, and that file, which
+    is the other agent's, stays where it is (only a file the store named for this agent
+    goes to quarantine)."""
+    _stored(tmp_path, _record("a"), _record("b"))
+    store = CacheStore(tmp_path)
+    theirs = _state_rel(tmp_path, "b")
+    with pytest.raises(CorruptFileError, match="not a state file name"):
+        store.read_state(dataclasses.replace(store.agent("a", FP), state_file=theirs))
+    store.flush()
+    assert (tmp_path / theirs).exists() and list((tmp_path / "quarantine").iterdir()) == []
+    assert store.agent("b", FP).state_file == theirs
+    store.close()
 
 
 def test_symlinks_leading_out_of_the_store_are_never_followed(tmp_path, victim):
