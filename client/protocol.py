@@ -43,7 +43,7 @@ MAX_MESSAGE_BYTES = 8 * 2**20  # larger requests are refused with `too_large`
 # Token ids one message carries at most (a submit's `tokens`, an inspect page): msgpack
 # takes <= 5 bytes per id, so a full page stays well under MAX_MESSAGE_BYTES.
 MAX_TOKENS_PER_MESSAGE = 1 << 20
-MAX_AGENTS_PER_PAGE = 256  # rows of one `agents` reply
+MAX_AGENTS_PER_PAGE = 128  # rows of one `agents` reply (its `limit` at most)
 MIN_KEY_BYTES = 16  # shorter HMAC keys are refused (an empty file would mean no secret)
 REPLAY_WINDOW_S = 60.0
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")

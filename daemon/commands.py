@@ -37,7 +37,8 @@ CLIENT_TTL_S = 300.0  # a silent client with nothing running is forgotten after 
 EXPIRY_EVERY_S = 1.0
 STORE_STATS_EVERY_S = 0.5  # store totals (COUNT/SUM over the index) at most this often
 STEP_REPLY_BYTES = protocol.MAX_MESSAGE_BYTES // 2  # events one step reply carries at most
-AGENTS_PAGE = 128  # stored-only agents cost an index read each: bounded per request
+# Stored-only agents cost an index read each: bounded per request.
+AGENTS_PAGE = protocol.MAX_AGENTS_PER_PAGE
 SUBMIT_FIELDS = {
     "agent_id",
     "prompt",

@@ -41,22 +41,12 @@ def agent_key(agent_id: str) -> str:
     return hashlib.sha256(agent_id.encode()).hexdigest()[:32]
 
 
-def is_state_rel(rel: object, agent_id: str | None = None) -> bool:
-    """True if `rel` is a state file name the store writes (for that agent, if given)."""
+def is_state_rel(rel: object, agent_id: str) -> bool:
+    """True if `rel` is a state file name the store writes for that agent."""
     if not isinstance(rel, str):
         return False
     match = STATE_FILE.fullmatch(rel)
-    return match is not None and (agent_id is None or match.group(1) == agent_key(agent_id))
-
-
-def is_store_rel(rel: object) -> bool:
-    """True if `rel` names a block or state file the way the store does."""
-    if is_state_rel(rel):
-        return True
-    if not isinstance(rel, str) or not rel.startswith("blocks/"):
-        return False
-    name = rel.rsplit("/", 1)[-1].removesuffix(".safetensors")
-    return is_block_hash(name) and rel == block_rel(name)
+    return match is not None and match.group(1) == agent_key(agent_id)
 
 
 class Containment:
