@@ -576,10 +576,8 @@ def _offline_store(store: Path):
     """The store opened directly (its lock taken: refused while a daemon has it)."""
     from agentkv.storage import CacheStore, StorageError
 
-    if not (store / "cache" / "index.db").exists():
-        raise click.ClickException(f"no agentkv daemon is running and there is no store at {store}")
     try:
-        cache = CacheStore(store / "cache")
+        cache = CacheStore(_cache_dir(store))
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
     try:
@@ -596,27 +594,28 @@ def _delete_offline(store: Path, agent: str) -> None:
     except protocol.ProtocolError as exc:
         raise click.ClickException(str(exc)) from None
     with _offline_store(store) as cache:
-        fingerprints = _fingerprints_of(store, agent)
-        if not fingerprints:
-            raise click.ClickException(f"unknown agent {agent!r}")
-        for fp in fingerprints:  # one agent id may be stored for several models
-            cache.delete_agent(agent, fp)
         try:
+            fingerprints = _fingerprints_of(cache, agent)
+            if not fingerprints:
+                raise click.ClickException(f"unknown agent {agent!r}")
+            for fp in fingerprints:  # one agent id may be stored for several models
+                cache.delete_agent(agent, fp)
             cache.flush()
         except StorageError as exc:
             raise click.ClickException(str(exc)) from None
 
 
-def _fingerprints_of(store: Path, agent: str) -> list[str]:
-    import sqlite3
+def _fingerprints_of(cache, agent: str) -> list[str]:
+    """The models `agent` is stored for, read through the store's own index opener."""
+    from agentkv.storage.schema import open_index
 
-    db = sqlite3.connect(f"file:{store / 'cache' / 'index.db'}?mode=ro", uri=True)
+    db = open_index(cache.root / "index.db", read_only=True, immutable=cache.read_only)
     try:
         rows = db.execute(
             "SELECT DISTINCT fingerprint FROM agents WHERE agent_id = ?", (agent,)
         ).fetchall()
     finally:
-        db.close()
+        db.conn.close()
     return [r[0] for r in rows]
 
 

@@ -219,6 +219,27 @@ def test_start_refuses_a_short_auth_key(key, tmp_path):
     assert not (tmp_path / "daemon.pid").exists()
 
 
+def test_offline_delete_in_a_store_whose_path_needs_quoting(tmp_path):
+    """No daemon: `delete` opens the store itself, also under a path that a raw SQLite URI
+    would misread ('#' and '?'), for every model the agent is stored under."""
+    from agentkv.storage import CacheStore
+    from agentkv.storage.records import TurnRecord
+
+    store = tmp_path / "odd#dir?x"
+    cache = CacheStore(store / "cache")
+    for fp in ("a" * 32, "b" * 32):
+        cache.save_turn(TurnRecord("gone", fp, [1, 2, 3], 0))
+    cache.save_turn(TurnRecord("kept", "a" * 32, [4, 5], 0))
+    cache.close()
+    sock = f"ipc://{tmp_path}/nobody.sock"
+    args = ["--store", str(store), "--socket", sock, "--json"]
+    result = CliRunner().invoke(main, ["delete", "gone", *args])
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(main, ["delete", "gone", *args]).exit_code == 1  # unknown now
+    listed = CliRunner().invoke(main, ["agents", *args])
+    assert json.loads(listed.output) == ["kept"]
+
+
 @pytest.mark.parametrize("same_host", [False, True], ids=["other host", "this host"])
 def test_stop_signals_only_this_machines_daemon(same_host, tmp_path):
     """A peer on loopback tcp (a tunnel, say) answers hello with a pid that is alive here.
