@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import mlx.core as mx
@@ -11,6 +12,8 @@ from mlx_lm.generate import generate_step
 
 from agentkv.daemon import BlockPool, BlockPoolBatchEngine, ModelCacheSpec, SamplingParams
 from agentkv.daemon.sampling import make_request_sampler
+from agentkv.storage.records import BlockRecord, TurnRecord
+from agentkv.storage.tensor_files import HostTensor
 
 FULL = os.environ.get("AGENTKV_FULL") == "1"
 
@@ -56,6 +59,37 @@ def run_all(engine) -> dict:
 def random_tokens(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
     """n random ordinary token ids (avoiding the low special ids)."""
     return rng.integers(8, vocab, size=n).tolist()
+
+
+def synthetic_turn(
+    agent_id: str, fingerprint: str, *, blocks: int, tail: int, block_size: int, shared: int = 0
+) -> TurnRecord:
+    """A turn of small random float32 tensors (no model): `blocks` full blocks, the first
+    `shared` of them common to every agent of the model, plus `tail` rows in the state file."""
+    rng = np.random.default_rng(len(agent_id))
+
+    def kv(rows: int) -> dict[str, HostTensor]:
+        shape = (1, 2, rows, 4)
+        return {
+            "k.0": HostTensor("float32", rng.standard_normal(shape).astype(np.float32)),
+            "v.0": HostTensor("float32", rng.standard_normal(shape).astype(np.float32)),
+        }
+
+    owners = ["shared" if i < shared else agent_id for i in range(blocks)]
+    digests = [
+        hashlib.sha256(f"{fingerprint}/{owner}/{i}".encode()).hexdigest()
+        for i, owner in enumerate(owners)
+    ]
+    n = blocks * block_size + tail
+    return TurnRecord(
+        agent_id,
+        fingerprint,
+        list(range(n)),
+        n,
+        [BlockRecord(d, block_size, kv(block_size)) for d in digests],
+        {f"tail.{k}": t for k, t in kv(tail).items()} if tail else {},
+        {"tail_tokens": str(tail)} if tail else {},
+    )
 
 
 def eos_ids(tokenizer) -> set[int]:

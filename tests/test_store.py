@@ -8,7 +8,6 @@ and restores that read exactly the files of the agent being restored.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors
-from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens
+from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens, synthetic_turn
 
 from agentkv.daemon import ModelCacheSpec
 from agentkv.daemon.errors import InvalidRequestError
@@ -119,28 +118,7 @@ def _flip_last_byte(path: Path) -> None:
 
 def _record(agent_id: str, fingerprint: str, *, blocks: int = 1, tail: int = 4) -> TurnRecord:
     """A turn of small synthetic tensors (no model): `blocks` full blocks plus a tail."""
-    rng = np.random.default_rng(len(agent_id))
-
-    def kv(rows: int) -> dict[str, HostTensor]:
-        shape = (1, 2, rows, 4)
-        return {
-            "k.0": HostTensor("float32", rng.standard_normal(shape).astype(np.float32)),
-            "v.0": HostTensor("float32", rng.standard_normal(shape).astype(np.float32)),
-        }
-
-    digests = [
-        hashlib.sha256(f"{fingerprint}/{agent_id}/{i}".encode()).hexdigest() for i in range(blocks)
-    ]
-    n = blocks * BLOCK + tail
-    return TurnRecord(
-        agent_id,
-        fingerprint,
-        list(range(n)),
-        n,
-        [BlockRecord(d, BLOCK, kv(BLOCK)) for d in digests],
-        {f"tail.{k}": t for k, t in kv(tail).items()} if tail else {},
-        {"tail_tokens": str(tail)} if tail else {},
-    )
+    return synthetic_turn(agent_id, fingerprint, blocks=blocks, tail=tail, block_size=BLOCK)
 
 
 class FaultyOps(FileOps):

@@ -12,7 +12,6 @@ restores; the model table; a block removed between the engine's look and the wri
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import sqlite3
@@ -23,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens
+from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens, synthetic_turn
 
 from agentkv.storage import CacheStore, CorruptFileError, StorageError, StoreWriteError
-from agentkv.storage.records import BlockRecord, TurnRecord
-from agentkv.storage.tensor_files import FileOps, HostTensor
+from agentkv.storage.records import BlockRecord, StoredAgent, TurnRecord
+from agentkv.storage.tensor_files import FileOps
 
 BLOCK = 16
 FP = "a" * 32
@@ -41,27 +40,7 @@ GEN = 6
 def _record(agent_id: str, *, blocks: int = 2, tail: int = 4, shared: int = 0) -> TurnRecord:
     """A synthetic turn: `blocks` full blocks (the first `shared` common to every agent)
     and a tail in the state file."""
-    rng = np.random.default_rng(len(agent_id))
-
-    def kv(rows: int) -> dict[str, HostTensor]:
-        shape = (1, 2, rows, 4)
-        return {
-            "k.0": HostTensor("float32", rng.standard_normal(shape).astype(np.float32)),
-            "v.0": HostTensor("float32", rng.standard_normal(shape).astype(np.float32)),
-        }
-
-    owner = lambda i: "shared" if i < shared else agent_id  # noqa: E731
-    digests = [hashlib.sha256(f"{owner(i)}/{i}".encode()).hexdigest() for i in range(blocks)]
-    n = blocks * BLOCK + tail
-    return TurnRecord(
-        agent_id,
-        FP,
-        list(range(n)),
-        n,
-        [BlockRecord(d, BLOCK, kv(BLOCK)) for d in digests],
-        {f"tail.{k}": t for k, t in kv(tail).items()} if tail else {},
-        {"tail_tokens": str(tail)} if tail else {},
-    )
+    return synthetic_turn(agent_id, FP, blocks=blocks, tail=tail, block_size=BLOCK, shared=shared)
 
 
 def _sql(root: Path, sql: str, args: tuple = ()) -> list[tuple]:
@@ -90,6 +69,18 @@ def _stored(root: Path, *records: TurnRecord) -> None:
     for rec in records:
         store.save_turn(rec)
     store.close()
+
+
+def _garbled(root: Path, sql: str) -> tuple[TurnRecord, CacheStore, StoredAgent | None]:
+    """Agent "a" stored, `sql` run on the index, the store opened again and "a" looked up:
+    its turn, the open store and the lookup (checked to count one corrupt row)."""
+    rec = _record("a")
+    _stored(root, rec)
+    _sql(root, sql)
+    store = CacheStore(root)
+    stored = store.agent("a", FP)
+    assert store.counters["corrupt_rows"] == 1
+    return rec, store, stored
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +127,7 @@ GARBAGE = {
 def test_garbage_in_an_agent_row_is_a_counted_corrupt_row(tmp_path, sql):
     """Never raised; counted and logged; the tokens survive whenever the blob decodes,
     and the cache is then described as empty (it will be recomputed)."""
-    rec = _record("a")
-    _stored(tmp_path, rec)
-    _sql(tmp_path, sql)
-    store = CacheStore(tmp_path)
-    stored = store.agent("a", FP)
-    assert store.counters["corrupt_rows"] == 1
+    rec, store, stored = _garbled(tmp_path, sql)
     if GARBAGE[sql]:
         assert stored.tokens == rec.tokens
         assert (stored.stored_tokens, stored.block_hashes, stored.state_file) == (0, [], None)
@@ -161,12 +147,7 @@ def test_garbage_in_an_agent_row_is_a_counted_corrupt_row(tmp_path, sql):
 def test_garbage_bookkeeping_is_counted_and_the_cache_kept(tmp_path, sql, pinned, last_used):
     """pinned and last_used do not describe the cache: garbage there is counted, defaulted,
     and repaired by the agent's next write."""
-    rec = _record("a")
-    _stored(tmp_path, rec)
-    _sql(tmp_path, sql)
-    store = CacheStore(tmp_path)
-    stored = store.agent("a", FP)
-    assert store.counters["corrupt_rows"] == 1
+    rec, store, stored = _garbled(tmp_path, sql)
     assert stored.pinned is pinned and stored.stored_tokens == rec.stored_tokens
     if last_used is not None:
         assert stored.last_used == last_used
