@@ -4,7 +4,6 @@ foreground. `daemonctl start` runs this in a detached child; `--foreground` runs
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import json
 import logging
@@ -315,14 +314,13 @@ def _lock_store(store: Path):
     Raises:
         StoreInUseError: another daemon holds it (running, or still loading its model).
     """
-    f = open(store / LOCKFILE, "a+")  # noqa: SIM115 (held open for the daemon's life)
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
+    from agentkv.storage.locks import try_lock
+
+    f = try_lock(store / LOCKFILE)  # held open for the daemon's life
+    if f is None:
         pid = read_pid(store)
         who = f"a daemon (pid {pid})" if pid else "another daemon"
-        raise StoreInUseError(f"{who} is already running on store {store}") from None
+        raise StoreInUseError(f"{who} is already running on store {store}")
     return f
 
 

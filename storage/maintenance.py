@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import CorruptFileError, StoreLockedError, StoreWriteError
+from .locks import try_lock
 from .paths import Containment, block_rel, is_block_hash, is_state_rel
 from .records import GcReport, VerifyReport
 from .schema import open_index
@@ -196,14 +197,9 @@ def _remove(root: Path, db, report: GcReport, fingerprint: str | None) -> None:
 
 
 def _lock_store(root: Path):
-    import fcntl
-
-    f = open(root / "lock", "a+")  # noqa: SIM115 - held until gc is done
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
+    f = try_lock(root / "lock")  # held until gc is done
+    if f is None:
         raise StoreLockedError(
             f"store {root} is in use (a daemon is running): stop it, or use a dry run"
-        ) from None
+        )
     return f

@@ -22,7 +22,6 @@ read-only: restores work, writes fail with StoreWriteError.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import logging
 import os
 import queue
@@ -40,6 +39,7 @@ from .errors import (
     StoreWriteError,
 )
 from .index_rows import AGENT_COLUMNS, BLOCKS_QUERY, parse_agent
+from .locks import try_lock
 from .maintenance import collect_garbage, verify_store
 from .paths import Containment, agent_key, block_rel, is_state_rel
 from .records import (
@@ -816,14 +816,11 @@ def _lock_store(root: Path):
         StoreWriteError: the lock file cannot be opened for writing (e.g. permissions).
     """
     try:
-        f = open(root / "lock", "a+")  # noqa: SIM115 - held open until close()
+        f = try_lock(root / "lock")  # held open until close()
     except OSError as exc:
         raise StoreWriteError(f"cannot open store {root} for writing: {exc}") from exc
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise StoreLockedError(f"store {root} is in use by another process") from None
+    if f is None:
+        raise StoreLockedError(f"store {root} is in use by another process")
     return f
 
 
