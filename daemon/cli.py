@@ -637,14 +637,21 @@ def _cache_dir(store: Path) -> Path:
 
 
 def _last_fingerprint(store: Path) -> str | None:
+    """The model the store saw last (gc keeps its caches when no daemon says otherwise)."""
     import sqlite3
 
+    from agentkv.storage import StorageError
+    from agentkv.storage.schema import open_index
+
     try:
-        db = sqlite3.connect(f"file:{_cache_dir(store) / 'index.db'}?mode=ro", uri=True)
-        row = db.execute("SELECT fingerprint FROM models ORDER BY created DESC LIMIT 1").fetchone()
-        db.close()
+        db = open_index(_cache_dir(store) / "index.db", read_only=True)
+        try:
+            sql = "SELECT fingerprint FROM models ORDER BY created DESC LIMIT 1"
+            row = db.execute(sql).fetchone()
+        finally:
+            db.close()
         return row[0] if row else None
-    except (sqlite3.Error, click.ClickException):
+    except (sqlite3.Error, StorageError, click.ClickException):
         return None
 
 
