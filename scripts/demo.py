@@ -21,6 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -117,19 +118,23 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
     parser.add_argument("--keep", action="store_true", help="keep the store for inspection")
     args = parser.parse_args()
+    if args.max_tokens < 1 or args.temperature < 0:
+        parser.error("--max-tokens must be >= 1 and --temperature >= 0")
 
     root = Path(tempfile.mkdtemp(prefix="agentkv-demo-", dir="/tmp"))  # short ipc path
     daemon = Daemon(root, args.model)
     print("agentkv demo: three agents share a system prompt, take two turns each, the daemon")
     print("restarts, and each takes a third turn from its cache on disk.\n")
     print(f"model   {args.model or 'embedded default (a tiny llama trained on simple sentences)'}")
-    print(f"store   {daemon.store}\nsocket  {daemon.socket}\n")
+    print(f"store   {daemon.store}\nsocket  {daemon.socket}")
+    shared = textwrap.fill(SYSTEM_PROMPT, 88, initial_indent="  ", subsequent_indent="  ")
+    print(f"\nthe shared system prompt:\n{shared}\n")
     try:
         turns = run_demo(daemon, args)
         ok = check(turns, args)
     finally:
-        if daemon.ctl("status").returncode == 0:
-            daemon.stop("stopping the daemon")
+        if daemon.ctl("status").returncode == 0:  # the demo failed half-way: stop it quietly
+            daemon.ctl("stop")
         if args.keep:
             index = daemon.store / "cache" / "index.db"
             print(f"store kept in {daemon.store} (try: sqlite-utils tables {index} --counts)")
