@@ -202,7 +202,7 @@ def model_line(meta: dict | None) -> str:
     if isinstance(shape, dict):
         return "no model; cache shape " + ", ".join(f"{k} {v}" for k, v in shape.items())
     if dig(meta, "params_m") is not None:
-        return f"model: the default model, {meta['params_m']} M params"
+        return f"model: {meta['params_m']} M params"
     return "no model involved"
 
 

@@ -352,6 +352,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     meta = machine() | {
         "params_m": round(params / 1e6, 1),
+        "model": {
+            "model_type": model.args.model_type,
+            "hidden_size": model.args.hidden_size,
+            "layers": model.args.num_hidden_layers,
+            "params_m": round(params / 1e6, 1),
+            "dtype": "float32",
+        },
         "block_size": spec.block_size,
         "store_dir": str(args.dir or tempfile.gettempdir()),
         "seed": args.seed,
