@@ -29,8 +29,8 @@ DEMO_SEED = 0
 SHIPPED_MODEL_DIR = Path(__file__).with_name("default_model")
 TRAINING_RECORD = "training.json"
 
-# A llama of ~1 M parameters: MLX's CPU backend trains it at ~800 tokens/s on one core, so
-# the shipped model took about half an hour; big enough to learn the corpus's grammar.
+# A llama of ~1 M parameters: MLX's CPU backend trains it at ~600 tokens/s on one core, so
+# the shipped model took 45 minutes; big enough to learn the corpus's grammar.
 DEMO_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "hidden_size": 128,

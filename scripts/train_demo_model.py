@@ -2,7 +2,7 @@
 
 The result is what ships in `daemon/default_model/`: `config.json`, `model.safetensors`
 (float32, ~4 MB), the tokenizer files and `training.json` (settings, parameter count, final
-loss, seconds). Deterministic given the seed. With the defaults it takes about half an hour
+loss, seconds). Deterministic given the seed. With the defaults it took 45 minutes
 on one CPU core (MLX's CPU backend); `--steps 50` is a quick smoke run.
 
 Usage: python scripts/train_demo_model.py [--out DIR] [--steps N] [--seed N] [--samples]
