@@ -31,6 +31,10 @@ from .paths import default_socket
 from .protocol import MessageType
 
 MAX_LATE_STEPS = 64  # timed-out steps whose late replies are still taken in
+# Least seconds between step replies: `stream` text in ~20 ms pieces (one round trip per
+# token would cost the daemon decode speed at one agent), `generate` only needs the end.
+STREAM_INTERVAL_S = 0.02
+GENERATE_INTERVAL_S = 1.0
 
 
 @dataclass(slots=True)
@@ -169,23 +173,29 @@ class Client:
             body["stop"] = list(stop)
         return self._call(MessageType.SUBMIT, body)["uid"]
 
-    def step(self, timeout: float = 1.0) -> list[Event]:
-        """Events of this client's requests since its last step, waiting up to `timeout`."""
+    def step(self, timeout: float = 1.0, interval: float = 0.0) -> list[Event]:
+        """Events of this client's requests since its last step, waiting up to `timeout`.
+
+        With `interval` (seconds), the daemon answers at most once per interval (a finished
+        turn is never held back), returning the tokens of several steps in one reply: fewer
+        round trips for a client that does not need each token the moment it exists.
+        """
         if not self._buffered:
-            self._step_call(timeout)
+            self._step_call(timeout, interval)
         out = list(self._buffered)
         self._buffered.clear()
         return out
 
     def generate(self, agent_id: str, prompt=None, **kwargs) -> Result:
-        """Submit a turn and wait for it to finish.
+        """Submit a turn and wait for it to finish (keyword arguments as `submit`).
 
         Raises:
             GenerationFailed: the turn finished with finish_reason "error".
         """
         parts: list[str] = []
         tokens: list[int] = []
-        for event in self._events_of(self.submit(agent_id, prompt, **kwargs)):
+        uid = self.submit(agent_id, prompt, **kwargs)
+        for event in self._events_of(uid, GENERATE_INTERVAL_S):
             parts.append(event.text)
             tokens += event.token_ids
             if event.finished:
@@ -202,9 +212,13 @@ class Client:
                 )
         raise AssertionError("unreachable")
 
-    def stream(self, agent_id: str, prompt=None, **kwargs) -> Iterator[str]:
-        """Submit a turn and yield its text as it is generated."""
-        for event in self._events_of(self.submit(agent_id, prompt, **kwargs)):
+    def stream(
+        self, agent_id: str, prompt=None, *, interval: float = STREAM_INTERVAL_S, **kwargs
+    ) -> Iterator[str]:
+        """Submit a turn and yield its text as it is generated (keyword arguments as
+        `submit`). Text comes at most every `interval` seconds (see `step`); 0 yields each
+        token's text as soon as it exists."""
+        for event in self._events_of(self.submit(agent_id, prompt, **kwargs), interval):
             if event.text:
                 yield event.text
             if event.finished and event.finish_reason == "error":
@@ -275,20 +289,23 @@ class Client:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _events_of(self, uid: int) -> Iterator[Event]:
+    def _events_of(self, uid: int, interval: float) -> Iterator[Event]:
         """This request's events; others' are kept for the next `step`."""
         while True:
             mine = self._take_buffered(uid)
             if not mine:
-                self._step_call(1.0)
+                self._step_call(1.0, interval)
                 mine = self._take_buffered(uid)
             for event in mine:
                 yield event
                 if event.finished:
                     return
 
-    def _step_call(self, timeout: float) -> None:
-        result = self._call(MessageType.STEP, {"timeout": timeout}, wait=timeout + self.timeout)
+    def _step_call(self, timeout: float, interval: float = 0.0) -> None:
+        body = {"timeout": timeout}
+        if interval:  # only when asked: a 1.0 daemon ignores it anyway
+            body["interval"] = interval
+        result = self._call(MessageType.STEP, body, wait=timeout + self.timeout)
         self._buffered.extend(Event.from_wire(e) for e in result["events"])
 
     def _take_buffered(self, uid: int) -> list[Event]:

@@ -22,6 +22,8 @@ a message's worth of events (the rest come with the next step).
 
 1.1: `agents` and `inspect` paging, usage `prefill_ms`, inspect `disk_blocks` and
 `last_used`, stats `clients`.
+1.2: `step` takes `interval` (seconds, 0-10): the daemon answers that client's steps at
+most once per interval, except that a finished turn is answered at once.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-PROTOCOL_VERSION = (1, 1)
+PROTOCOL_VERSION = (1, 2)
 MAGIC = b"AKV1"
 MAX_MESSAGE_BYTES = 8 * 2**20  # larger requests are refused with `too_large`
 # Token ids one message carries at most (a submit's `tokens`, an inspect page): msgpack

@@ -31,6 +31,7 @@ from .errors import AgentKVError, UnknownAgentError
 log = logging.getLogger("agentkv.commands")
 
 MAX_STEP_WAIT_S = 30.0
+MAX_STEP_INTERVAL_S = 10.0
 HELD_POLL_S = 0.002  # how often finished turns waiting for their write-back are checked
 DRAIN_GRACE_S = 2.0  # on shutdown, how long finished turns' events wait for their client
 CLIENT_TTL_S = 300.0  # a silent client with nothing running is forgotten after this
@@ -61,6 +62,8 @@ SUBMIT_FIELDS = {
 class _Client:
     events: dict[int, dict] = field(default_factory=dict)  # uid -> merged event
     parked: tuple | None = None  # (request id, deadline) of a waiting step
+    interval: float = 0.0  # its step's `interval`: least seconds between answers
+    answered: float = 0.0  # when its last step was answered (monotonic)
     running: int = 0  # this client's requests not finished yet
     seen: float = field(default_factory=time.monotonic)  # its last request
 
@@ -123,6 +126,9 @@ class CommandHandler:
     def idle_wait(self) -> float:
         """How long the engine thread may block for the next request."""
         deadlines = [c.parked[1] for c in self._clients.values() if c.parked]
+        deadlines += [
+            c.answered + c.interval for c in self._clients.values() if c.parked and c.events
+        ]
         if self._held:
             return HELD_POLL_S
         if not deadlines:
@@ -163,7 +169,7 @@ class CommandHandler:
             self._release_durable()
         now = time.monotonic()
         for identity, client in list(self._clients.items()):
-            if client.parked and (client.events or now >= client.parked[1]):
+            if client.parked and (_due(client, now) or now >= client.parked[1]):
                 self._answer_step(identity, client)
         if now >= self._next_expiry:
             self._expire_clients(now)
@@ -245,20 +251,16 @@ class CommandHandler:
         return {"uid": uid}
 
     def _step(self, identity: bytes, h: dict) -> None:
-        timeout = h.get("timeout", 1.0)
-        if (
-            not isinstance(timeout, (int, float))
-            or isinstance(timeout, bool)
-            or math.isnan(timeout)
-            or timeout < 0
-        ):
-            raise ProtocolError("invalid_request", "timeout must be a number >= 0")
+        timeout = _seconds(h, "timeout", 1.0, math.inf)
+        interval = _seconds(h, "interval", 0.0, MAX_STEP_INTERVAL_S)
         client = self._clients.get(identity)
         if client is not None and client.parked:  # one outstanding step: the older answers now
             self._answer_step(identity, client)
         client = self._clients.setdefault(identity, _Client())
-        client.parked = (h.get("id"), time.monotonic() + min(float(timeout), MAX_STEP_WAIT_S))
-        if client.events or timeout == 0:
+        now = time.monotonic()
+        client.parked = (h.get("id"), now + min(timeout, MAX_STEP_WAIT_S))
+        client.interval = interval
+        if timeout == 0 or _due(client, now):
             self._answer_step(identity, client)
         return None
 
@@ -379,6 +381,7 @@ class CommandHandler:
     def _answer_step(self, identity: bytes, client: _Client) -> None:
         rid, _ = client.parked
         client.parked = None
+        client.answered = time.monotonic()
         events = _take_events(client.events)
         self.send(identity, *protocol.reply(rid, {"events": events}))
         if not client.running and not client.events:  # nothing more for it: forget it
@@ -432,6 +435,29 @@ def _take_events(events: dict[int, dict]) -> list[dict]:
         out.append(events.pop(uid))
         size += cost
     return out
+
+
+def _due(client: _Client, now: float) -> bool:
+    """A waiting step has events to return now: its `interval` since the last answer has
+    passed, or a turn finished (a finish is never held back)."""
+    if not client.events:
+        return False
+    if now - client.answered >= client.interval:
+        return True
+    return any("finish_reason" in e for e in client.events.values())
+
+
+def _seconds(h: dict, name: str, default: float, most: float) -> float:
+    value = h.get(name, default)
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or math.isnan(value)
+        or not 0 <= value <= most
+    ):
+        bounds = ">= 0" if math.isinf(most) else f"in [0, {most:g}]"
+        raise ProtocolError("invalid_request", f"{name} must be a number (seconds) {bounds}")
+    return float(value)
 
 
 def _new_event(uid: int, agent_id: str) -> dict:

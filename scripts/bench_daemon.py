@@ -9,19 +9,24 @@ end), and loaded in this process into a `BlockPoolBatchEngine` built by the daem
 the pool size): same model, same engine settings. Three measurements:
 
 1. Decode tokens/s at 1, 8 and 32 agents decoding concurrently. Seeded prompts (random
-   non-special token ids, 64-128 tokens each), greedy, the same max_tokens; each run uses
-   fresh agent ids. In-process: every prompt submitted, then `step_once()` looped until
-   idle. Daemon: one thread and one `Client` per agent (an orchestrator's agents are
+   non-special token ids, 64-128 tokens each), greedy, the same max_tokens (256 at one
+   agent, so that its window is long enough to time; 64 otherwise); each run uses fresh
+   agent ids. In-process: every prompt submitted, then `step_once()` looped until idle.
+   Daemon: one thread and one `Client` per agent (an orchestrator's agents are
    independent), released together by a barrier; each submits its turn and calls
-   `step(timeout=1.0)` until its final event. Decode window, the same for both sides (as in
-   bench_engine): it opens when the last agent receives its first token and closes when
-   the last agent receives its last one; tokens/s = tokens received inside the window /
-   window seconds (the daemon holds a turn's final event until its write-back is durable;
-   the tokens themselves are not held, so the window does not include that wait). Prompts
-   whose greedy continuation would hit EOS within max_tokens are redrawn (checked in
-   process), and the daemon's tokens are compared with the in-process ones. Runs are
-   interleaved (in-process, daemon, daemon, in-process, ...) after one untimed run of each
-   per config; medians. Target: daemon / in-process >= 0.90 at every config.
+   `step(timeout=1.0, interval=...)` until its final event, in two modes: "daemon" with
+   the interval `Client.stream` uses (STREAM_INTERVAL_S, 20 ms: the daemon answers a step
+   at most that often, so a reply carries several tokens at one agent), the target's
+   mode; and "daemon, per token" with interval 0 (a reply per token, one round trip per
+   token: reported, no target). Decode window, the same for all (as in bench_engine): it
+   opens when the last agent receives its first token and closes when the last agent
+   receives its last one; tokens/s = tokens received inside the window / window seconds
+   (the daemon holds a turn's final event until its write-back is durable; the tokens
+   themselves are not held, so the window does not include that wait). Prompts whose
+   greedy continuation would hit EOS within max_tokens are redrawn (checked in process),
+   and the daemon's tokens are compared with the in-process ones. Runs are interleaved,
+   the order of the three rotating each repeat, after one untimed run of each per config;
+   medians. Target: daemon / in-process >= 0.90 at every config.
 2. Round trip of an empty `step` (`step(timeout=0)` from a client with nothing pending) and,
    for comparison, of `stats`, interleaved, on an idle daemon; and of the empty step while 8
    agents decode 128 tokens each (--quick: 64), probes at random 0-50 ms pauses, those inside
@@ -66,6 +71,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 from agentkv.client import Client
+from agentkv.client.client import STREAM_INTERVAL_S
 from agentkv.daemon.model_factory import ensure_random_model
 from agentkv.daemon.process import DaemonOptions, _make_engine
 
@@ -75,8 +81,9 @@ PROMPT_LEN = (64, 128)
 BUSY_AGENTS = 8
 FULL = {
     "agents": [1, 8, 32],
-    "repeats": 3,
+    "repeats": 5,
     "max_tokens": 64,
+    "max_tokens_one": 256,
     "roundtrips": 2000,
     "prefill": 8000,
     "baseline_tokens": 48,
@@ -85,8 +92,9 @@ FULL = {
 }
 QUICK = {
     "agents": [1, 8],
-    "repeats": 2,
+    "repeats": 3,
     "max_tokens": 32,
+    "max_tokens_one": 96,
     "roundtrips": 300,
     "prefill": 2048,
     "baseline_tokens": 24,
@@ -135,6 +143,8 @@ class Row:
     inprocess_tps: float
     daemon_tps: float
     ratio: float
+    per_token_tps: float
+    per_token_ratio: float
     inprocess_prefill_s: float
     daemon_prefill_s: float
     ms_per_step_inprocess: float
@@ -199,8 +209,11 @@ def _drive(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> tuple
     return start, arrivals, outputs
 
 
-def run_daemon(endpoint: str, prompts: list[list[int]], max_tokens: int, tag: str) -> Run:
-    """Every prompt through the daemon: one thread and one Client per agent."""
+def run_daemon(
+    endpoint: str, prompts: list[list[int]], max_tokens: int, tag: str, interval: float = 0.0
+) -> Run:
+    """Every prompt through the daemon: one thread and one Client per agent, each stepping
+    with `interval` (0: a reply per token)."""
     n = len(prompts)
     barrier = threading.Barrier(n + 1)
     arrivals: list[list[tuple[float, int]]] = [[] for _ in prompts]
@@ -212,7 +225,7 @@ def run_daemon(endpoint: str, prompts: list[list[int]], max_tokens: int, tag: st
             with Client(endpoint, timeout=120.0) as c:
                 barrier.wait()
                 uid = c.submit(f"{tag}-{i}", prompts[i], max_tokens=max_tokens, temperature=0.0)
-                while not _collect(c, uid, arrivals[i], outputs[i]):
+                while not _collect(c, uid, arrivals[i], outputs[i], interval):
                     pass
         except BaseException as exc:
             errors.append(exc)
@@ -231,9 +244,9 @@ def run_daemon(endpoint: str, prompts: list[list[int]], max_tokens: int, tag: st
     return window("daemon", start, arrivals, outputs)
 
 
-def _collect(c: Client, uid: int, arrivals: list, tokens: list[int]) -> bool:
+def _collect(c: Client, uid: int, arrivals: list, tokens: list[int], interval: float) -> bool:
     """One `step`: record this request's tokens; True once its final event arrived."""
-    events = c.step(timeout=1.0)
+    events = c.step(timeout=1.0, interval=interval)
     now = time.perf_counter()
     for e in events:
         if e.uid != uid:
@@ -271,22 +284,29 @@ def pick_prompts(engine, n: int, max_tokens: int, seed: int) -> tuple[list[list[
     raise RuntimeError("could not find prompts free of EOS; lower --max-tokens")
 
 
+KINDS = ("in-process", "daemon", "daemon, per token")
+
+
 def bench_config(engine, endpoint: str, n: int, plan: dict, seed: int) -> tuple[Row, dict]:
-    """Interleaved in-process/daemon repeats at `n` concurrent agents."""
-    max_tokens = plan["max_tokens"]
+    """Interleaved in-process / daemon / daemon-per-token repeats at `n` concurrent agents
+    (the order rotates every repeat)."""
+    max_tokens = plan["max_tokens_one"] if n == 1 else plan["max_tokens"]
     prompts, replaced = pick_prompts(engine, n, max_tokens, seed)
     run_daemon(endpoint, prompts, max_tokens, f"w{n}")  # warm-up: the daemon's batch shapes
-    runs: dict[str, list[Run]] = {"in-process": [], "daemon": []}
+    runs: dict[str, list[Run]] = {k: [] for k in KINDS}
     for rep in range(plan["repeats"]):
-        for kind in ("in-process", "daemon") if rep % 2 == 0 else ("daemon", "in-process"):
-            tag = f"r{n}-{rep}"
-            if kind == "daemon":
-                runs[kind].append(run_daemon(endpoint, prompts, max_tokens, tag))
+        for kind in KINDS[rep % 3 :] + KINDS[: rep % 3]:
+            tag = f"r{n}-{rep}-{KINDS.index(kind)}"
+            if kind == "in-process":
+                run = run_inprocess(engine, prompts, max_tokens, tag)
             else:
-                runs[kind].append(run_inprocess(engine, prompts, max_tokens, tag))
-    ip, dm = runs["in-process"], runs["daemon"]
+                interval = STREAM_INTERVAL_S if kind == "daemon" else 0.0
+                run = run_daemon(endpoint, prompts, max_tokens, tag, interval)
+            runs[kind].append(run)
+    ip, dm, pt = (runs[k] for k in KINDS)
     med = statistics.median
     ip_tps, dm_tps = med(r.decode_tps for r in ip), med(r.decode_tps for r in dm)
+    pt_tps = med(r.decode_tps for r in pt)
     row = Row(
         agents=n,
         repeats=plan["repeats"],
@@ -294,18 +314,21 @@ def bench_config(engine, endpoint: str, n: int, plan: dict, seed: int) -> tuple[
         inprocess_tps=round(ip_tps, 1),
         daemon_tps=round(dm_tps, 1),
         ratio=round(dm_tps / ip_tps, 3),
+        per_token_tps=round(pt_tps, 1),
+        per_token_ratio=round(pt_tps / ip_tps, 3),
         inprocess_prefill_s=round(med(r.prefill_s for r in ip), 3),
         daemon_prefill_s=round(med(r.prefill_s for r in dm), 3),
         ms_per_step_inprocess=round(med(_ms_per_step(r) for r in ip), 2),
         ms_per_step_daemon=round(med(_ms_per_step(r) for r in dm), 2),
         decode_tokens=ip[0].decode_tokens,
-        identical_tokens=all(r.outputs == ip[0].outputs for r in ip + dm),
+        identical_tokens=all(r.outputs == ip[0].outputs for r in ip + dm + pt),
     )
     detail = {
         "prompts_replaced_for_eos": replaced,
         "prompt_lengths": [len(p) for p in prompts],
         "inprocess_tps_runs": [round(r.decode_tps, 1) for r in ip],
         "daemon_tps_runs": [round(r.decode_tps, 1) for r in dm],
+        "per_token_tps_runs": [round(r.decode_tps, 1) for r in pt],
         "decode_tokens_runs": {k: [r.decode_tokens for r in v] for k, v in runs.items()},
     }
     return row, detail
@@ -574,6 +597,7 @@ def describe_model(model, path: Path) -> dict[str, object]:
 def verdict(rows: list[Row], gap: dict, chunks: dict) -> dict:
     """Ratios against the targets."""
     ratios = [r.ratio for r in rows]
+    per_token = [r.per_token_ratio for r in rows]
     base_p50_s = gap["baseline"].get("p50_ms", 0.0) / 1e3
     bound_s = chunks["longest"]["s"] + base_p50_s
     max_gap_s = gap["during"].get("max_ms", float("inf")) / 1e3
@@ -581,6 +605,8 @@ def verdict(rows: list[Row], gap: dict, chunks: dict) -> dict:
         "target": TARGET,
         "min_ratio": min(ratios),
         "target_met": min(ratios) >= TARGET,
+        "stream_interval_s": STREAM_INTERVAL_S,
+        "min_ratio_per_token": min(per_token),
         "identical_tokens": all(r.identical_tokens for r in rows),
         "gap_slack": GAP_SLACK,
         "max_gap_over_chunk_plus_step": round(max_gap_s / bound_s, 3),
@@ -608,19 +634,25 @@ def print_report(rows: list[Row], meta: dict, res: dict, rt: dict, gap: dict, ch
     print("decode window: last agent's first token to last agent's last token, tokens received")
     print(f"inside it / seconds; medians of {meta['repeats']} interleaved repeats after warm-ups")
     print(
+        f"daemon: clients step with the stream interval ({res['stream_interval_s'] * 1e3:g} ms); "
+        "per token: interval 0, a reply per token"
+    )
+    print(
         f"{'agents':>6} {'max_tok':>7} {'in-proc tok/s':>13} {'daemon tok/s':>12} {'ratio':>6} "
-        f"{'ms/step i/d':>13} {'prefill i/d s':>14} {'same':>5}"
+        f"{'per-token tok/s':>15} {'ratio':>6} {'ms/step i/d':>13} {'prefill i/d s':>14} "
+        f"{'same':>5}"
     )
     for r in rows:
         print(
             f"{r.agents:>6} {r.max_tokens:>7} {r.inprocess_tps:>13.1f} {r.daemon_tps:>12.1f} "
-            f"{r.ratio:>6.3f} {r.ms_per_step_inprocess:>6.1f}/{r.ms_per_step_daemon:<6.1f} "
+            f"{r.ratio:>6.3f} {r.per_token_tps:>15.1f} {r.per_token_ratio:>6.3f} "
+            f"{r.ms_per_step_inprocess:>6.1f}/{r.ms_per_step_daemon:<6.1f} "
             f"{r.inprocess_prefill_s:>6.2f}/{r.daemon_prefill_s:<7.2f} "
             f"{'yes' if r.identical_tokens else 'NO':>5}"
         )
     print(
         f"target: daemon/in-process >= {TARGET} at every config: {word[res['target_met']]} "
-        f"(min {res['min_ratio']})"
+        f"(min {res['min_ratio']}; per token, no target: min {res['min_ratio_per_token']})"
     )
     print("\nround trip through the Client (ms):")
     for name, s in (
@@ -716,6 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in ("agents", "repeats", "max_tokens", "prefill"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
+    if args.max_tokens is not None:
+        plan["max_tokens_one"] = args.max_tokens
     if plan["repeats"] < 1 or plan["max_tokens"] < 2 or min(plan["agents"]) < 1:
         parser.error("--repeats >= 1, --max-tokens >= 2, --agents >= 1")
     if plan["prefill"] < 1025:

@@ -251,12 +251,22 @@ def decode_section(b: dict[str, Bench], plots: Plots) -> str:
     if dmn:
         rows = dig(dmn, "rows", default=[])
         ratios = ", ".join(f"{r['agents']}: {fmt(r['ratio'])}" for r in rows)
+        interval = dig(dmn, "result", "stream_interval_s")
+        mode = ""
+        if interval:
+            mode = f", clients stepping every {fmt(interval * 1e3)} ms as `stream` does"
         text.append(
-            f"- daemon + client / in-process engine (bench_daemon, side by side in one run): "
-            f"{ratios}; target >= {fmt(dig(dmn, 'result', 'target'))}: "
+            f"- daemon + client / in-process engine (bench_daemon, side by side in one run"
+            f"{mode}): {ratios}; target >= {fmt(dig(dmn, 'result', 'target'))}: "
             f"{'MET' if dig(dmn, 'result', 'target_met') else 'NOT MET'}; identical tokens: "
             f"{fmt(dig(dmn, 'result', 'identical_tokens'))}."
         )
+        per_token = [r for r in rows if "per_token_ratio" in r]
+        if per_token:
+            ratios = ", ".join(f"{r['agents']}: {fmt(r['per_token_ratio'])}" for r in per_token)
+            text.append(
+                f"- the same with a reply per token (step interval 0; no target): {ratios}."
+            )
     text.append(plots.draw("decode.png", plot_decode, eng, dmn))
     return "\n".join(text)
 
@@ -266,7 +276,14 @@ def decode_series(eng: dict | None, dmn: dict | None) -> dict[str, dict[int, flo
     series: dict[str, dict[int, float]] = {}
     for data, keys in (
         (eng, (("raw BatchGenerator", "raw_tps"), ("engine", "engine_tps"))),
-        (dmn, (("engine, in-process", "inprocess_tps"), ("daemon + client", "daemon_tps"))),
+        (
+            dmn,
+            (
+                ("engine, in-process", "inprocess_tps"),
+                ("daemon + client", "daemon_tps"),
+                ("daemon + client, a reply per token", "per_token_tps"),
+            ),
+        ),
     ):
         for label, key in keys:
             points = {r["agents"]: r[key] for r in dig(data, "rows", default=[]) if key in r}
@@ -477,7 +494,7 @@ def plot_decode(plt, eng: dict | None, dmn: dict | None):
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    tokens = {dig(d, "rows", 0, "max_tokens") for d in (eng, dmn) if d}
+    tokens = {r.get("max_tokens") for d in (eng, dmn) if d for r in dig(d, "rows", default=[])}
     caption(
         fig,
         "Decode throughput against concurrent agents",

@@ -60,13 +60,33 @@ def test_stream_deltas_make_generate_text(client):
     """stream() yields text deltas that join to exactly what generate() returns for the same
     context; its first turn of text is encoded with a BOS, as mlx-lm does."""
     prompt = "The quick brown fox jumps over the lazy dog."
-    deltas = list(client.stream("streamer", prompt, max_tokens=24))
+    deltas = list(client.stream("streamer", prompt, max_tokens=24, interval=0))
     whole = client.generate("generator", prompt, max_tokens=24)
     assert len(deltas) > 1
     assert "".join(deltas) == whole.text
     streamed = client.inspect("streamer")["token_ids"]
     assert streamed == client.inspect("generator")["token_ids"]
     assert streamed[0] == 1  # BOS
+
+
+def test_a_step_interval_batches_tokens_and_never_holds_back_a_finish(client):
+    """With a step interval longer than the whole turn, the daemon answers once with the
+    first token, then once more when the turn finishes (not at the interval's end): the
+    same tokens as a reply-per-token run, in two replies."""
+    prompt = [5, 6, 7, 8, 9]
+    uid = client.submit("interval-run", prompt, max_tokens=64)
+    replies, tokens, finished_after = [], [], None
+    start = time.monotonic()
+    while finished_after is None:
+        events = [e for e in client.step(timeout=30.0, interval=10.0) if e.uid == uid]
+        replies.append(events)
+        tokens += [t for e in events for t in e.token_ids]
+        if any(e.finished for e in events):
+            finished_after = time.monotonic() - start
+    per_token = client.generate("interval-ref", prompt, max_tokens=64)
+    assert tokens == per_token.token_ids
+    assert len(replies) == 2 and len(replies[0][0].token_ids) >= 1
+    assert finished_after < 10.0  # the finish was not held for the interval
 
 
 def test_messages_turns_use_the_chat_template_and_reuse_the_common_prefix(client, loaded_models):
@@ -210,6 +230,9 @@ def test_fork_shares_blocks_and_both_branches_continue_exactly(client, loaded_mo
         (lambda c: c.generate("bad-in", [9] * (POOL_BLOCKS * BLOCK), max_tokens=4), PoolExhausted),
         (lambda c: c.generate("bad-in", "hi", max_tokens=POOL_BLOCKS * BLOCK), PoolExhausted),
         (lambda c: c.cancel(10**9), UnknownRequest),
+        (lambda c: c.step(interval=-1.0), InvalidRequest),
+        (lambda c: c.step(interval=60.0), InvalidRequest),
+        (lambda c: c.step(timeout=-1.0), InvalidRequest),
     ],
     ids=lambda v: getattr(v, "__name__", ""),
 )
