@@ -2,8 +2,9 @@
 
 Runs on the MLX thread. Arrays handed to the store are evaluated first and passed as
 zero-copy numpy views of MLX memory, which the writer thread only reads; nothing on the
-writer thread touches MLX. Restoring reads each block's file once (checksum verified) into
-a pool block, so the turn after a restore, and every later one, is served from memory.
+writer thread touches MLX. Restoring reads each block's file once (checksum verified)
+straight into the agent's cache buffers; the next commit turns them into pool blocks, so
+every later turn is served from memory.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import numpy as np
 from agentkv.storage import CacheStore, CorruptFileError, StoredAgent
 from agentkv.storage.paths import is_block_hash
 from agentkv.storage.records import BlockRecord, TurnRecord
-from agentkv.storage.tensor_files import HostTensor
+from agentkv.storage.tensor_files import DTYPES, TAGS, HostTensor
 
 from .agents import AgentContext
 from .block_pool import BlockPool
-from .kv_blocks import BlockKV, RecurrentState, WindowKV, values_stream
+from .host_fill import new_filled_buffer
+from .kv_blocks import BlockKV, RecurrentState, WindowKV
 from .spec import LayerKind, ModelCacheSpec
 
 log = logging.getLogger("agentkv.persistence")
@@ -96,9 +98,10 @@ def restore(
 ) -> int:
     """Load an agent's stored cache straight into its next turn's cache buffers.
 
-    Each full-attention layer gets one buffer (K and V) for the stored rows, and every block
-    file is read, checksum verified, into its rows of those buffers: one copy from the file,
-    no staging, files read in parallel. Blocks still pooled (shared with an agent in memory)
+    Each full-attention layer gets a K and a V buffer for the stored rows, all views of one
+    new MLX allocation that is never zeroed: MLX hands it to `fill` (host_fill) and every
+    block file is read, checksum verified, into its rows: one copy from the file, no
+    staging, files read in parallel. Blocks still pooled (shared with an agent in memory)
     are copied from memory instead. The buffers are the agent's cache until its next commit
     turns the finished cache into pool blocks. Returns the tokens read from disk.
 
@@ -116,9 +119,15 @@ def restore(
         return 0
     if n == 0 or (stored.state_file is None and not spec.all_full):
         return 0  # windows and recurrent states need the state file (a corrupt one was cut)
-    buffers = _alloc_buffers(spec, n)
-    views = {i: (_writable(k), _writable(v)) for i, (k, v) in buffers.items()}
-    good, from_disk = _fill_blocks(spec, pool, store, stored, views)
+    layout = _buffer_layout(spec, n)
+    filled: dict = {}
+
+    def fill(blob: np.ndarray) -> None:  # runs inside mx.load, writing MLX's new buffer
+        filled["views"] = views = _layer_views(layout, blob)
+        filled["blocks"] = _fill_blocks(spec, pool, store, stored, views)
+
+    buffers = _layer_arrays(layout, new_filled_buffer(layout[-1][3][1], fill))
+    views, (good, from_disk) = filled["views"], filled["blocks"]
     if good < n_blocks:
         return _keep_prefix(spec, agent, buffers, good * bs, from_disk)
     try:
@@ -161,29 +170,41 @@ def _keep_prefix(spec, agent: AgentContext, buffers: dict, rows: int, from_disk:
     return from_disk
 
 
-def _alloc_buffers(spec: ModelCacheSpec, n: int) -> dict[int, tuple[mx.array, mx.array]]:
-    """One evaluated K and V buffer of n rows per full-attention layer."""
-    out = {}
+def _buffer_layout(spec: ModelCacheSpec, n: int) -> list[tuple[int, str, tuple, tuple]]:
+    """Where each full-attention layer's K and V buffer of n rows lies in one allocation:
+    (layer, dtype, K span, V span), a span being byte (start, stop, shape), 64-aligned."""
+    out, end = [], 0
     for i in spec.full_layers:
         layer = spec.layers[i]
-        dtype = getattr(mx, layer.dtype)
-        k = mx.zeros((1, layer.n_kv_heads, n, layer.k_head_dim), dtype)
-        v = mx.zeros((1, layer.n_kv_heads, n, layer.v_head_dim), dtype, stream=values_stream())
-        out[i] = (k, v)
-    mx.eval(list(out.values()))
+        size = np.dtype(DTYPES[TAGS[layer.dtype]]).itemsize
+        spans = []
+        for dim in (layer.k_head_dim, layer.v_head_dim):
+            shape = (1, layer.n_kv_heads, n, dim)
+            start = end + -end % 64
+            end = start + size * int(np.prod(shape))
+            spans.append((start, end, shape))
+        out.append((i, layer.dtype, spans[0], spans[1]))
     return out
 
 
-def _writable(a: mx.array) -> np.ndarray:
-    """A numpy view of a freshly evaluated MLX buffer that nothing else references yet.
+def _layer_views(layout, blob: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Writable numpy views of each layer's K and V rows inside the allocation."""
+    out = {}
+    for i, dtype, *spans in layout:
+        np_dtype = DTYPES[TAGS[dtype]]
+        k, v = (blob[a:b].view(np_dtype).reshape(shape) for a, b, shape in spans)
+        out[i] = (k, v)
+    return out
 
-    Restore writes file bytes into it through this view: the buffer's one and only write,
-    before any MLX operation reads it.
-    """
-    view = _numpy(a)
-    if not view.flags.writeable:
-        raise ValueError("MLX buffer is not writable from the host")
-    return view
+
+def _layer_arrays(layout, blob: mx.array) -> dict[int, tuple[mx.array, mx.array]]:
+    """Each layer's K and V as MLX views of the filled allocation (no copy)."""
+    out = {}
+    for i, dtype, *spans in layout:
+        k, v = (blob[a:b].view(getattr(mx, dtype)).reshape(shape) for a, b, shape in spans)
+        out[i] = (k, v)
+    mx.eval(list(out.values()))
+    return out
 
 
 def _dests(spec, views, rows: slice) -> dict[str, HostTensor]:

@@ -279,9 +279,17 @@ def _writable_chunks(a: np.ndarray) -> list[memoryview]:
     while k > 0 and (a.shape[k - 1] == 1 or a.strides[k - 1] == step):
         step *= a.shape[k - 1]
         k -= 1
+    return [memoryview(run).cast("B") for run in _subarrays(a, k)]
+
+
+def _subarrays(a: np.ndarray, k: int):
+    """The subarrays of `a` over its first k dimensions, in C order (views, never copies:
+    iterating an array yields views)."""
     if k == 0:
-        return [memoryview(a.reshape(-1).view(np.uint8))]
-    return [memoryview(a[idx].reshape(-1).view(np.uint8)) for idx in np.ndindex(*a.shape[:k])]
+        yield a
+        return
+    for sub in a:
+        yield from _subarrays(sub, k - 1)
 
 
 def _preadv_all(path: Path, fd: int, chunks: list[memoryview], offset: int) -> None:
