@@ -145,6 +145,7 @@ def restore(
 def _fill_blocks(spec, pool: BlockPool, store: CacheStore, stored: StoredAgent, views):
     """Fill the buffers' block rows; returns (leading blocks filled, tokens read from disk)."""
     bs = pool.block_size
+    flat = {i: (_bytes_of(k), _bytes_of(v)) for i, (k, v) in views.items()}
     jobs, sources = [], []
     for b, digest in enumerate(stored.block_hashes):
         rows = slice(b * bs, (b + 1) * bs)
@@ -154,7 +155,7 @@ def _fill_blocks(spec, pool: BlockPool, store: CacheStore, stored: StoredAgent, 
             sources.append(None)
         else:
             sources.append(len(jobs))
-            jobs.append((digest, _dests(spec, views, rows)))
+            jobs.append((digest, _dests(spec, views, flat, rows)))
     ok = store.read_blocks_into(stored.fingerprint, jobs)
     good = next((b for b, j in enumerate(sources) if j is not None and not ok[j]), len(sources))
     from_disk = sum(1 for j in sources[:good] if j is not None) * bs
@@ -207,14 +208,28 @@ def _layer_arrays(layout, blob: mx.array) -> dict[int, tuple[mx.array, mx.array]
     return out
 
 
-def _dests(spec, views, rows: slice) -> dict[str, HostTensor]:
+def _dests(spec, views, flat, rows: slice) -> dict[str, HostTensor]:
+    """Where one block's tensors go: its rows of each layer's buffers, with their byte runs
+    (one per head) cut from the buffers' flat bytes."""
     out = {}
     for i in spec.full_layers:
         dtype = spec.layers[i].dtype
-        k, v = views[i]
-        out[f"k.{i}"] = HostTensor(dtype, k[:, :, rows, :])
-        out[f"v.{i}"] = HostTensor(dtype, v[:, :, rows, :])
+        (k, v), (k_bytes, v_bytes) = views[i], flat[i]
+        out[f"k.{i}"] = HostTensor(dtype, k[:, :, rows, :], _row_runs(k_bytes, k.shape, rows))
+        out[f"v.{i}"] = HostTensor(dtype, v[:, :, rows, :], _row_runs(v_bytes, v.shape, rows))
     return out
+
+
+def _bytes_of(a: np.ndarray) -> memoryview:
+    """A C-contiguous array's memory as flat writable bytes."""
+    return memoryview(a).cast("B")
+
+
+def _row_runs(flat: memoryview, shape: tuple, rows: slice) -> tuple[memoryview, ...]:
+    """The bytes of `rows` of each head of a (1, heads, n, dim) buffer: one run per head."""
+    heads, n = shape[1], shape[2]
+    row = len(flat) // (heads * n) if n else 0
+    return tuple(flat[(h * n + rows.start) * row : (h * n + rows.stop) * row] for h in range(heads))
 
 
 def _copy_payload(spec, payload: BlockKV, views, rows: slice) -> None:

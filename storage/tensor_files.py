@@ -58,15 +58,22 @@ TAGS = {
     "bool": "BOOL",
 }
 MAX_HEADER = 16 * 2**20
+HEADER_GUESS = 8192  # bytes read first: a block file's header fits (a few KB)
 IOV_MAX = 1024  # buffers per preadv call (the Linux limit)
 
 
 @dataclass(slots=True, frozen=True)
 class HostTensor:
-    """A tensor as host bytes: `data` holds the raw elements (bfloat16 as uint16)."""
+    """A tensor as host bytes: `data` holds the raw elements (bfloat16 as uint16).
+
+    `runs`, when a reader's caller has them at hand, are `data`'s memory as contiguous
+    writable byte views in C order; `read_tensor_file_into` then uses them as given
+    instead of slicing `data` again for every file.
+    """
 
     dtype: str  # MLX dtype name, e.g. "bfloat16"
     data: np.ndarray
+    runs: tuple[memoryview, ...] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -225,13 +232,17 @@ def _pread_header(path: Path, fd: int, size: int) -> bytes:
     """The 8-byte length and the JSON header."""
     if size < 8:
         raise CorruptFileError(path, f"truncated ({size} bytes)")
-    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    head = os.pread(fd, min(size, HEADER_GUESS), 0)  # usually the whole header at once
+    if len(head) < 8:
+        raise CorruptFileError(path, "truncated header")
+    (n,) = struct.unpack("<Q", head[:8])
     if n > MAX_HEADER or 8 + n > size:
         raise CorruptFileError(path, "truncated or bad header length")
-    head = os.pread(fd, 8 + n, 0)
-    if len(head) != 8 + n:
+    if len(head) < 8 + n:
+        head += os.pread(fd, 8 + n - len(head), len(head))
+    if len(head) < 8 + n:
         raise CorruptFileError(path, "truncated header")
-    return head
+    return head[: 8 + n]
 
 
 def _parse_header(path: Path, text: bytes) -> dict:
@@ -263,7 +274,7 @@ def _dest_chunks(path: Path, header: dict, dests: Mapping[str, HostTensor], data
             or info.get("data_offsets") != want
         ):
             raise CorruptFileError(path, f"tensor {name!r} is not the expected one")
-        chunks += _writable_chunks(dest.data)
+        chunks += _writable_chunks(dest.data) if dest.runs is None else dest.runs
         offset = want[1]
     if offset != data_len:
         raise CorruptFileError(path, f"holds {data_len} data bytes, header says {offset}")
