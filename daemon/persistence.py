@@ -23,7 +23,7 @@ from agentkv.storage.tensor_files import DTYPES, TAGS, HostTensor
 
 from .agents import AgentContext
 from .block_pool import BlockPool
-from .host_fill import new_filled_buffer
+from .host_fill import host_view, new_unzeroed
 from .kv_blocks import BlockKV, RecurrentState, WindowKV
 from .spec import LayerKind, ModelCacheSpec
 
@@ -99,11 +99,12 @@ def restore(
     """Load an agent's stored cache straight into its next turn's cache buffers.
 
     Each full-attention layer gets a K and a V buffer for the stored rows, all views of one
-    new MLX allocation that is never zeroed: MLX hands it to `fill` (host_fill) and every
-    block file is read, checksum verified, into its rows: one copy from the file, no
-    staging, files read in parallel. Blocks still pooled (shared with an agent in memory)
-    are copied from memory instead. The buffers are the agent's cache until its next commit
-    turns the finished cache into pool blocks. Returns the tokens read from disk.
+    new MLX allocation that is not zeroed first (host_fill), and every block file is read,
+    checksum verified, into its rows: one copy from the file, no staging, files read in
+    parallel. Rows a failed read leaves undefined are cut off, never used. Blocks still
+    pooled (shared with an agent in memory) are copied from memory instead. The buffers
+    are the agent's cache until its next commit turns the finished cache into pool
+    blocks. Returns the tokens read from disk.
 
     A missing or corrupt file ends the restore there: the rows before it are kept when every
     layer is full attention, otherwise nothing is (windows and states belong to the whole
@@ -120,24 +121,21 @@ def restore(
     if n == 0 or (stored.state_file is None and not spec.all_full):
         return 0  # windows and recurrent states need the state file (a corrupt one was cut)
     layout = _buffer_layout(spec, n)
-    filled: dict = {}
-
-    def fill(blob: np.ndarray) -> None:  # runs inside mx.load, writing MLX's new buffer
-        filled["views"] = views = _layer_views(layout, blob)
-        filled["blocks"] = _fill_blocks(spec, pool, store, stored, views)
-
-    buffers = _layer_arrays(layout, new_filled_buffer(layout[-1][3][1], fill))
-    views, (good, from_disk) = filled["views"], filled["blocks"]
+    # Rows are written here before MLX reads them; no full-attention layer, no buffer.
+    blob = new_unzeroed(layout[-1][3][1]) if layout else None
+    views = _layer_views(layout, host_view(blob)) if layout else {}
+    good, from_disk = _fill_blocks(spec, pool, store, stored, views)
     if good < n_blocks:
-        return _keep_prefix(spec, agent, buffers, good * bs, from_disk)
+        return _keep_prefix(spec, agent, _layer_arrays(layout, blob), good * bs, from_disk)
     try:
         meta, tensors = store.read_state(stored)
         tail = _fill_tail(spec, meta, tensors, views, n_blocks * bs, n)
         windows, states = _unpack_state(spec, meta, tensors)
     except (CorruptFileError, KeyError, ValueError, TypeError) as exc:
         log.warning("agent %r: restore stopped: %s", agent.agent_id, exc)
-        return _keep_prefix(spec, agent, buffers, n_blocks * bs, from_disk)
-    agent.restored_full, agent.windows, agent.states = buffers, windows, states
+        return _keep_prefix(spec, agent, _layer_arrays(layout, blob), n_blocks * bs, from_disk)
+    agent.restored_full = _layer_arrays(layout, blob)
+    agent.windows, agent.states = windows, states
     agent.cached_len = n
     return from_disk + tail
 
@@ -198,9 +196,9 @@ def _layer_views(layout, blob: np.ndarray) -> dict[int, tuple[np.ndarray, np.nda
     return out
 
 
-def _layer_arrays(layout, blob: mx.array) -> dict[int, tuple[mx.array, mx.array]]:
+def _layer_arrays(layout, blob: mx.array | None) -> dict[int, tuple[mx.array, mx.array]]:
     """Each layer's K and V as MLX views of the filled allocation (no copy)."""
-    out = {}
+    out: dict = {}
     for i, dtype, *spans in layout:
         k, v = (blob[a:b].view(getattr(mx, dtype)).reshape(shape) for a, b, shape in spans)
         out[i] = (k, v)

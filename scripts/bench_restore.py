@@ -382,10 +382,9 @@ def bench_prefill(
 
 
 # Where ours spends its time: (label, file name or "~" for built-ins, function, column).
-PART = "  of which: "  # a split inside the one above it
 SPLITS = (
-    ("one buffer, filled by the block reads", "host_fill.py", "new_filled_buffer", "cumtime"),
-    (f"{PART}block files (read+checksum, threads)", "store.py", "read_blocks_into", "cumtime"),
+    ("one unzeroed buffer (mx.load)", "host_fill.py", "new_unzeroed", "cumtime"),
+    ("block files (read+checksum, threads)", "store.py", "read_blocks_into", "cumtime"),
     ("per-layer views of the buffer", "persistence.py", "_layer_arrays", "cumtime"),
     ("state file (tail, windows)", "store.py", "read_state", "cumtime"),
     ("tail rows copy", "persistence.py", "_fill_tail", "cumtime"),
@@ -416,7 +415,7 @@ def profile_ours(case: Case, regime: str, runs: int, top: int) -> tuple[dict, st
             if name == func and (file == "~" or Path(path).name == file):
                 value = tottime if column == "tottime" else cumtime
                 found[label] = found.get(label, 0.0) + value * 1e3 / runs
-    known = sum(v for k, v in found.items() if k != "total" and not k.startswith(PART))
+    known = sum(v for k, v in found.items() if k != "total")
     found["other (Python, pool; cProfile)"] = found.get("total", 0.0) - known
     out = io.StringIO()
     stats.stream = out  # type: ignore[attr-defined]

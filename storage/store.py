@@ -61,6 +61,7 @@ from .tensor_files import (
 log = logging.getLogger("agentkv.storage")
 
 FORMAT_VERSION = "1"
+SETTLE_WAIT_S = 30.0  # the most `agent(wait=True)` waits for an agent's queued writes
 _STOP = object()
 _DELETED = None  # what the overlay holds for an agent whose delete is queued
 
@@ -175,11 +176,18 @@ class CacheStore:
             fingerprint: the model.
             wait: first wait until this agent's queued writes are applied (or failed), and
                 answer from the index alone: every file the answer names then exists. What
-                a restore needs.
+                a restore needs. The wait is bounded (SETTLE_WAIT_S; a stuck or dead
+                writer): the index may then hold an older turn of the agent, whose tokens
+                the caller finds differ from its own (its cache is recomputed).
         """
         if wait:
             with self._settled:
-                self._settled.wait_for(lambda: not self._pending.get(agent_id))
+                settled = self._settled.wait_for(
+                    lambda: not self._pending.get(agent_id) or not self._writer.is_alive(),
+                    SETTLE_WAIT_S,
+                )
+            if not settled:
+                log.warning("agent %r: queued writes not landed in %gs", agent_id, SETTLE_WAIT_S)
         else:
             with self._lock:
                 queued = self._overlay.get((agent_id, fingerprint))

@@ -1,4 +1,4 @@
-"""new_filled_buffer: an MLX array written once by the host through mx.load, unzeroed."""
+"""new_unzeroed: an MLX array allocated through mx.load, not zeroed, filled by the host."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from agentkv.daemon.host_fill import HUGE_PAGE, _FillStream, new_filled_buffer
+from agentkv.daemon.host_fill import HUGE_PAGE, _UnzeroedStream, host_view, new_unzeroed
 
 
 def pattern(n: int) -> np.ndarray:
@@ -14,62 +14,40 @@ def pattern(n: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("nbytes", [1, 4099, 3 * HUGE_PAGE + 17])
-def test_the_array_holds_exactly_what_fill_wrote(nbytes):
-    seen = []
-
-    def fill(view: np.ndarray) -> None:
-        seen.append(view.nbytes)
-        view[:] = pattern(nbytes)
-
-    got = new_filled_buffer(nbytes, fill)
+def test_the_array_holds_what_the_host_wrote(nbytes):
+    got = new_unzeroed(nbytes)
     assert got.dtype == mx.uint8 and got.shape == (nbytes,)
+    host_view(got)[:] = pattern(nbytes)
     assert np.array_equal(np.array(got), pattern(nbytes))
-    assert seen == [nbytes]  # one call, over the whole array
+    assert int((got.astype(mx.uint32)).sum().item()) == int(pattern(nbytes).sum())
 
 
-def test_views_of_the_buffer_share_its_bytes():
-    """Typed views of slices (what restore makes of it) read the bytes fill wrote."""
-    values = np.arange(64, dtype=np.float32)
-
-    def fill(view: np.ndarray) -> None:
-        view[:] = 0
-        view[128:384] = values.view(np.uint8)
-
-    blob = new_filled_buffer(512, fill)
+def test_typed_views_of_slices_share_its_bytes():
+    """What restore makes of it: float32 views of slices, written after they were made,
+    read the host's bytes, and share the allocation (no copy)."""
+    blob = new_unzeroed(1024)
     floats = blob[128:384].view(mx.float32).reshape(1, 4, 16, 1)
+    mx.eval(floats)
+    values = np.arange(64, dtype=np.float32)
+    host_view(blob)[128:384] = values.view(np.uint8)
     assert np.array_equal(np.array(floats).reshape(-1), values)
+    assert host_view(floats).ctypes.data == host_view(blob).ctypes.data + 128
 
 
-def test_an_error_in_fill_is_raised_as_itself():
-    def fill(view: np.ndarray) -> None:
-        raise KeyError("boom")
-
-    with pytest.raises(KeyError, match="boom"):
-        new_filled_buffer(1024, fill)
-
-
-def test_a_loader_reading_in_pieces_gets_the_same_bytes():
-    """If MLX read the tensor in pieces, the stream stages fill's bytes once and copies."""
-    n = 10_000
-    calls = []
-
-    def fill(view: np.ndarray) -> None:
-        calls.append(view.nbytes)
-        view[:] = pattern(n)
-
-    stream = _FillStream(n, fill)
+def test_the_stream_never_writes_the_data():
+    """The loader's reads of the tensor return its length and leave the bytes alone, in
+    one piece or several."""
+    stream = _UnzeroedStream(10_000)
     size = stream.seek(0, 2)
-    head = size - n
-    stream.seek(head)
-    out = bytearray()
+    stream.seek(size - 10_000)
+    piece = bytearray(b"\xab" * 3000)
     while stream.tell() < size:
-        piece = bytearray(3000)
         got = stream.readinto(memoryview(piece))
-        out += piece[:got]
-    assert bytes(out) == pattern(n).tobytes()
-    assert calls == [n] and stream.filled
+        assert got == min(3000, size - stream.tell() + got)
+    assert piece == bytearray(b"\xab" * 3000)
+    assert stream.readinto(memoryview(piece)) == 0  # past the end
 
 
 def test_nbytes_must_be_positive():
     with pytest.raises(ValueError):
-        new_filled_buffer(0, lambda view: None)
+        new_unzeroed(0)

@@ -25,6 +25,7 @@ import pytest
 from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens, synthetic_turn
 
 from agentkv.storage import CacheStore, CorruptFileError, StorageError, StoreWriteError
+from agentkv.storage import store as store_module
 from agentkv.storage.records import BlockRecord, StoredAgent, TurnRecord
 from agentkv.storage.tensor_files import FileOps
 
@@ -433,6 +434,25 @@ def test_lookups_answer_while_writes_are_queued(tmp_path):
     assert seen_after[0].state_file is not None and seen_after[0].tokens == new.tokens
     store.flush()
     assert store.agent_ids(FP) == ["new"] and store.agent("old", FP) is None
+    store.close()
+
+
+def test_waiting_for_a_stuck_writer_is_bounded(tmp_path, monkeypatch):
+    """agent(wait=True) gives up on a writer stuck past SETTLE_WAIT_S and answers from the
+    index: the turn on disk, never the queued one whose files do not exist yet."""
+    monkeypatch.setattr(store_module, "SETTLE_WAIT_S", 0.3)
+    old = _record("held")
+    _stored(tmp_path, old)
+    disk = HeldDisk()
+    store = CacheStore(tmp_path, file_ops=disk)
+    newer = _record("held", blocks=3)
+    assert newer.tokens != old.tokens
+    store.save_turn(newer)
+    tic = time.monotonic()
+    seen = store.agent("held", FP, wait=True)
+    assert 0.25 < time.monotonic() - tic < 10.0
+    assert seen.tokens == old.tokens and seen.state_file is not None
+    disk.release.set()
     store.close()
 
 
