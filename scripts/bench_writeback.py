@@ -54,7 +54,7 @@ PREFILL_BATCH = 8
 FIRST_PROMPT = (64, 128)
 LATER_PROMPT = (16, 32)
 MAX_TOKENS = (24, 40)
-FULL = {"agents": 8, "turns": 5, "repeats": 3}
+FULL = {"agents": 8, "turns": 5, "repeats": 7}
 QUICK = {"agents": 8, "turns": 3, "repeats": 2}
 
 

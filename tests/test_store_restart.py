@@ -254,3 +254,47 @@ def test_inspecting_a_stored_agent_does_not_load_it(loaded_models, tmp_path):
     after.delete_agent("gone")
     assert after.agent_ids() == ["kept"]
     after.close()
+
+
+def test_a_model_without_attention_layers_resumes_exactly(loaded_models, tmp_path):
+    """A pure recurrent model (mamba): no K/V buffers at all, only states in the state
+    file; the restart resumes every agent exactly."""
+    import mlx.core as mx
+    from mlx_lm.utils import _get_classes
+
+    _, tokenizer = loaded_models["llama"]
+    config = {
+        "model_type": "mamba",
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "state_size": 8,
+        "num_hidden_layers": 2,
+        "conv_kernel": 4,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "time_step_rank": 4,
+        "tie_word_embeddings": True,
+    }
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(5)
+    model = model_class(args_class.from_dict(config))
+    mx.eval(model.parameters())
+    rng = np.random.default_rng(8)
+    firsts = {f"m{i}": random_tokens(rng, 40 + 30 * i, VOCAB) for i in range(2)}
+    seconds = {a: random_tokens(rng, 4, VOCAB) for a in firsts}
+
+    uninterrupted = _engine(model, tokenizer, None)
+    _turns(uninterrupted, firsts)
+    reference = _turns(uninterrupted, seconds)
+    before = _engine(model, tokenizer, tmp_path)
+    _turns(before, firsts)
+    contexts = {a: before.agent_tokens(a) for a in firsts}
+    before.close()
+    after = _engine(model, tokenizer, tmp_path)
+    resumed = _turns(after, seconds)
+    after.close()
+    for agent in firsts:
+        assert resumed[agent].token_ids == reference[agent].token_ids
+        usage = resumed[agent].usage
+        assert usage.restored_tokens == usage.cached_tokens == len(contexts[agent])
