@@ -81,7 +81,7 @@ PROMPT_LEN = (64, 128)
 BUSY_AGENTS = 8
 FULL = {
     "agents": [1, 8, 32],
-    "repeats": 5,
+    "repeats": 9,
     "max_tokens": 64,
     "max_tokens_one": 256,
     "roundtrips": 2000,
