@@ -3,8 +3,11 @@
 Every `scripts/bench_*.py` (this one aside) runs as a subprocess, one at a time, with
 `--out DIR/NAME.json` (and `--quick` when given); its output goes to `DIR/logs/NAME.log`.
 A benchmark that fails is reported as failed, and the JSON it may have left from an earlier
-run is not used. The report is then written from the JSON files of this run only: every
-number in it, and in the plots, is read from what the benchmarks wrote, nothing is typed in.
+run is not used. Each JSON a run writes is stamped with when and at which commit it was
+measured. With --only (or --skip, --no-run) the benchmarks not run are reported from the
+JSON an earlier run left, and the report says so; the summary shows each one's stamp.
+Every number in the report, and in the plots, is read from what the benchmarks wrote,
+nothing is typed in.
 
 Figures (matplotlib, the optional `bench` extra; without it the report has tables only):
 time to first token cold vs warm in memory vs after a restart across context lengths
@@ -50,7 +53,7 @@ class Bench:
         name: the script's name without `bench_` and `.py`.
         script: its path.
         about: the first line of its docstring (what it compares).
-        status: "ok", "failed (exit N)", "not run" or "existing file" (--no-run).
+        status: "ok", "failed (exit N)", "no JSON" or "existing file" (not run now).
         wall_s: seconds the subprocess ran.
         data: its JSON report, when usable.
     """
@@ -95,10 +98,23 @@ def run_bench(bench: Bench, out_dir: Path, quick: bool) -> None:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     bench.wall_s = round(time.perf_counter() - tic, 1)
     if rc == 0 and staging.is_file():
+        stamp(staging)
         staging.replace(out_dir / f"{bench.name}.json")
         bench.status = "ok"
     else:
         bench.status = f"failed (exit {rc})" if rc else "failed (no JSON written)"
+
+
+def stamp(path: Path) -> None:
+    """Record in a benchmark's JSON when and at which commit it was measured, so that a
+    report mixing runs (--only, --no-run) says which number comes from which."""
+    try:
+        data = json.loads(path.read_text())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        data.setdefault("meta", {})["measured"] = f"{now:%Y-%m-%d %H:%M} UTC, {git_state()}"
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    except (OSError, ValueError, AttributeError):
+        return  # the report says "?" for it
 
 
 def load(bench: Bench, out_dir: Path) -> None:
@@ -626,10 +642,11 @@ def summary(benches: list[Bench]) -> str:
             x.status,
             verdicts(x.data) if x.data else "n/a",
             x.wall_s if x.wall_s is not None else dig(x.data, "meta", "wall_s"),
+            dig(x.data, "meta", "measured", default="?") if x.data else "",
         ]
         for x in benches
     ]
-    return table(["benchmark", "compares", "run", "targets", "wall s"], body)
+    return table(["benchmark", "compares", "run", "targets", "wall s", "measured"], body)
 
 
 def write_report(benches: list[Bench], out_dir: Path, args, plots: Plots, loadavg) -> Path:
@@ -643,12 +660,16 @@ def write_report(benches: list[Bench], out_dir: Path, args, plots: Plots, loadav
         f"\nWritten by `{command}` on {now:%Y-%m-%d %H:%M} UTC at {git_state()}; "
         f"{machine_line(first)}; load average at the start and the end: "
         f"{loadavg}.",
-        "\nEvery number and plot below is read from the JSON files the benchmarks wrote in this "
-        "run (next to this file). Ratios are measured side by side within one benchmark run; "
+        "\nEvery number and plot below is read from the JSON files the benchmarks wrote "
+        "(next to this file). Ratios are measured side by side within one benchmark run; "
         "absolute times depend on the machine and on what else ran on it.",
     ]
-    if args.no_run:
-        parts.append("\n**Not a fresh run**: built with --no-run from the JSON files already here.")
+    if any(x.status == "existing file" for x in benches):
+        parts.append(
+            "\n**Not one fresh run**: some benchmarks are reported from the JSON files an "
+            "earlier run left here; the summary's `measured` column says when and at which "
+            "commit each was measured."
+        )
     if plots.reason:
         parts.append(f"\n_{plots.reason}._")
     parts += ["\n## Summary\n", summary(benches)]
@@ -694,18 +715,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.quick and args.dir is None:
         (out_dir / ".gitignore").write_text("# quick runs are checks, not results\n*\n")
-    benches = discover(args.only, args.skip)
+    benches = discover(None, [])
+    selected = {b.name for b in discover(args.only, args.skip)}
     plots = Plots(out_dir, enabled=not args.no_plots)
     if plots.reason and not args.no_plots:
         print(f"note: {plots.reason}", file=sys.stderr)
     loadavg = [round(x, 2) for x in os.getloadavg()]
     tic = time.perf_counter()
-    for i, bench in enumerate(benches, 1):
-        if args.no_run:
+    to_run = [b for b in benches if b.name in selected and not args.no_run]
+    for bench in benches:
+        if bench not in to_run:  # reported from the JSON a previous run left
             exists = (out_dir / f"{bench.name}.json").is_file()
             bench.status = "existing file" if exists else "no JSON"
         else:
-            print(f"[{i}/{len(benches)}] bench_{bench.name} ...", end=" ", flush=True)
+            i = to_run.index(bench) + 1
+            print(f"[{i}/{len(to_run)}] bench_{bench.name} ...", end=" ", flush=True)
             run_bench(bench, out_dir, args.quick)
             print(f"{bench.status} ({bench.wall_s} s)", flush=True)
             if bench.status != "ok":
