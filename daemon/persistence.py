@@ -10,6 +10,7 @@ every later turn is served from memory.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 
@@ -144,17 +145,21 @@ def _fill_blocks(spec, pool: BlockPool, store: CacheStore, stored: StoredAgent, 
     """Fill the buffers' block rows; returns (leading blocks filled, tokens read from disk)."""
     bs = pool.block_size
     flat = {i: (_bytes_of(k), _bytes_of(v)) for i, (k, v) in views.items()}
-    jobs, sources = [], []
-    for b, digest in enumerate(stored.block_hashes):
-        rows = slice(b * bs, (b + 1) * bs)
-        block = pool.lookup(bytes.fromhex(digest))
-        if block is not None and block.payload is not None:
-            _copy_payload(spec, block.payload, views, rows)
-            sources.append(None)
-        else:
-            sources.append(len(jobs))
-            jobs.append((digest, _dests(spec, views, flat, rows)))
-    ok = store.read_blocks_into(stored.fingerprint, jobs)
+    sources: list[int | None] = []  # per block: its job's index, None if copied from memory
+    job_index = itertools.count()
+
+    def jobs():  # a generator: the store starts reading while later jobs are still made
+        for b, digest in enumerate(stored.block_hashes):
+            rows = slice(b * bs, (b + 1) * bs)
+            block = pool.lookup(bytes.fromhex(digest))
+            if block is not None and block.payload is not None:
+                _copy_payload(spec, block.payload, views, rows)
+                sources.append(None)
+            else:
+                sources.append(next(job_index))
+                yield digest, _dests(spec, views, flat, rows)
+
+    ok = store.read_blocks_into(stored.fingerprint, jobs())
     good = next((b for b, j in enumerate(sources) if j is not None and not ok[j]), len(sources))
     from_disk = sum(1 for j in sources[:good] if j is not None) * bs
     return good, from_disk

@@ -27,7 +27,8 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from . import index_writes
@@ -294,7 +295,7 @@ class CacheStore:
         return tensors
 
     def read_blocks_into(
-        self, fingerprint: str, jobs: list[tuple[str, dict[str, HostTensor]]]
+        self, fingerprint: str, jobs: Iterable[tuple[str, dict[str, HostTensor]]]
     ) -> list[bool]:
         """Read block files straight into caller-owned arrays; True per block read whole.
 
@@ -303,13 +304,16 @@ class CacheStore:
         threads; both the reads and the hashing run without the GIL). A bad file is
         handled as in `read_block`, and its job's views hold garbage.
         """
-        if not jobs:
-            return []
-        futures = [
-            self._readers().submit(self._read_into, h, fingerprint, dests) for h, dests in jobs
-        ]
+        # Submitted as the jobs come: an iterable caller's later jobs overlap the reads.
+        futures: list[tuple[str, Future]] = []
+        try:
+            for h, dests in jobs:
+                futures.append((h, self._readers().submit(self._read_into, h, fingerprint, dests)))
+        except BaseException:
+            wait([f for _, f in futures])  # never leave a reader writing into freed views
+            raise
         ok = []
-        for (h, _), future in zip(jobs, futures, strict=True):
+        for h, future in futures:
             try:
                 future.result()
                 ok.append(True)

@@ -893,3 +893,35 @@ def test_budget_eviction_keeps_blocks_a_queued_turn_lists_without_bytes(tmp_path
     assert _block_file(tmp_path, shared).exists()
     assert _index(tmp_path, "SELECT refcount FROM blocks WHERE hash = ?", (shared,)) == [(1,)]
     store.close()
+
+
+def test_read_blocks_into_takes_jobs_as_they_come_and_never_leaves_a_read_running(tmp_path):
+    """Jobs may come from a generator (reads start while later jobs are made); if it fails
+    midway, the reads already started have finished when the error reaches the caller."""
+    fp = "c" * 32
+    turn = synthetic_turn("reader", fp, blocks=3, tail=0, block_size=BLOCK)
+    store = CacheStore(tmp_path)
+    store.save_turn(turn)
+    store.flush()
+
+    def dests_for(block: BlockRecord) -> dict[str, HostTensor]:
+        return {n: HostTensor(t.dtype, np.zeros_like(t.data)) for n, t in block.tensors.items()}
+
+    targets = [dests_for(b) for b in turn.blocks]
+    jobs = ((b.block_hash, d) for b, d in zip(turn.blocks, targets, strict=True))
+    assert store.read_blocks_into(fp, jobs) == [True, True, True]
+    for block, dests in zip(turn.blocks, targets, strict=True):
+        for name, t in block.tensors.items():
+            assert np.array_equal(dests[name].data, t.data)
+
+    started = dests_for(turn.blocks[0])
+
+    def failing():
+        yield turn.blocks[0].block_hash, started
+        raise RuntimeError("the caller failed")
+
+    with pytest.raises(RuntimeError, match="the caller failed"):
+        store.read_blocks_into(fp, failing())
+    for name, t in turn.blocks[0].tensors.items():  # its read had finished, not abandoned
+        assert np.array_equal(started[name].data, t.data)
+    store.close()
