@@ -35,8 +35,9 @@ Compared in the same run, interleaved run by run, with the same bytes:
 Four regimes, page cache x memory. Page cache: warm (every file read once before, and by
 the runs before) or dropped (`os.sync()`, then `posix_fadvise(DONTNEED)` on every file a case
 reads, before each of its runs; whether that really drops is judged from (a)'s times).
-Memory: fresh (MLX's buffer cache cleared before each run, default cache limit: every buffer
-is new memory, page-faulted in, as for the first restore after a start) or reused (MLX's
+Memory: fresh (MLX's buffer cache cleared before each run, default cache limit, and glibc's
+mmap threshold pinned at 1 MiB (see fix_malloc_threshold): every buffer is new memory,
+page-faulted in, as for the first restore after a start) or reused (MLX's
 cache limit raised as the daemon raises it to the pool's size, nothing cleared: buffers freed
 by the run before are reused, as in a daemon that has run a while). The restored caches and
 mlx-lm's are checked equal to the originals, element for element.
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import ctypes
 import gc
 import io
 import json
@@ -104,6 +106,8 @@ MLXLM = "(b) mlx-lm load_prompt_cache"
 MXLOAD = "(e) mx.load of the 32 files only"
 MLXLM_CHECKED = "(b2) (b) + xxh3 of its bytes"
 REGIMES = ("warm/fresh", "warm/reused", "dropped/fresh", "dropped/reused")
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 1 << 20
 REUSED_CACHE_LIMIT = 4 * 2**30  # above what any case allocates (the daemon: the pool's size)
 
 
@@ -477,7 +481,10 @@ def print_rows(rows: list[Row], meta: dict) -> None:
         f"{meta['tail']}-token tail; {meta['mib']:.1f} MiB K+V in {meta['files']} files"
     )
     print(f"{meta['python']} on {meta['processor']}, {meta['cores']} cores ({meta['platform']})")
-    print(f"mlx {meta['mlx']} ({meta['mlx_device']}); GLIBC_TUNABLES={meta['glibc_tunables']!r}")
+    print(
+        f"mlx {meta['mlx']} ({meta['mlx_device']}); GLIBC_TUNABLES={meta['glibc_tunables']!r}; "
+        f"{meta.get('malloc', '')}"
+    )
     print(f"load average (start, after restores, end): {meta['loadavg']}")
     print(
         f"{meta['repeats']} interleaved runs per case and regime (page cache / memory: see the "
@@ -625,8 +632,28 @@ def run_store_cases(args, plan: dict, spec, tokens: list[int], root: Path) -> di
     }
 
 
+def fix_malloc_threshold() -> str:
+    """Pin glibc's mmap threshold, so that "fresh" memory is fresh for every case.
+
+    glibc raises its threshold (up to 32 MiB) after freeing a large block, and from then on
+    serves smaller buffers (mlx-lm's ~8 MiB per-layer arrays, the plain reads' 4 MiB
+    bytes) from its heap, already faulted in: whether a case got fresh memory then depended
+    on what ran before it. A fixed threshold (1 MiB) keeps every buffer of 1 MiB or more
+    an mmap of its own, returned on free. Returns what was done, for the report.
+    """
+    if sys.platform != "linux":
+        return "not Linux: glibc threshold left alone"
+    try:
+        libc = ctypes.CDLL(None)
+        ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError) as exc:
+        return f"mallopt unavailable ({exc})"
+    return f"mallopt(M_MMAP_THRESHOLD, {MMAP_THRESHOLD})" + ("" if ok else " refused")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON report."""
+    malloc = fix_malloc_threshold()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick", action="store_true", help="3 runs; (c) extrapolated from short prefills"
@@ -670,6 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg": [[round(x, 2) for x in la] for la in loadavg],
         "checks": got["checks"],
         "quick": args.quick,
+        "malloc": malloc,
     }
     result = verdict(got["rows"], prefill)
     print_report(got["rows"], meta, prefill, result)
