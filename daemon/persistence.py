@@ -121,10 +121,10 @@ def restore(
         return 0
     if n == 0 or (stored.state_file is None and not spec.all_full):
         return 0  # windows and recurrent states need the state file (a corrupt one was cut)
-    layout = _buffer_layout(spec, n)
+    layout, nbytes = _buffer_layout(spec, n)
     # Rows are written here before MLX reads them; no full-attention layer, no buffer.
-    blob = new_unzeroed(layout[-1][3][1]) if layout else None
-    views = _layer_views(layout, host_view(blob)) if layout else {}
+    blob = new_unzeroed(nbytes) if nbytes else None
+    views = _layer_views(layout, host_view(blob)) if blob is not None else {}
     good, from_disk = _fill_blocks(spec, pool, store, stored, views)
     if good < n_blocks:
         return _keep_prefix(spec, agent, _layer_arrays(layout, blob), good * bs, from_disk)
@@ -144,7 +144,6 @@ def restore(
 def _fill_blocks(spec, pool: BlockPool, store: CacheStore, stored: StoredAgent, views):
     """Fill the buffers' block rows; returns (leading blocks filled, tokens read from disk)."""
     bs = pool.block_size
-    flat = {i: (_bytes_of(k), _bytes_of(v)) for i, (k, v) in views.items()}
     sources: list[int | None] = []  # per block: its job's index, None if copied from memory
     job_index = itertools.count()
 
@@ -157,7 +156,7 @@ def _fill_blocks(spec, pool: BlockPool, store: CacheStore, stored: StoredAgent, 
                 sources.append(None)
             else:
                 sources.append(next(job_index))
-                yield digest, _dests(spec, views, flat, rows)
+                yield digest, _dests(spec, views, rows)
 
     ok = store.read_blocks_into(stored.fingerprint, jobs())
     good = next((b for b, j in enumerate(sources) if j is not None and not ok[j]), len(sources))
@@ -174,9 +173,10 @@ def _keep_prefix(spec, agent: AgentContext, buffers: dict, rows: int, from_disk:
     return from_disk
 
 
-def _buffer_layout(spec: ModelCacheSpec, n: int) -> list[tuple[int, str, tuple, tuple]]:
+def _buffer_layout(spec: ModelCacheSpec, n: int) -> tuple[list[tuple], int]:
     """Where each full-attention layer's K and V buffer of n rows lies in one allocation:
-    (layer, dtype, K span, V span), a span being byte (start, stop, shape), 64-aligned."""
+    (layer, dtype, K span, V span) per layer, a span being byte (start, stop, shape),
+    64-aligned; and the allocation's size."""
     out, end = [], 0
     for i in spec.full_layers:
         layer = spec.layers[i]
@@ -188,7 +188,7 @@ def _buffer_layout(spec: ModelCacheSpec, n: int) -> list[tuple[int, str, tuple, 
             end = start + size * int(np.prod(shape))
             spans.append((start, end, shape))
         out.append((i, layer.dtype, spans[0], spans[1]))
-    return out
+    return out, end
 
 
 def _layer_views(layout, blob: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -211,28 +211,15 @@ def _layer_arrays(layout, blob: mx.array | None) -> dict[int, tuple[mx.array, mx
     return out
 
 
-def _dests(spec, views, flat, rows: slice) -> dict[str, HostTensor]:
-    """Where one block's tensors go: its rows of each layer's buffers, with their byte runs
-    (one per head) cut from the buffers' flat bytes."""
+def _dests(spec, views, rows: slice) -> dict[str, HostTensor]:
+    """Where one block's tensors go: its rows of each layer's buffers."""
     out = {}
     for i in spec.full_layers:
         dtype = spec.layers[i].dtype
-        (k, v), (k_bytes, v_bytes) = views[i], flat[i]
-        out[f"k.{i}"] = HostTensor(dtype, k[:, :, rows, :], _row_runs(k_bytes, k.shape, rows))
-        out[f"v.{i}"] = HostTensor(dtype, v[:, :, rows, :], _row_runs(v_bytes, v.shape, rows))
+        k, v = views[i]
+        out[f"k.{i}"] = HostTensor(dtype, k[:, :, rows, :])
+        out[f"v.{i}"] = HostTensor(dtype, v[:, :, rows, :])
     return out
-
-
-def _bytes_of(a: np.ndarray) -> memoryview:
-    """A C-contiguous array's memory as flat writable bytes."""
-    return memoryview(a).cast("B")
-
-
-def _row_runs(flat: memoryview, shape: tuple, rows: slice) -> tuple[memoryview, ...]:
-    """The bytes of `rows` of each head of a (1, heads, n, dim) buffer: one run per head."""
-    heads, n = shape[1], shape[2]
-    row = len(flat) // (heads * n) if n else 0
-    return tuple(flat[(h * n + rows.start) * row : (h * n + rows.stop) * row] for h in range(heads))
 
 
 def _copy_payload(spec, payload: BlockKV, views, rows: slice) -> None:

@@ -300,9 +300,9 @@ class CacheStore:
         """Read block files straight into caller-owned arrays; True per block read whole.
 
         Each job names a block hash and where each of its tensors goes (see
-        `read_tensor_file_into`). Files are read and checksummed in parallel (a few reader
-        threads; both the reads and the hashing run without the GIL). A bad file is
-        handled as in `read_block`, and its job's views hold garbage.
+        `read_tensor_file_into`). Files are read and checksummed in parallel on a few reader
+        threads (the reads release the GIL; the checksum's 64 KiB updates contend for it).
+        A bad file is handled as in `read_block`, and its job's views hold garbage.
         """
         # Submitted as the jobs come: an iterable caller's later jobs overlap the reads.
         futures: list[tuple[str, Future]] = []

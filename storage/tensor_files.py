@@ -64,16 +64,10 @@ IOV_MAX = 1024  # buffers per preadv call (the Linux limit)
 
 @dataclass(slots=True, frozen=True)
 class HostTensor:
-    """A tensor as host bytes: `data` holds the raw elements (bfloat16 as uint16).
-
-    `runs`, when a reader's caller has them at hand, are `data`'s memory as contiguous
-    writable byte views in C order; `read_tensor_file_into` then uses them as given
-    instead of slicing `data` again for every file.
-    """
+    """A tensor as host bytes: `data` holds the raw elements (bfloat16 as uint16)."""
 
     dtype: str  # MLX dtype name, e.g. "bfloat16"
     data: np.ndarray
-    runs: tuple[memoryview, ...] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -274,7 +268,7 @@ def _dest_chunks(path: Path, header: dict, dests: Mapping[str, HostTensor], data
             or info.get("data_offsets") != want
         ):
             raise CorruptFileError(path, f"tensor {name!r} is not the expected one")
-        chunks += _writable_chunks(dest.data) if dest.runs is None else dest.runs
+        chunks += _writable_chunks(dest.data)
         offset = want[1]
     if offset != data_len:
         raise CorruptFileError(path, f"holds {data_len} data bytes, header says {offset}")
