@@ -137,6 +137,9 @@ class CacheStore:
         self._pool: ThreadPoolExecutor | None = None  # block readers, made on first restore
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._closed = False
+        # Held by close() and _put(): nothing can be queued behind the writer's stop (a gc
+        # queued there would wait for an answer forever).
+        self._closing = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="agentkv-writer", daemon=True)
         self._writer.start()
 
@@ -431,21 +434,26 @@ class CacheStore:
                 self._queue.all_tasks_done.wait(left)
 
     def close(self) -> None:
-        """Flush, stop the writer and close the index. Failed writes are logged, not raised."""
-        if self._closed:
-            return
-        try:
-            self.flush()
-        except StoreWriteError as exc:
-            log.error("closing store with failed writes: %s", exc)
-        self._closed = True
-        self._queue.put(_STOP)
-        self._writer.join()
-        if self._pool is not None:
-            self._pool.shutdown()
-        self._db.conn.close()
-        if self._lockfile is not None:
-            self._lockfile.close()  # releases the flock
+        """Flush, stop the writer and close the index. Failed writes are logged, not raised.
+
+        Idempotent, from any thread: a second call returns once the store is closed, and
+        writes or a gc asked for meanwhile raise StoreClosedError.
+        """
+        with self._closing:
+            if self._closed:
+                return
+            try:
+                self.flush()
+            except StoreWriteError as exc:
+                log.error("closing store with failed writes: %s", exc)
+            self._closed = True
+            self._queue.put(_STOP)
+            self._writer.join()
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._db.conn.close()
+            if self._lockfile is not None:
+                self._lockfile.close()  # releases the flock
 
     def gc(
         self, fingerprint: str | None = None, *, dry_run: bool = True, progress: bool = False
@@ -494,17 +502,18 @@ class CacheStore:
     ) -> None:
         """Queue an op. `view`: (fingerprint, what lookups of the agent see until the op
         lands: its record, or _DELETED)."""
-        if self._closed:
-            raise StoreClosedError("store is closed")
-        ticket = None
-        with self._lock:
-            if agent_id is not None:
-                self._pending[agent_id] = self._pending.get(agent_id, 0) + 1
-            if view is not None:
-                self._tickets += 1
-                ticket = ((agent_id, view[0]), self._tickets)
-                self._overlay[ticket[0]] = (self._tickets, view[1])
-        self._queue.put((op, agent_id, ticket))
+        with self._closing:
+            if self._closed:
+                raise StoreClosedError("store is closed")
+            ticket = None
+            with self._lock:
+                if agent_id is not None:
+                    self._pending[agent_id] = self._pending.get(agent_id, 0) + 1
+                if view is not None:
+                    self._tickets += 1
+                    ticket = ((agent_id, view[0]), self._tickets)
+                    self._overlay[ticket[0]] = (self._tickets, view[1])
+            self._queue.put((op, agent_id, ticket))  # blocks while the queue is full
 
     def _write_loop(self) -> None:
         try:

@@ -24,7 +24,13 @@ import numpy as np
 import pytest
 from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens, synthetic_turn
 
-from agentkv.storage import CacheStore, CorruptFileError, StorageError, StoreWriteError
+from agentkv.storage import (
+    CacheStore,
+    CorruptFileError,
+    StorageError,
+    StoreClosedError,
+    StoreWriteError,
+)
 from agentkv.storage import store as store_module
 from agentkv.storage.records import BlockRecord, StoredAgent, TurnRecord
 from agentkv.storage.tensor_files import FileOps
@@ -523,6 +529,35 @@ def test_gc_with_writes_queued_never_removes_what_they_commit(tmp_path):
     assert result and result[0].orphan_files == []
     assert store.verify().corrupt == [] and store.verify().checked == 5 * 3
     store.close()
+
+
+def test_gc_and_writes_racing_close_finish_or_raise_closed(tmp_path):
+    """close() on one thread while another keeps asking for real gc runs and writes: every
+    call completes or raises StoreClosedError, none waits forever for a writer that
+    stopped, and the store opens again with what landed."""
+    for trial in range(12):
+        root = tmp_path / str(trial)
+        store = CacheStore(root)
+        ended: list = []
+
+        def hammer(store=store, ended=ended):
+            try:
+                while True:
+                    store.gc(FP, dry_run=False)
+                    store.save_turn(_record("a"))
+            except StoreClosedError:
+                ended.append("closed")
+
+        caller = threading.Thread(target=hammer, daemon=True)
+        caller.start()
+        time.sleep(0.005 * (trial % 4))
+        store.close()
+        store.close()  # a second close is a no-op
+        caller.join(30)
+        assert not caller.is_alive() and ended == ["closed"]
+        reopened = CacheStore(root)
+        assert reopened.verify().corrupt == []
+        reopened.close()
 
 
 # -- the models table ----------------------------------------------------------------------
