@@ -376,7 +376,9 @@ def restore_text(r: dict, plots: Plots) -> str:
     meta = r.get("meta") or {}
     what = f"{fmt(meta.get('tokens'))}-token agent, {fmt(meta.get('mib'))} MiB of K+V"
     ratios = [
-        f"{regime}: ours / plain read {fmt(dig(v, 'ours_over_read'))}"
+        f"{regime}: ours / plain read {fmt(dig(v, 'ours_over_read'))}, ours / mlx-lm "
+        f"{fmt(dig(v, 'ours_over_mlxlm'))} (verified floor (f2) / mlx-lm "
+        f"{fmt(dig(v, 'floor_over_mlxlm'))})"
         for regime, v in (dig(r, "result", default={}) or {}).items()
         if isinstance(v, dict) and "ours_over_read" in v
     ]

@@ -25,6 +25,11 @@ Compared in the same run, interleaved run by run, with the same bytes:
   verified its bytes as ours does (reported, no target).
 - (e) `mx.load` of the per-block files (no checksum, no rebuild): the per-block format read
   by the reader (b) uses, so that (e) against (b) is per-block files against one file.
+- (f) the floor of ours' block reads: the same scatter reads of every block file into its
+  rows of one new buffer, on as many threads as the store's readers, with nothing else (no
+  header parsed, nothing checked, rows and data offsets worked out untimed); (f2) the same
+  plus an xxh3 over each file's rows, as ours verifies them. (f2) against (b) is the least
+  a verified per-block restore can cost here; ours against (f2) is what our own code adds.
 - (c) cold prefill of the same context: timed for real at the full size (8,000 tokens by
   default, in the engine's 2048-token chunks; once, it takes a while). Prefills of shorter
   prompts (512 and 1024 tokens) are timed too and extrapolated to the full size, linearly
@@ -62,10 +67,12 @@ import platform
 import pstats
 import resource
 import statistics
+import struct
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,11 +86,13 @@ from mlx_lm.utils import _get_classes
 from agentkv.daemon import persistence
 from agentkv.daemon.agents import AgentContext
 from agentkv.daemon.block_pool import BlockPool
+from agentkv.daemon.host_fill import host_view, new_unzeroed
 from agentkv.daemon.kv_blocks import rebuild_caches
 from agentkv.daemon.kv_cache_manager import KVCacheManager
 from agentkv.daemon.model_factory import model_config
 from agentkv.daemon.spec import ModelCacheSpec
 from agentkv.storage import CacheStore, StoredAgent
+from agentkv.storage.tensor_files import _writable_chunks
 
 TARGET_READ = 1.5
 TARGET_MLXLM = 1.2
@@ -105,6 +114,8 @@ READ_ONE = "(a1) plain read, mlx-lm's 1 file"
 MLXLM = "(b) mlx-lm load_prompt_cache"
 MXLOAD = "(e) mx.load of the 32 files only"
 MLXLM_CHECKED = "(b2) (b) + xxh3 of its bytes"
+BARE = "(f) bare scatter reads of the blocks"
+BARE_HASHED = "(f2) (f) + xxh3 of the rows"
 REGIMES = ("warm/fresh", "warm/reused", "dropped/fresh", "dropped/reused")
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 1 << 20
@@ -236,6 +247,53 @@ def mxload_files(files: Sequence[Path]) -> list:
     loaded = [mx.load(str(path)) for path in files]
     mx.eval([list(arrays.values()) for arrays in loaded])
     return loaded
+
+
+@dataclass(slots=True)
+class BarePlan:
+    """(f)'s untimed set-up: one new buffer, and per block file its data offset and rows."""
+
+    blob: mx.array
+    reads: list[tuple[Path, int, list[memoryview]]]
+
+
+def bare_plan(spec: ModelCacheSpec, store: CacheStore, stored: StoredAgent) -> BarePlan:
+    """The buffer and rows ours would fill (its own layout code), each file's data offset."""
+    layout, nbytes = persistence._buffer_layout(spec, stored.stored_tokens)
+    blob = new_unzeroed(nbytes)
+    views = persistence._layer_views(layout, host_view(blob))
+    reads = []
+    for b, digest in enumerate(stored.block_hashes):
+        rows = slice(b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE)
+        dests = persistence._dests(spec, views, rows)
+        path = store.block_path(digest)
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+        chunks = [c for t in dests.values() for c in _writable_chunks(t.data)]
+        reads.append((path, 8 + header_len, chunks))
+    return BarePlan(blob, reads)
+
+
+def bare_reads(plan: BarePlan, readers: ThreadPoolExecutor, hashed: bool) -> mx.array:
+    """(f) / (f2): every block file's data read into its rows, files on `readers`."""
+
+    def one(item: tuple[Path, int, list[memoryview]]) -> None:
+        path, offset, rows = item
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, rows, offset)
+        finally:
+            os.close(fd)
+        if got != sum(len(r) for r in rows):
+            raise RuntimeError(f"short read of {path}")
+        if hashed:
+            h = xxhash.xxh3_64()
+            for r in rows:
+                h.update(r)
+            h.intdigest()
+
+    list(readers.map(one, plan.reads))
+    return plan.blob
 
 
 def drop_page_cache(files: Sequence[Path]) -> None:
@@ -459,6 +517,9 @@ def verdict(rows: list[Row], prefill: dict | None) -> dict:
             "read_32_over_read_1": round(med[(regime, READ)] / med[(regime, READ_ONE)], 2),
             "mxload_32_over_mlxlm": round(med[(regime, MXLOAD)] / med[(regime, MLXLM)], 2),
             "ours_over_mlxlm_checked": round(ours / med[(regime, MLXLM_CHECKED)], 2),
+            "bare_over_mlxlm": round(med[(regime, BARE)] / med[(regime, MLXLM)], 2),
+            "floor_over_mlxlm": round(med[(regime, BARE_HASHED)] / med[(regime, MLXLM)], 2),
+            "ours_over_floor": round(ours / med[(regime, BARE_HASHED)], 2),
         }
         if prefill is not None:
             out[regime]["prefill_over_ours"] = round(prefill["target_s"] * 1e3 / ours)
@@ -526,6 +587,11 @@ def print_report(rows: list[Row], meta: dict, prefill: dict | None, result: dict
         if prefill is not None:
             line += f"; prefill/ours x{v['prefill_over_ours']} (prefill {v['prefill_how']})"
         print(line)
+        print(
+            f"{'':14} floor: bare reads (f)/(b) {v['bare_over_mlxlm']:.2f}, verified "
+            f"(f2)/(b) {v['floor_over_mlxlm']:.2f} (the least a verified per-block restore "
+            f"costs here); ours/(f2) {v['ours_over_floor']:.2f}"
+        )
     print(f"restored caches equal to the originals: {meta['checks']}")
 
 
@@ -577,6 +643,8 @@ def make_cases(spec, store: CacheStore, stored: StoredAgent, mlxlm_file: Path) -
     """The timed cases, all over the same agent."""
     files = agent_files(store, stored)
     n_blocks = len(stored.block_hashes) + 2
+    block_files = files[: len(stored.block_hashes)]
+    readers = ThreadPoolExecutor(min(4, os.cpu_count() or 1))  # as many as the store's
 
     def nothing() -> None:
         return None
@@ -593,6 +661,18 @@ def make_cases(spec, store: CacheStore, stored: StoredAgent, mlxlm_file: Path) -
         Case(MLXLM, [mlxlm_file], nothing, lambda _: mlxlm_load(mlxlm_file)),
         Case(MXLOAD, files, nothing, lambda _: mxload_files(files)),
         Case(MLXLM_CHECKED, [mlxlm_file], nothing, lambda _: mlxlm_load_checked(mlxlm_file)),
+        Case(
+            BARE,
+            block_files,
+            lambda: bare_plan(spec, store, stored),
+            lambda plan: bare_reads(plan, readers, hashed=False),
+        ),
+        Case(
+            BARE_HASHED,
+            block_files,
+            lambda: bare_plan(spec, store, stored),
+            lambda plan: bare_reads(plan, readers, hashed=True),
+        ),
     ]
 
 

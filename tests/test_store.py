@@ -315,21 +315,28 @@ def test_damaged_tensor_file_read_into_raises_corrupt_file_error(tmp_path, damag
 def test_tensor_file_read_into_strided_rows_of_a_larger_buffer(tmp_path, name):
     """Bytes land in a strided view (rows of a bigger buffer) and nowhere else."""
     t = TENSORS[name]
+    c = HostTensor("float32", np.arange(2 * 3 * 5 * 7, dtype=np.float32).reshape(2, 3, 5, 7))
     path = tmp_path / "t.safetensors"
-    write_tensor_file(path, {"a": t, "b": TENSORS["odd"]}, META)
+    write_tensor_file(path, {"a": t, "b": TENSORS["odd"], "c": c}, META)
     # Each tensor's destination is every other row block of a buffer twice its size.
     big_a = np.full((2, *t.data.shape), 7, dtype=t.data.dtype)
     big_b = np.full((1, 3, 10, 7), 7, dtype=np.float16)
+    # Rows whose leading dimensions cannot be taken as one (3 of 4 heads, 2 batches).
+    big_c = np.full((2, 4, 10, 7), 7, dtype=np.float32)
     dests = {
         "a": HostTensor(t.dtype, big_a[1, ...]),
         "b": HostTensor("float16", big_b[:, :, 2:7, :]),
+        "c": HostTensor("float32", big_c[:, 1:, 2:7, :]),
     }
     meta = read_tensor_file_into(path, dests)
     assert meta == read_tensor_file(path)[0]
     np.testing.assert_array_equal(big_a[1, ...], t.data)
     np.testing.assert_array_equal(big_b[:, :, 2:7, :], TENSORS["odd"].data)
+    np.testing.assert_array_equal(big_c[:, 1:, 2:7, :], c.data)
     assert (big_a[0] == 7).all()
     assert (big_b[:, :, :2] == 7).all() and (big_b[:, :, 7:] == 7).all()
+    assert (big_c[:, 0] == 7).all() and (big_c[:, :, :2] == 7).all()
+    assert (big_c[:, :, 7:] == 7).all()
 
 
 @pytest.mark.parametrize(
