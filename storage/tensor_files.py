@@ -284,10 +284,7 @@ def _writable_chunks(a: np.ndarray) -> list[memoryview]:
     while k > 0 and (a.shape[k - 1] == 1 or a.strides[k - 1] == step):
         step *= a.shape[k - 1]
         k -= 1
-    rows = a.reshape(-1, step // a.itemsize)  # the leading dimensions as one, if a view
-    if rows.__array_interface__["data"][0] != a.__array_interface__["data"][0]:
-        return [memoryview(run).cast("B") for run in _subarrays(a, k)]  # reshape copied
-    return [memoryview(run).cast("B") for run in rows]
+    return [memoryview(run).cast("B") for run in _subarrays(a, k)]
 
 
 def _subarrays(a: np.ndarray, k: int):
