@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import logging
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from agentkv.storage import CacheStore, CorruptFileError, StoredAgent
 from agentkv.storage.paths import is_block_hash
 from agentkv.storage.records import BlockRecord, TurnRecord
-from agentkv.storage.tensor_files import DTYPES, TAGS, HostTensor
+from agentkv.storage.tensor_files import DTYPES, TAGS, FileDest, HostTensor
 
 from .agents import AgentContext
 from .block_pool import BlockPool
@@ -124,8 +125,10 @@ def restore(
     layout, nbytes = _buffer_layout(spec, n)
     # Rows are written here before MLX reads them; no full-attention layer, no buffer.
     blob = new_unzeroed(nbytes) if nbytes else None
-    views = _layer_views(layout, host_view(blob)) if blob is not None else {}
-    good, from_disk = _fill_blocks(spec, pool, store, stored, views)
+    host = host_view(blob) if blob is not None else None
+    views = _layer_views(layout, host) if host is not None else {}
+    dest_of = _block_dests(layout, host, pool.block_size)
+    good, from_disk = _fill_blocks(spec, pool, store, stored, views, dest_of)
     if good < n_blocks:
         return _keep_prefix(spec, agent, _layer_arrays(layout, blob), good * bs, from_disk)
     try:
@@ -141,22 +144,22 @@ def restore(
     return from_disk + tail
 
 
-def _fill_blocks(spec, pool: BlockPool, store: CacheStore, stored: StoredAgent, views):
-    """Fill the buffers' block rows; returns (leading blocks filled, tokens read from disk)."""
+def _fill_blocks(spec, pool: BlockPool, store: CacheStore, stored: StoredAgent, views, dest_of):
+    """Fill the buffers' block rows; returns (leading blocks filled, tokens read from disk).
+    `dest_of(b)`: where block b's file goes (see _block_dests)."""
     bs = pool.block_size
     sources: list[int | None] = []  # per block: its job's index, None if copied from memory
     job_index = itertools.count()
 
     def jobs():  # a generator: the store starts reading while later jobs are still made
         for b, digest in enumerate(stored.block_hashes):
-            rows = slice(b * bs, (b + 1) * bs)
             block = pool.lookup(bytes.fromhex(digest))
             if block is not None and block.payload is not None:
-                _copy_payload(spec, block.payload, views, rows)
+                _copy_payload(spec, block.payload, views, slice(b * bs, (b + 1) * bs))
                 sources.append(None)
             else:
                 sources.append(next(job_index))
-                yield digest, _dests(spec, views, rows)
+                yield digest, dest_of(b)
 
     ok = store.read_blocks_into(stored.fingerprint, jobs())
     good = next((b for b, j in enumerate(sources) if j is not None and not ok[j]), len(sources))
@@ -211,15 +214,32 @@ def _layer_arrays(layout, blob: mx.array | None) -> dict[int, tuple[mx.array, mx
     return out
 
 
-def _dests(spec, views, rows: slice) -> dict[str, HostTensor]:
-    """Where one block's tensors go: its rows of each layer's buffers."""
-    out = {}
-    for i in spec.full_layers:
-        dtype = spec.layers[i].dtype
-        k, v = views[i]
-        out[f"k.{i}"] = HostTensor(dtype, k[:, :, rows, :])
-        out[f"v.{i}"] = HostTensor(dtype, v[:, :, rows, :])
-    return out
+def _block_dests(layout, blob: np.ndarray | None, bs: int) -> Callable[[int], FileDest]:
+    """Where block b's file goes: its rows of each layer's K and V buffers, as byte runs
+    of the allocation (one per KV head, in file order). The header entries every block
+    file must hold are the same for all blocks: worked out once."""
+    whole = memoryview(blob) if blob is not None else None
+    entries: dict = {}
+    heads: list[tuple[int, int]] = []  # (byte start of a head's rows, bytes per block)
+    offset = 0
+    for i, dtype, *spans in layout:
+        size = np.dtype(DTYPES[TAGS[dtype]]).itemsize
+        for name, (start, _, (_, n_heads, n, dim)) in zip(("k", "v"), spans, strict=True):
+            run = bs * dim * size
+            shape = [1, n_heads, bs, dim]
+            end = offset + n_heads * run
+            entries[f"{name}.{i}"] = {
+                "dtype": TAGS[dtype],
+                "shape": shape,
+                "data_offsets": [offset, end],
+            }
+            heads += [(start + h * n * dim * size, run) for h in range(n_heads)]
+            offset = end
+
+    def dest_of(b: int) -> FileDest:
+        return FileDest(entries, [whole[s + b * r : s + (b + 1) * r] for s, r in heads])
+
+    return dest_of
 
 
 def _copy_payload(spec, payload: BlockKV, views, rows: slice) -> None:

@@ -92,7 +92,6 @@ from agentkv.daemon.kv_cache_manager import KVCacheManager
 from agentkv.daemon.model_factory import model_config
 from agentkv.daemon.spec import ModelCacheSpec
 from agentkv.storage import CacheStore, StoredAgent
-from agentkv.storage.tensor_files import _writable_chunks
 
 TARGET_READ = 1.5
 TARGET_MLXLM = 1.2
@@ -261,16 +260,13 @@ def bare_plan(spec: ModelCacheSpec, store: CacheStore, stored: StoredAgent) -> B
     """The buffer and rows ours would fill (its own layout code), each file's data offset."""
     layout, nbytes = persistence._buffer_layout(spec, stored.stored_tokens)
     blob = new_unzeroed(nbytes)
-    views = persistence._layer_views(layout, host_view(blob))
+    dest_of = persistence._block_dests(layout, host_view(blob), BLOCK_SIZE)
     reads = []
     for b, digest in enumerate(stored.block_hashes):
-        rows = slice(b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE)
-        dests = persistence._dests(spec, views, rows)
         path = store.block_path(digest)
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-        chunks = [c for t in dests.values() for c in _writable_chunks(t.data)]
-        reads.append((path, 8 + header_len, chunks))
+        reads.append((path, 8 + header_len, dest_of(b).runs))
     return BarePlan(blob, reads)
 
 

@@ -70,8 +70,11 @@ class Containment:
         Args:
             path: the path.
             link_ok: the last component may be a symlink: right for an unlink or a rename,
-                which act on the link itself, never for a read.
+                which act on the link itself, and for a read that opens with O_NOFOLLOW;
+                never for another read.
         """
+        if path.parent in self._dirs and path.name not in ("", ".", ".."):
+            return self._not_a_link(path, link_ok)  # its directories are known good
         try:
             rel = path.relative_to(self.root)
         except ValueError:
@@ -92,6 +95,10 @@ class Containment:
             if not stat.S_ISDIR(mode):
                 return False
             self._dirs.add(parent)
+        return self._not_a_link(path, link_ok)
+
+    @staticmethod
+    def _not_a_link(path: Path, link_ok: bool) -> bool:
         try:
             return link_ok or not stat.S_ISLNK(os.lstat(path).st_mode)
         except FileNotFoundError:

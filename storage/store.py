@@ -27,7 +27,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -52,6 +52,7 @@ from .records import (
 )
 from .schema import open_index
 from .tensor_files import (
+    FileDest,
     FileOps,
     HostTensor,
     read_tensor_file,
@@ -298,14 +299,15 @@ class CacheStore:
         return tensors
 
     def read_blocks_into(
-        self, fingerprint: str, jobs: Iterable[tuple[str, dict[str, HostTensor]]]
+        self, fingerprint: str, jobs: Iterable[tuple[str, Mapping[str, HostTensor] | FileDest]]
     ) -> list[bool]:
         """Read block files straight into caller-owned arrays; True per block read whole.
 
         Each job names a block hash and where each of its tensors goes (see
-        `read_tensor_file_into`). Files are read and checksummed in parallel on a few reader
-        threads (the reads release the GIL; the checksum's 64 KiB updates contend for it).
-        A bad file is handled as in `read_block`, and its job's views hold garbage.
+        `read_tensor_file_into`; a FileDest spares the work per file). Files are read and
+        checksummed in parallel on a few reader threads (the reads release the GIL; the
+        checksum's 64 KiB updates contend for it). A bad file is handled as in
+        `read_block`, and its job's views hold garbage.
         """
         # Submitted as the jobs come: an iterable caller's later jobs overlap the reads.
         futures: list[tuple[str, Future]] = []
@@ -329,7 +331,8 @@ class CacheStore:
 
     def _read_into(self, block_hash: str, fingerprint: str, dests) -> None:
         path = self.block_path(block_hash)
-        self._check_contained(path)
+        if not self._paths.contains(path, link_ok=True):  # the file itself: never followed
+            raise CorruptFileError(path, "a symlink leads out of the store")
         meta = read_tensor_file_into(path, dests)
         _expect(meta, path, fingerprint=fingerprint, block_hash=block_hash)
 

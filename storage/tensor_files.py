@@ -79,6 +79,24 @@ class WrittenFile:
     checksum: str
 
 
+@dataclass(slots=True, frozen=True)
+class FileDest:
+    """Where one file's tensors go, worked out by the caller (see `file_dest`).
+
+    A caller reading many files of one layout (a restore's block files) builds `entries`
+    once and only slices new runs per file.
+
+    Attributes:
+        entries: the header's tensor entries exactly as the file must hold them, metadata
+            aside: name -> {"dtype": tag, "shape": [...], "data_offsets": [start, end]}.
+        runs: writable, contiguous byte views that together take all of the file's data,
+            in file order.
+    """
+
+    entries: dict
+    runs: list[memoryview]
+
+
 class FileOps:
     """The few file-system calls the store makes; tests subclass it to inject faults."""
 
@@ -188,38 +206,65 @@ def read_tensor_file(
     return dict(meta), tensors
 
 
-def read_tensor_file_into(path: Path, dests: Mapping[str, HostTensor]) -> dict[str, str]:
+def read_tensor_file_into(path: Path, dests: Mapping[str, HostTensor] | FileDest) -> dict[str, str]:
     """Read a file's tensors straight into caller-owned arrays; returns its metadata.
 
-    `dests` names every tensor the file must hold, each with the dtype and shape it must
-    have; `data` may be a strided view (e.g. rows of a larger buffer). The bytes go from the
-    file into those views with scatter reads (one copy) and the checksum is computed over
-    them afterwards, so nothing is staged. On error the views hold garbage.
+    `dests` names every tensor the file must hold, in the file's order, each with the
+    dtype and shape it must have; `data` may be a strided view (e.g. rows of a larger
+    buffer). Or it is a FileDest saying the same. The bytes go from the file into those
+    views with scatter reads (one copy) and the checksum is computed over them afterwards,
+    so nothing is staged. On error the views hold garbage.
 
     Raises:
-        CorruptFileError: missing, truncated, malformed, not the expected tensors, or
-            checksum mismatch.
+        CorruptFileError: missing, a symlink, truncated, malformed, not the expected
+            tensors, or checksum mismatch.
     """
+    dest = dests if isinstance(dests, FileDest) else file_dest(dests)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # A store's file is never a link: one that is (planted) is refused, not followed.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError as exc:
         raise CorruptFileError(path, "missing") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptFileError(path, "is a symlink") from exc
+        raise
     try:
         size = os.fstat(fd).st_size
         head = _pread_header(path, fd, size)
         header = _parse_header(path, head[8:])
         meta = header.pop("__metadata__", {}) or {}
-        chunks = _dest_chunks(path, header, dests, size - len(head))
-        _preadv_all(path, fd, chunks, len(head))
+        if header != dest.entries:
+            raise CorruptFileError(path, "tensors are not the expected ones")
+        expected = sum(map(len, dest.runs))
+        if size - len(head) != expected:
+            held = size - len(head)
+            raise CorruptFileError(path, f"holds {held} data bytes, header says {expected}")
+        _preadv_all(path, fd, dest.runs, len(head))
     finally:
         os.close(fd)
     want = meta.get("checksum") if isinstance(meta, dict) else None
     if not isinstance(want, str) or len(want) != len(CHECKSUM_PLACEHOLDER):
         raise CorruptFileError(path, "no checksum")
-    got = checksum_of([head.replace(want.encode(), CHECKSUM_PLACEHOLDER.encode(), 1), *chunks])
+    blank = head.replace(want.encode(), CHECKSUM_PLACEHOLDER.encode(), 1)
+    got = checksum_of([blank, *dest.runs])
     if got != want:
         raise CorruptFileError(path, f"checksum mismatch ({got} != {want})")
     return dict(meta)
+
+
+def file_dest(dests: Mapping[str, HostTensor]) -> FileDest:
+    """The FileDest of named arrays that are to hold a file's tensors, in its order."""
+    entries: dict = {}
+    runs: list[memoryview] = []
+    offset = 0
+    for name, t in dests.items():
+        end = offset + t.data.nbytes
+        shape = list(t.data.shape)
+        entries[name] = {"dtype": TAGS[t.dtype], "shape": shape, "data_offsets": [offset, end]}
+        runs += _writable_chunks(t.data)
+        offset = end
+    return FileDest(entries, runs)
 
 
 def _pread_header(path: Path, fd: int, size: int) -> bytes:
@@ -247,32 +292,6 @@ def _parse_header(path: Path, text: bytes) -> dict:
     if not isinstance(header, dict):
         raise CorruptFileError(path, "header is not an object")
     return header
-
-
-def _dest_chunks(path: Path, header: dict, dests: Mapping[str, HostTensor], data_len: int):
-    """Writable byte views of `dests` in the file's data order, checked against the header."""
-    if set(header) != set(dests):
-        raise CorruptFileError(path, "tensors do not match the expected layout")
-    try:
-        order = sorted(header, key=lambda name: header[name]["data_offsets"][0])
-    except (KeyError, TypeError, IndexError) as exc:
-        raise CorruptFileError(path, f"bad tensor entry: {exc}") from exc
-    chunks: list[memoryview] = []
-    offset = 0
-    for name in order:
-        info, dest = header[name], dests[name]
-        want = [offset, offset + dest.data.nbytes]
-        if (
-            info.get("dtype") != TAGS[dest.dtype]
-            or info.get("shape") != list(dest.data.shape)
-            or info.get("data_offsets") != want
-        ):
-            raise CorruptFileError(path, f"tensor {name!r} is not the expected one")
-        chunks += _writable_chunks(dest.data)
-        offset = want[1]
-    if offset != data_len:
-        raise CorruptFileError(path, f"holds {data_len} data bytes, header says {offset}")
-    return chunks
 
 
 def _writable_chunks(a: np.ndarray) -> list[memoryview]:
@@ -306,6 +325,8 @@ def _preadv_all(path: Path, fd: int, chunks: list[memoryview], offset: int) -> N
         if n <= 0:
             raise CorruptFileError(path, "truncated (short read)")
         offset += n
+        if len(batch) == len(pending) and n == sum(map(len, batch)):
+            return  # the usual case: one call filled them all
         while n and pending:  # drop what was filled; a short read leaves a partial chunk
             if n >= len(pending[0]):
                 n -= len(pending.pop(0))
