@@ -33,7 +33,7 @@ from agentkv.storage import (
 )
 from agentkv.storage import store as store_module
 from agentkv.storage.records import BlockRecord, StoredAgent, TurnRecord
-from agentkv.storage.tensor_files import FileOps
+from agentkv.storage.tensor_files import FileOps, HostTensor
 
 BLOCK = 16
 FP = "a" * 32
@@ -275,6 +275,31 @@ def test_symlinks_leading_out_of_the_store_are_never_followed(tmp_path, victim):
     assert victim.read_bytes() == b"precious"
     assert (victim.parent / Path(rel).name).read_bytes() == b"also precious"
     assert list((root / "quarantine").iterdir()) == []
+
+
+def test_a_block_file_swapped_for_a_symlink_is_not_followed(tmp_path, victim):
+    """A block file replaced by a symlink to a good copy outside the store: the restore
+    path refuses it (counted corrupt, its views not trusted) rather than follow it, and
+    quarantining acts on the link, never on the file it points at."""
+    root = tmp_path / "store"
+    _stored(root, _record("a"))
+    store = CacheStore(root)
+    digest = store.agent("a", FP).block_hashes[0]
+    path = store.block_path(digest)
+    tensors = store.read_block(digest, FP)
+    outside = victim.parent / path.name
+    good = path.read_bytes()
+    outside.write_bytes(good)  # a valid file: following the link would work
+    path.unlink()
+    path.symlink_to(outside)
+    dests = {name: HostTensor(t.dtype, np.zeros_like(t.data)) for name, t in tensors.items()}
+    assert store.read_blocks_into(FP, [(digest, dests)]) == [False]
+    store.flush()
+    assert store.counters["corrupt_files"] == 1 and store.counters["blocks_read"] == 1
+    (moved,) = (root / "quarantine").iterdir()  # the link itself went aside
+    assert moved.is_symlink() and not path.is_symlink() and not path.exists()
+    assert outside.is_file() and outside.read_bytes() == good
+    store.close()
 
 
 def test_a_turn_over_a_state_file_outside_the_store_keeps_it(llama, tmp_path, victim):
