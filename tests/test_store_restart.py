@@ -9,11 +9,12 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens
 
-from agentkv.daemon.model_factory import ARCHITECTURES
+from agentkv.daemon.model_factory import ARCHITECTURES, load_model
 from agentkv.storage import CacheStore
 from agentkv.storage.tensor_files import read_tensor_file, write_tensor_file
 
@@ -67,6 +68,32 @@ def test_restart_resumes_every_agent_exactly(loaded_models, tmp_path, arch):
     assert after.store.counters["blocks_read"] == reads["blocks_read"]  # memory from now on
     assert after.store.counters["states_read"] == reads["states_read"]
     assert all(c.usage.restored_tokens == 0 for c in again.values())
+    after.close()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_restart_resumes_half_precision_models_exactly(model_dirs, tmp_path, arch, dtype):
+    """The same with the model (so its cache) in bfloat16 or float16: the restored bits are
+    the stored ones (bfloat16 travels as raw 16-bit words), so output is identical."""
+    model, tokenizer = load_model(model_dirs[arch])
+    model.set_dtype(getattr(mx, dtype))
+    rng = np.random.default_rng(5)
+    firsts = {f"agent{i}": random_tokens(rng, 40 + 30 * i, VOCAB) for i in range(2)}
+    thirds = {a: random_tokens(rng, 4, VOCAB) for a in firsts}
+    uninterrupted = _engine(model, tokenizer, None)
+    _turns(uninterrupted, firsts)
+    reference = _turns(uninterrupted, thirds)
+    before = _engine(model, tokenizer, tmp_path)
+    assert before.spec.layers[0].dtype == dtype
+    _turns(before, firsts)
+    contexts = {a: before.agent_tokens(a) for a in firsts}
+    before.close()
+    after = _engine(model, tokenizer, tmp_path)
+    resumed = _turns(after, thirds)
+    for agent in firsts:
+        assert resumed[agent].token_ids == reference[agent].token_ids, (arch, dtype, agent)
+        assert resumed[agent].usage.restored_tokens == len(contexts[agent])
     after.close()
 
 
