@@ -15,6 +15,7 @@ import pytest
 from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens
 
 from agentkv.daemon.model_factory import ARCHITECTURES, load_model
+from agentkv.daemon.spec import ModelCacheSpec
 from agentkv.storage import CacheStore
 from agentkv.storage.tensor_files import read_tensor_file, write_tensor_file
 
@@ -31,6 +32,25 @@ def _turns(engine, prompts: dict[str, list[int]]) -> dict[str, object]:
     for agent, prompt in prompts.items():
         engine.submit(agent, prompt, max_tokens=TURN_TOKENS)
     return {c.agent_id: c for c in run_all(engine).values()}
+
+
+def _restart_pair(model, tokenizer, root: Path, seed: int):
+    """Two agents' first turns, then their second turns with and without a restart in
+    between: (second turns uninterrupted, second turns after the restart, contexts)."""
+    rng = np.random.default_rng(seed)
+    firsts = {f"agent{i}": random_tokens(rng, 40 + 30 * i, VOCAB) for i in range(2)}
+    seconds = {a: random_tokens(rng, 4, VOCAB) for a in firsts}
+    uninterrupted = _engine(model, tokenizer, None)
+    _turns(uninterrupted, firsts)
+    reference = _turns(uninterrupted, seconds)
+    before = _engine(model, tokenizer, root)
+    _turns(before, firsts)
+    contexts = {a: before.agent_tokens(a) for a in firsts}
+    before.close()
+    after = _engine(model, tokenizer, root)
+    resumed = _turns(after, seconds)
+    after.close()
+    return reference, resumed, contexts
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -78,23 +98,11 @@ def test_restart_resumes_half_precision_models_exactly(model_dirs, tmp_path, arc
     the stored ones (bfloat16 travels as raw 16-bit words), so output is identical."""
     model, tokenizer = load_model(model_dirs[arch])
     model.set_dtype(getattr(mx, dtype))
-    rng = np.random.default_rng(5)
-    firsts = {f"agent{i}": random_tokens(rng, 40 + 30 * i, VOCAB) for i in range(2)}
-    thirds = {a: random_tokens(rng, 4, VOCAB) for a in firsts}
-    uninterrupted = _engine(model, tokenizer, None)
-    _turns(uninterrupted, firsts)
-    reference = _turns(uninterrupted, thirds)
-    before = _engine(model, tokenizer, tmp_path)
-    assert before.spec.layers[0].dtype == dtype
-    _turns(before, firsts)
-    contexts = {a: before.agent_tokens(a) for a in firsts}
-    before.close()
-    after = _engine(model, tokenizer, tmp_path)
-    resumed = _turns(after, thirds)
-    for agent in firsts:
+    assert ModelCacheSpec.from_model(model, block_size=16).layers[0].dtype == dtype
+    reference, resumed, contexts = _restart_pair(model, tokenizer, tmp_path, seed=5)
+    for agent, context in contexts.items():
         assert resumed[agent].token_ids == reference[agent].token_ids, (arch, dtype, agent)
-        assert resumed[agent].usage.restored_tokens == len(contexts[agent])
-    after.close()
+        assert resumed[agent].usage.restored_tokens == len(context)
 
 
 def test_restore_takes_pooled_shared_blocks_from_memory_and_forks(loaded_models, tmp_path):
@@ -307,21 +315,8 @@ def test_a_model_without_attention_layers_resumes_exactly(loaded_models, tmp_pat
     mx.random.seed(5)
     model = model_class(args_class.from_dict(config))
     mx.eval(model.parameters())
-    rng = np.random.default_rng(8)
-    firsts = {f"m{i}": random_tokens(rng, 40 + 30 * i, VOCAB) for i in range(2)}
-    seconds = {a: random_tokens(rng, 4, VOCAB) for a in firsts}
-
-    uninterrupted = _engine(model, tokenizer, None)
-    _turns(uninterrupted, firsts)
-    reference = _turns(uninterrupted, seconds)
-    before = _engine(model, tokenizer, tmp_path)
-    _turns(before, firsts)
-    contexts = {a: before.agent_tokens(a) for a in firsts}
-    before.close()
-    after = _engine(model, tokenizer, tmp_path)
-    resumed = _turns(after, seconds)
-    after.close()
-    for agent in firsts:
+    reference, resumed, contexts = _restart_pair(model, tokenizer, tmp_path, seed=8)
+    for agent, context in contexts.items():
         assert resumed[agent].token_ids == reference[agent].token_ids
         usage = resumed[agent].usage
-        assert usage.restored_tokens == usage.cached_tokens == len(contexts[agent])
+        assert usage.restored_tokens == usage.cached_tokens == len(context)
