@@ -183,13 +183,13 @@ def read_tensor_file(
     """Read a file written by `write_tensor_file`: its metadata and tensors (host arrays).
 
     Raises:
-        CorruptFileError: missing, truncated, malformed, or checksum mismatch.
+        CorruptFileError: missing, unreadable, truncated, malformed, or checksum mismatch.
     """
     try:
         with open(path, "rb") as f:
             raw = f.read()
-    except FileNotFoundError as exc:
-        raise CorruptFileError(path, "missing") from exc
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
     header, data = _split(path, raw)
     meta = header.pop("__metadata__", {}) or {}
     if not isinstance(meta, dict):
@@ -216,19 +216,15 @@ def read_tensor_file_into(path: Path, dests: Mapping[str, HostTensor] | FileDest
     so nothing is staged. On error the views hold garbage.
 
     Raises:
-        CorruptFileError: missing, a symlink, truncated, malformed, not the expected
-            tensors, or checksum mismatch.
+        CorruptFileError: missing, a symlink, unreadable, truncated, malformed, not the
+            expected tensors, or checksum mismatch.
     """
     dest = dests if isinstance(dests, FileDest) else file_dest(dests)
     try:
         # A store's file is never a link: one that is (planted) is refused, not followed.
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError as exc:
-        raise CorruptFileError(path, "missing") from exc
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise CorruptFileError(path, "is a symlink") from exc
-        raise
+        raise _unreadable(path, exc) from exc
     try:
         size = os.fstat(fd).st_size
         head = _pread_header(path, fd, size)
@@ -241,6 +237,8 @@ def read_tensor_file_into(path: Path, dests: Mapping[str, HostTensor] | FileDest
             held = size - len(head)
             raise CorruptFileError(path, f"holds {held} data bytes, header says {expected}")
         _preadv_all(path, fd, dest.runs, len(head))
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
     finally:
         os.close(fd)
     want = meta.get("checksum") if isinstance(meta, dict) else None
@@ -251,6 +249,17 @@ def read_tensor_file_into(path: Path, dests: Mapping[str, HostTensor] | FileDest
     if got != want:
         raise CorruptFileError(path, f"checksum mismatch ({got} != {want})")
     return dict(meta)
+
+
+def _unreadable(path: Path, exc: OSError) -> CorruptFileError:
+    """An OS error reading a store file, as the error the store handles (that part of the
+    cache is recomputed, the file moved aside): gone, a link or a directory where the file
+    should be, a disk read error, no permission."""
+    if isinstance(exc, FileNotFoundError):
+        return CorruptFileError(path, "missing")
+    if exc.errno == errno.ELOOP:
+        return CorruptFileError(path, "is a symlink")
+    return CorruptFileError(path, f"unreadable ({exc.strerror or exc})")
 
 
 def file_dest(dests: Mapping[str, HostTensor]) -> FileDest:

@@ -180,6 +180,12 @@ def _wrong_model(path: Path) -> None:
     write_tensor_file(path, tensors, meta)
 
 
+def _directory(path: Path) -> None:
+    """A directory where the file was: opening or reading it fails (EISDIR)."""
+    path.unlink()
+    path.mkdir()
+
+
 def _state_file(root: Path) -> Path:
     db = sqlite3.connect(root / "index.db")
     (rel,) = db.execute("SELECT state_file FROM agents").fetchone()
@@ -187,7 +193,7 @@ def _state_file(root: Path) -> Path:
     return root / rel
 
 
-@pytest.mark.parametrize("damage", [_flip, _truncate, _delete, _wrong_model])
+@pytest.mark.parametrize("damage", [_flip, _truncate, _delete, _wrong_model, _directory])
 @pytest.mark.parametrize("target", ["first_block", "last_block", "state"])
 def test_damaged_files_are_detected_and_recomputed(loaded_models, tmp_path, damage, target):
     model, tokenizer, context = _llama_store(loaded_models, tmp_path)
