@@ -24,7 +24,7 @@ from agentkv.storage.records import BlockRecord, TurnRecord
 from agentkv.storage.tensor_files import DTYPES, TAGS, FileDest, HostTensor
 
 from .agents import AgentContext
-from .block_pool import BlockPool
+from .block_pool import BlockPool, chain_hashes
 from .host_fill import host_view, new_unzeroed
 from .kv_blocks import BlockKV, RecurrentState, WindowKV
 from .spec import LayerKind, ModelCacheSpec
@@ -110,7 +110,9 @@ def restore(
 
     A missing or corrupt file ends the restore there: the rows before it are kept when every
     layer is full attention, otherwise nothing is (windows and states belong to the whole
-    context).
+    context). So does a listed block that is not the one the agent's tokens hash to (an
+    index row naming another block, or blocks cut at another block size): files are
+    checked to be what they claim, the list to be this context's.
     """
     bs = pool.block_size
     n_blocks, n = len(stored.block_hashes), stored.stored_tokens
@@ -120,6 +122,16 @@ def restore(
         if n or n_blocks:
             log.warning("agent %r: stored cache does not match its tokens", agent.agent_id)
         return 0
+    good = _chained_prefix(spec, bs, agent.tokens, stored.block_hashes)
+    if good < n_blocks:
+        store.report_corrupt_row(
+            agent.agent_id, stored.fingerprint, f"block {good} is not its tokens' (block size {bs})"
+        )
+        cut = stored.block_hashes[:good]
+        stored = dataclasses.replace(
+            stored, block_hashes=cut, stored_tokens=good * bs, state_file=None
+        )
+        n_blocks, n = good, good * bs
     if n == 0 or (stored.state_file is None and not spec.all_full):
         return 0  # windows and recurrent states need the state file (a corrupt one was cut)
     layout, nbytes = _buffer_layout(spec, n)
@@ -142,6 +154,15 @@ def restore(
     agent.windows, agent.states = windows, states
     agent.cached_len = n
     return from_disk + tail
+
+
+def _chained_prefix(spec: ModelCacheSpec, bs: int, tokens: list[int], listed: list[str]) -> int:
+    """How many of the listed block hashes, from the first, are the chain of `tokens`."""
+    expected = chain_hashes(tokens[: len(listed) * bs], bs, spec.fingerprint)
+    return next(
+        (b for b, (h, want) in enumerate(zip(listed, expected, strict=True)) if h != want.hex()),
+        len(listed),
+    )
 
 
 def _fill_blocks(spec, pool: BlockPool, store: CacheStore, stored: StoredAgent, views, dest_of):

@@ -230,6 +230,11 @@ class CacheStore:
             self._corrupt_row(key, f"{'; '.join(parsed.problems)}; {outcome}")
         return parsed.agent
 
+    def report_corrupt_row(self, agent_id: str, fingerprint: str, what: str) -> None:
+        """Count and log an agent row found wrong by a caller that knows more than the index
+        (e.g. blocks listed that its tokens do not hash to), once until it is written again."""
+        self._corrupt_row((agent_id, fingerprint), what)
+
     def _corrupt_row(self, key: tuple[str, str], what: str) -> None:
         """Count and log a corrupt agent row, once until the agent's row is written again."""
         with self._lock:

@@ -105,6 +105,37 @@ def test_restart_resumes_half_precision_models_exactly(model_dirs, tmp_path, arc
         assert resumed[agent].usage.restored_tokens == len(context)
 
 
+def test_a_store_written_at_another_block_size_is_recomputed_not_quarantined(
+    loaded_models, tmp_path
+):
+    """An engine restarted with another block size finds block lists that are not its
+    chain: the context is recomputed (output exact), nothing is taken for a corrupt file,
+    and the next turn stores the context at the new size."""
+    model, tokenizer, context = _llama_store(loaded_models, tmp_path)  # block size 16
+    eos = eos_ids(tokenizer)
+    for bs in (32, 8):
+        engine = make_engine(
+            model, tokenizer, block_size=bs, total_blocks=512, store=CacheStore(tmp_path)
+        )
+        engine.submit("victim", [11, 12, 13], max_tokens=TURN_TOKENS)
+        (c,) = run_all(engine).values()
+        assert c.token_ids == scratch_tokens(model, context + [11, 12, 13], TURN_TOKENS, eos=eos)
+        assert c.usage.restored_tokens == 0 and c.usage.recomputed_tokens == len(context)
+        assert engine.store.counters["corrupt_files"] == 0
+        context = engine.agent_tokens("victim")
+        engine.close()
+        assert not (tmp_path / "quarantine").exists() or not any(
+            (tmp_path / "quarantine").iterdir()
+        )
+    engine = make_engine(
+        model, tokenizer, block_size=8, total_blocks=512, store=CacheStore(tmp_path)
+    )
+    engine.submit("victim", [14], max_tokens=2)
+    (c,) = run_all(engine).values()
+    assert c.usage.restored_tokens == len(context)  # stored at size 8 by the last turn
+    engine.close()
+
+
 def test_restore_takes_pooled_shared_blocks_from_memory_and_forks(loaded_models, tmp_path):
     """After a restart: blocks another agent already brought back are copied from memory,
     not read again; a restored agent forked before its next turn branches exactly."""
@@ -242,6 +273,9 @@ GARBAGE = {
     ),
     "UPDATE agent_blocks SET block_hash = 'deadbeef' WHERE seq = 1": "recomputed",
     "UPDATE agent_blocks SET block_hash = '../../x' WHERE seq = 0": "recomputed",
+    # A real, valid block file, but not this position's: its own next block.
+    "UPDATE agent_blocks SET block_hash = (SELECT block_hash FROM agent_blocks WHERE seq = 1) "
+    "WHERE seq = 0": "recomputed",
     "UPDATE agents SET state_file = 'agents/nope/x.safetensors'": "recomputed",
     "DELETE FROM blocks": "recomputed",
     "UPDATE agents SET last_used = 'yesterday'": "restored",
