@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,6 +89,11 @@ class VerifyReport:
 def pack_tokens(tokens: list[int]) -> bytes:
     """Token ids as little-endian int32 bytes (the index's `tokens` column)."""
     return np.asarray(tokens, dtype="<i4").tobytes()
+
+
+def context_digest(tokens: list[int]) -> str:
+    """sha256 of a context's token ids (packed as in the index): what a state file is of."""
+    return hashlib.sha256(pack_tokens(tokens)).hexdigest()
 
 
 def unpack_tokens(blob: bytes) -> list[int]:

@@ -49,6 +49,7 @@ from .records import (
     StoredAgent,
     TurnRecord,
     VerifyReport,
+    context_digest,
 )
 from .schema import open_index
 from .tensor_files import (
@@ -370,6 +371,12 @@ class CacheStore:
         except CorruptFileError as exc:
             self._corrupt(exc, agent=agent)
             raise
+        of = meta.get("context")  # absent in files written before it was recorded
+        if of is not None and of != context_digest(agent.tokens[: agent.stored_tokens]):
+            # A good file, of the tokens the index held before they were edited: the row
+            # is wrong, not the file.
+            self._corrupt_row((agent.agent_id, agent.fingerprint), "tokens differ from its state")
+            raise CorruptFileError(path, "holds the state of other tokens than the index's")
         self.counters["states_read"] += 1
         return meta, tensors
 
@@ -676,6 +683,7 @@ class CacheStore:
             "fingerprint": rec.fingerprint,
             "agent_key": key,
             "token_count": str(rec.stored_tokens),
+            "context": context_digest(rec.tokens[: rec.stored_tokens]),
         }
         info = write_tensor_file(self.root / rel, rec.state, meta, self.ops)
         self.counters["bytes_written"] += info.nbytes

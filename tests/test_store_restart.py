@@ -311,6 +311,29 @@ def test_garbage_index_rows_never_raise(loaded_models, tmp_path, sql):
     engine.close()
 
 
+def test_tokens_edited_past_the_last_block_leave_the_state_file_unused(loaded_models, tmp_path):
+    """The index's last token edited (past the last full block, where no block hash
+    reaches): the state file's tail rows are of the old tokens, so they are not used. The
+    blocks before stay, the rest is recomputed, and the output is exact for the edited
+    context; the row is counted corrupt, the good file is not moved aside."""
+    model, tokenizer, context = _llama_store(loaded_models, tmp_path)
+    assert len(context) % 16, "the agent must have a tail"
+    edited = [*context[:-1], (context[-1] + 1) % VOCAB]
+    db = sqlite3.connect(tmp_path / "index.db")
+    db.execute("UPDATE agents SET tokens = ?", (np.asarray(edited, "<i4").tobytes(),))
+    db.commit()
+    db.close()
+    engine = _engine(model, tokenizer, tmp_path)
+    engine.submit("victim", [31, 32, 33], max_tokens=TURN_TOKENS)
+    (c,) = run_all(engine).values()
+    eos = eos_ids(tokenizer)
+    assert c.token_ids == scratch_tokens(model, edited + [31, 32, 33], TURN_TOKENS, eos=eos)
+    assert c.usage.restored_tokens == len(context) // 16 * 16
+    assert engine.store.counters["corrupt_rows"] == 1
+    assert engine.store.counters["corrupt_files"] == 0
+    engine.close()
+
+
 def test_inspecting_a_stored_agent_does_not_load_it(loaded_models, tmp_path):
     """agent_info/agent_tokens of an agent only on disk read the index: the engine's
     in-memory agents stay as they were, and a deleted agent is no longer listed."""
