@@ -122,16 +122,8 @@ def restore(
         if n or n_blocks:
             log.warning("agent %r: stored cache does not match its tokens", agent.agent_id)
         return 0
-    good = _chained_prefix(spec, bs, agent.tokens, stored.block_hashes)
-    if good < n_blocks:
-        store.report_corrupt_row(
-            agent.agent_id, stored.fingerprint, f"block {good} is not its tokens' (block size {bs})"
-        )
-        cut = stored.block_hashes[:good]
-        stored = dataclasses.replace(
-            stored, block_hashes=cut, stored_tokens=good * bs, state_file=None
-        )
-        n_blocks, n = good, good * bs
+    stored = _chained_prefix(spec, bs, store, agent, stored)
+    n_blocks, n = len(stored.block_hashes), stored.stored_tokens
     if n == 0 or (stored.state_file is None and not spec.all_full):
         return 0  # windows and recurrent states need the state file (a corrupt one was cut)
     layout, nbytes = _buffer_layout(spec, n)
@@ -156,13 +148,23 @@ def restore(
     return from_disk + tail
 
 
-def _chained_prefix(spec: ModelCacheSpec, bs: int, tokens: list[int], listed: list[str]) -> int:
-    """How many of the listed block hashes, from the first, are the chain of `tokens`."""
-    expected = chain_hashes(tokens[: len(listed) * bs], bs, spec.fingerprint)
-    return next(
+def _chained_prefix(
+    spec: ModelCacheSpec, bs: int, store: CacheStore, agent: AgentContext, stored: StoredAgent
+) -> StoredAgent:
+    """`stored`, cut before the first listed block that is not the chain of the agent's
+    tokens at this block size (counted as a corrupt row), with no state file then."""
+    listed = stored.block_hashes
+    expected = chain_hashes(agent.tokens[: len(listed) * bs], bs, spec.fingerprint)
+    good = next(
         (b for b, (h, want) in enumerate(zip(listed, expected, strict=True)) if h != want.hex()),
         len(listed),
     )
+    if good == len(listed):
+        return stored
+    what = f"block {good} is not its tokens' (block size {bs})"
+    store.report_corrupt_row(agent.agent_id, stored.fingerprint, what)
+    cut = listed[:good]
+    return dataclasses.replace(stored, block_hashes=cut, stored_tokens=good * bs, state_file=None)
 
 
 def _fill_blocks(spec, pool: BlockPool, store: CacheStore, stored: StoredAgent, views, dest_of):
