@@ -21,13 +21,13 @@ import numpy as np
 from agentkv.storage import CacheStore, CorruptFileError, StoredAgent
 from agentkv.storage.paths import is_block_hash
 from agentkv.storage.records import BlockRecord, TurnRecord
-from agentkv.storage.tensor_files import DTYPES, TAGS, FileDest, HostTensor
+from agentkv.storage.tensor_files import DTYPES, TAGS, FileDest, HostTensor, tensor_entries
 
 from .agents import AgentContext
 from .block_pool import BlockPool, chain_hashes
 from .host_fill import host_view, new_unzeroed
 from .kv_blocks import BlockKV, RecurrentState, WindowKV
-from .spec import LayerKind, ModelCacheSpec
+from .spec import LayerKind, ModelCacheSpec, itemsize
 
 log = logging.getLogger("agentkv.persistence")
 
@@ -131,7 +131,7 @@ def restore(
     blob = new_unzeroed(nbytes) if nbytes else None
     host = host_view(blob) if blob is not None else None
     views = _layer_views(layout, host) if host is not None else {}
-    dest_of = _block_dests(layout, host, pool.block_size)
+    dest_of = _block_dests(layout, host, bs)
     good, from_disk = _fill_blocks(spec, pool, store, stored, views, dest_of)
     if good < n_blocks:
         return _keep_prefix(spec, agent, _layer_arrays(layout, blob), good * bs, from_disk)
@@ -206,7 +206,7 @@ def _buffer_layout(spec: ModelCacheSpec, n: int) -> tuple[list[tuple], int]:
     out, end = [], 0
     for i in spec.full_layers:
         layer = spec.layers[i]
-        size = np.dtype(DTYPES[TAGS[layer.dtype]]).itemsize
+        size = itemsize(layer.dtype)
         spans = []
         for dim in (layer.k_head_dim, layer.v_head_dim):
             shape = (1, layer.n_kv_heads, n, dim)
@@ -242,22 +242,15 @@ def _block_dests(layout, blob: np.ndarray | None, bs: int) -> Callable[[int], Fi
     of the allocation (one per KV head, in file order). The header entries every block
     file must hold are the same for all blocks: worked out once."""
     whole = memoryview(blob) if blob is not None else None
-    entries: dict = {}
+    tensors = []  # (name, dtype, shape, bytes) of each tensor a block file holds
     heads: list[tuple[int, int]] = []  # (byte start of a head's rows, bytes per block)
-    offset = 0
     for i, dtype, *spans in layout:
-        size = np.dtype(DTYPES[TAGS[dtype]]).itemsize
+        size = itemsize(dtype)
         for name, (start, _, (_, n_heads, n, dim)) in zip(("k", "v"), spans, strict=True):
             run = bs * dim * size
-            shape = [1, n_heads, bs, dim]
-            end = offset + n_heads * run
-            entries[f"{name}.{i}"] = {
-                "dtype": TAGS[dtype],
-                "shape": shape,
-                "data_offsets": [offset, end],
-            }
+            tensors.append((f"{name}.{i}", dtype, (1, n_heads, bs, dim), n_heads * run))
             heads += [(start + h * n * dim * size, run) for h in range(n_heads)]
-            offset = end
+    entries = tensor_entries(tensors)
 
     def dest_of(b: int) -> FileDest:
         return FileDest(entries, [whole[s + b * r : s + (b + 1) * r] for s, r in heads])

@@ -59,7 +59,7 @@ class LayerSpec:
     @property
     def bytes_per_token(self) -> int:
         """K plus V bytes one token adds to this layer (0 for recurrent layers)."""
-        item = _itemsize(self.dtype)
+        item = itemsize(self.dtype)
         return self.n_kv_heads * (self.k_head_dim + self.v_head_dim) * item
 
     @property
@@ -68,7 +68,7 @@ class LayerSpec:
         if self.kind is LayerKind.SLIDING:
             return self.bytes_per_token * (self.window or 0)
         sizes = (
-            _numel(s) * _itemsize(d)
+            _numel(s) * itemsize(d)
             for s, d in zip(self.state_shapes, self.state_dtypes, strict=True)
         )
         return sum(sizes)
@@ -213,7 +213,8 @@ def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
-def _itemsize(name: str) -> int:
+def itemsize(name: str) -> int:
+    """Bytes per element of an MLX dtype, by name (e.g. "bfloat16" -> 2)."""
     return getattr(mx, name).size
 
 

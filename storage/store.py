@@ -337,8 +337,7 @@ class CacheStore:
 
     def _read_into(self, block_hash: str, fingerprint: str, dests) -> None:
         path = self.block_path(block_hash)
-        if not self._paths.contains(path, link_ok=True):  # the file itself: never followed
-            raise CorruptFileError(path, "a symlink leads out of the store")
+        self._check_contained(path, link_ok=True)  # opened with O_NOFOLLOW: never followed
         meta = read_tensor_file_into(path, dests)
         _expect(meta, path, fingerprint=fingerprint, block_hash=block_hash)
 
@@ -380,8 +379,8 @@ class CacheStore:
         self.counters["states_read"] += 1
         return meta, tensors
 
-    def _check_contained(self, path: Path) -> None:
-        if not self._paths.contains(path):
+    def _check_contained(self, path: Path, *, link_ok: bool = False) -> None:
+        if not self._paths.contains(path, link_ok=link_ok):
             raise CorruptFileError(path, "a symlink leads out of the store")
 
     # -- writing (queued, applied on the writer thread) ------------------------------------

@@ -16,7 +16,7 @@ import errno
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,18 +262,25 @@ def _unreadable(path: Path, exc: OSError) -> CorruptFileError:
     return CorruptFileError(path, f"unreadable ({exc.strerror or exc})")
 
 
+def tensor_entries(tensors: Iterable[tuple[str, str, Sequence[int], int]]) -> dict:
+    """A header's tensor entries, as `write_tensor_file` writes them, for tensors stored
+    back to back in this order: (name, MLX dtype name, shape, bytes) each."""
+    entries: dict = {}
+    offset = 0
+    for name, dtype, shape, nbytes in tensors:
+        entries[name] = {
+            "dtype": TAGS[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    return entries
+
+
 def file_dest(dests: Mapping[str, HostTensor]) -> FileDest:
     """The FileDest of named arrays that are to hold a file's tensors, in its order."""
-    entries: dict = {}
-    runs: list[memoryview] = []
-    offset = 0
-    for name, t in dests.items():
-        end = offset + t.data.nbytes
-        shape = list(t.data.shape)
-        entries[name] = {"dtype": TAGS[t.dtype], "shape": shape, "data_offsets": [offset, end]}
-        runs += _writable_chunks(t.data)
-        offset = end
-    return FileDest(entries, runs)
+    entries = tensor_entries((n, t.dtype, t.data.shape, t.data.nbytes) for n, t in dests.items())
+    return FileDest(entries, [run for t in dests.values() for run in _writable_chunks(t.data)])
 
 
 def _pread_header(path: Path, fd: int, size: int) -> bytes:
@@ -350,14 +357,10 @@ def _contiguous_bytes(a: np.ndarray) -> memoryview:
 
 def _header(tensors: Mapping[str, HostTensor], metadata: Mapping[str, str], sizes) -> bytes:
     entries: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
-    offset = 0
-    for (name, t), size in zip(tensors.items(), sizes, strict=True):
-        entries[name] = {
-            "dtype": TAGS[t.dtype],
-            "shape": list(t.data.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
+    entries |= tensor_entries(
+        (name, t.dtype, t.data.shape, size)
+        for (name, t), size in zip(tensors.items(), sizes, strict=True)
+    )
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # keep tensor data 8-byte aligned
     return struct.pack("<Q", len(text)) + text
