@@ -149,9 +149,10 @@ def _block_rel_or_none(block_hash: object, path: object) -> str | None:
 
 def _files(root: Path, progress: bool):
     # rglob does not descend into symlinked directories; a symlinked file is listed as
-    # itself, and unlinking it removes the link, never its target.
+    # itself, and unlinking it removes the link, never its target. Anything but a real
+    # directory is listed (a named pipe or socket left there is an orphan too).
     for sub in ("blocks", "agents"):
-        paths = [p for p in (root / sub).rglob("*") if p.is_file() or p.is_symlink()]
+        paths = [p for p in (root / sub).rglob("*") if p.is_symlink() or not p.is_dir()]
         yield from tqdm(paths, desc=f"scan {sub}", unit="file", disable=not progress)
 
 

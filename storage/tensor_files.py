@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -185,8 +186,9 @@ def read_tensor_file(
     Raises:
         CorruptFileError: missing, unreadable, truncated, malformed, or checksum mismatch.
     """
+    fd = _open_regular(path, follow=True)
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
             raw = f.read()
     except OSError as exc:
         raise _unreadable(path, exc) from exc
@@ -220,11 +222,8 @@ def read_tensor_file_into(path: Path, dests: Mapping[str, HostTensor] | FileDest
             expected tensors, or checksum mismatch.
     """
     dest = dests if isinstance(dests, FileDest) else file_dest(dests)
-    try:
-        # A store's file is never a link: one that is (planted) is refused, not followed.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        raise _unreadable(path, exc) from exc
+    # A store's file is never a link: one that is (planted) is refused, not followed.
+    fd = _open_regular(path, follow=False)
     try:
         size = os.fstat(fd).st_size
         head = _pread_header(path, fd, size)
@@ -249,6 +248,30 @@ def read_tensor_file_into(path: Path, dests: Mapping[str, HostTensor] | FileDest
     if got != want:
         raise CorruptFileError(path, f"checksum mismatch ({got} != {want})")
     return dict(meta)
+
+
+def _open_regular(path: Path, *, follow: bool) -> int:
+    """A read-only descriptor of `path`, which must be a regular file (a symlink to one
+    only if `follow`). Opened non-blocking: a named pipe planted where a file should be
+    would otherwise wait for a writer forever; it is refused like a directory or a device.
+
+    Raises:
+        CorruptFileError: missing, a refused link, not a regular file, or unopenable.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError as exc:
+        os.close(fd)
+        raise _unreadable(path, exc) from exc
+    if not regular:
+        os.close(fd)
+        raise CorruptFileError(path, "not a regular file")
+    return fd
 
 
 def _unreadable(path: Path, exc: OSError) -> CorruptFileError:

@@ -86,8 +86,8 @@ def _prompts(seed: int, names, n: int) -> dict[str, list[int]]:
 
 
 def _files(root: Path, sub: str = "") -> set[str]:
-    """Paths (relative to root) of every file under root/sub."""
-    return {p.relative_to(root).as_posix() for p in (root / sub).rglob("*") if p.is_file()}
+    """Paths (relative to root) of everything but directories under root/sub."""
+    return {p.relative_to(root).as_posix() for p in (root / sub).rglob("*") if not p.is_dir()}
 
 
 def _index(root: Path, sql: str, args: tuple = ()) -> list[tuple]:
@@ -695,9 +695,11 @@ def _litter(root: Path, live_state: str, live_block: str) -> tuple[set[str], Pat
     block_tmp.write_bytes(b"torn")
     state_tmp = (root / live_state).with_name(".old.safetensors.2.cd.tmp")
     state_tmp.write_bytes(b"torn")
+    pipe = stray.with_name("pipe.safetensors")  # not a file: listed all the same
+    os.mkfifo(pipe)
     quarantined = root / "quarantine" / "bad.safetensors.123"
     quarantined.write_bytes(b"evidence")
-    orphans = {p.relative_to(root).as_posix() for p in (stray, block_tmp, state_tmp)}
+    orphans = {p.relative_to(root).as_posix() for p in (stray, block_tmp, state_tmp, pipe)}
     return orphans, quarantined
 
 
@@ -760,10 +762,14 @@ def test_verify_reports_files_changed_behind_the_stores_back(tmp_path):
     state = store.agent("b", FOREIGN).state_file
     _flip_last_byte(_block_file(tmp_path, block))
     (tmp_path / state).write_bytes((tmp_path / state).read_bytes()[:-3])
+    piped = _block_file(tmp_path, store.agent("b", FOREIGN).block_hashes[0])
+    piped.unlink()
+    os.mkfifo(piped)  # reported, not waited on
     report = store.verify()
     assert report.checked == 6
     assert sorted(report.corrupt) == sorted(
         [_block_file(tmp_path, block).relative_to(tmp_path).as_posix(), state]
+        + [piped.relative_to(tmp_path).as_posix()]
     )
     assert list((tmp_path / "quarantine").iterdir()) == []  # verify only reports
     store.close()

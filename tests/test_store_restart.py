@@ -6,6 +6,7 @@ identical because the context is recomputed from the stored tokens.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -212,9 +213,16 @@ def _wrong_model(path: Path) -> None:
 
 
 def _directory(path: Path) -> None:
-    """A directory where the file was: opening or reading it fails (EISDIR)."""
+    """A directory where the file was: refused, not a regular file."""
     path.unlink()
     path.mkdir()
+
+
+def _fifo(path: Path) -> None:
+    """A named pipe where the file was: opening one for reading waits for a writer, so a
+    reader that did not refuse it would hang the engine thread."""
+    path.unlink()
+    os.mkfifo(path)
 
 
 def _state_file(root: Path) -> Path:
@@ -224,7 +232,7 @@ def _state_file(root: Path) -> Path:
     return root / rel
 
 
-@pytest.mark.parametrize("damage", [_flip, _truncate, _delete, _wrong_model, _directory])
+@pytest.mark.parametrize("damage", [_flip, _truncate, _delete, _wrong_model, _directory, _fifo])
 @pytest.mark.parametrize("target", ["first_block", "last_block", "state"])
 def test_damaged_files_are_detected_and_recomputed(loaded_models, tmp_path, damage, target):
     model, tokenizer, context = _llama_store(loaded_models, tmp_path)
