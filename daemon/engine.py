@@ -367,8 +367,8 @@ class BlockPoolBatchEngine:
             last_used=self._clock,
             last_turn=src.last_turn,
         )
-        if src.cached_len:
-            self._write_back(self._agents[new_agent_id])
+        # Even with no cache to share: the fork's token ids must outlive a restart.
+        self._write_back(self._agents[new_agent_id])
 
     def agent_tokens(self, agent_id: str) -> list[int]:
         """A copy of an agent's context token ids. Raises UnknownAgentError."""

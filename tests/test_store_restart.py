@@ -137,6 +137,27 @@ def test_a_store_written_at_another_block_size_is_recomputed_not_quarantined(
     engine.close()
 
 
+def test_a_fork_with_no_cache_to_share_survives_a_restart(loaded_models, tmp_path):
+    """A fork of an agent whose stored cache is unusable (written at another block size)
+    shares no blocks, but its token ids are stored all the same: after a restart it
+    resumes with the whole context, not as a new agent."""
+    model, tokenizer, context = _llama_store(loaded_models, tmp_path)  # block size 16
+    engine = make_engine(
+        model, tokenizer, block_size=32, total_blocks=512, store=CacheStore(tmp_path)
+    )
+    engine.fork_agent("victim", "fork")
+    engine.close()
+    again = make_engine(
+        model, tokenizer, block_size=32, total_blocks=512, store=CacheStore(tmp_path)
+    )
+    assert set(again.agent_ids()) == {"victim", "fork"}
+    c = _turns(again, {"fork": [5, 6]})["fork"]
+    assert c.usage.prompt_tokens == len(context) + 2
+    want = scratch_tokens(model, context + [5, 6], TURN_TOKENS, eos=eos_ids(tokenizer))
+    assert c.token_ids == want
+    again.close()
+
+
 def test_restore_takes_pooled_shared_blocks_from_memory_and_forks(loaded_models, tmp_path):
     """After a restart: blocks another agent already brought back are copied from memory,
     not read again; a restored agent forked before its next turn branches exactly."""
