@@ -9,6 +9,7 @@ import pytest
 from agentkv.daemon import CacheReconstructionError, LayerKind, ModelCacheSpec
 from agentkv.daemon.errors import UnsupportedModelError
 from agentkv.daemon.kv_blocks import BlockKV, block_payload, rebuild_caches
+from agentkv.daemon.model_factory import load_model
 from agentkv.daemon.spec import LayerSpec
 
 KINDS = {
@@ -120,3 +121,44 @@ def test_model_fingerprint_from_files(model_dirs, tmp_path):
     config = (copy / "tokenizer_config.json").read_text()
     (copy / "tokenizer_config.json").write_text(config.replace("<s>", "<S>"))
     assert model_fingerprint(copy) != model_fingerprint(src)  # other tokenizer
+
+
+def test_model_fingerprint_sees_a_fine_tune_of_one_middle_tensor(model_dirs, tmp_path):
+    """A checkpoint with the same layout whose only change is one tensor deep inside the
+    file (a fine-tune of a middle layer) is another model: caches must not carry over."""
+    import json
+    import shutil
+    import struct
+
+    from agentkv.daemon.fingerprint import model_fingerprint
+
+    src = model_dirs["llama"]
+    copy = tmp_path / "tuned"
+    shutil.copytree(src, copy)
+    (weights,) = copy.glob("*.safetensors")
+    data = bytearray(weights.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    names = sorted(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+    start, stop = header[names[len(names) // 2]]["data_offsets"]
+    a, b = 8 + n + start, 8 + n + stop
+    assert a > 64 * 1024 and b < len(data) - 64 * 1024  # away from the file's ends
+    values = np.frombuffer(bytes(data[a:b]), np.float32) * np.float32(1.01)
+    data[a:b] = values.tobytes()
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(copy) != model_fingerprint(src)
+
+
+def test_weights_fingerprint_samples_each_tensor_beyond_its_first_values(model_dirs):
+    from mlx.utils import tree_flatten
+
+    from agentkv.daemon.fingerprint import weights_fingerprint
+
+    model, _ = load_model(model_dirs["llama"])
+    before = weights_fingerprint(model)
+    name, value = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])[3]
+    flat = value.reshape(-1)
+    half = flat.size // 2
+    tuned = mx.concatenate([flat[:half], flat[half:] * 1.01]).reshape(value.shape)
+    model.load_weights([(name, tuned)], strict=False)
+    assert weights_fingerprint(model) != before
