@@ -48,7 +48,7 @@ MAX_TOKENS_PER_MESSAGE = 1 << 20
 MAX_AGENTS_PER_PAGE = 128  # rows of one `agents` reply (its `limit` at most)
 MIN_KEY_BYTES = 16  # shorter HMAC keys are refused (an empty file would mean no secret)
 REPLAY_WINDOW_S = 60.0
-AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+AGENT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")  # whole string: fullmatch
 
 
 class MessageType(str, enum.Enum):
@@ -232,7 +232,7 @@ def error(request_id, code: str, message: str) -> tuple[MessageType, dict]:
 def check_agent_id(agent_id) -> str:
     """Validate an agent id at the boundary: 1-128 chars of A-Z a-z 0-9 . _ : @ + -,
     starting with a letter or digit."""
-    if not isinstance(agent_id, str) or not AGENT_ID_RE.match(agent_id):
+    if not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id):
         raise ProtocolError(
             "invalid_request",
             f"invalid agent id {agent_id!r}: 1-128 characters from A-Z a-z 0-9 . _ : @ + -, "

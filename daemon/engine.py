@@ -300,7 +300,9 @@ class BlockPoolBatchEngine:
     # -- agents ----------------------------------------------------------------------------
 
     def agent_ids(self) -> list[str]:
-        """Ids of every agent the engine knows: in memory, and in its store for this model."""
+        """Ids of every agent the engine knows: in memory, and in its store for this model.
+        Raises EngineClosedError after `close()`."""
+        self._check_open()
         ids = list(self._agents)
         if self.store is not None:
             known = set(ids)
@@ -437,7 +439,8 @@ class BlockPoolBatchEngine:
             return None
         vocab = self.spec.vocab_size or 2**31
         if not all(0 <= t < vocab for t in stored.tokens):
-            log.warning("agent %r: stored tokens outside the vocabulary; ignored", agent_id)
+            what = "token ids outside the vocabulary; treated as a new agent"
+            self.store.report_corrupt_row(agent_id, self.spec.fingerprint, what)
             return None
         return AgentContext(
             agent_id,
@@ -730,6 +733,7 @@ class BlockPoolBatchEngine:
         )
 
     def _agent(self, agent_id: str) -> AgentContext:
+        self._check_open()
         agent = self._agents.get(agent_id)
         if agent is None and isinstance(agent_id, str):
             agent = self._stored_agent(agent_id)
@@ -741,12 +745,17 @@ class BlockPoolBatchEngine:
 
     def _peek(self, agent_id: str) -> AgentContext:
         """Like `_agent`, but an agent only on disk is read, not brought into memory."""
+        self._check_open()
         agent = self._agents.get(agent_id)
         if agent is None and isinstance(agent_id, str):
             agent = self._stored_agent(agent_id)
         if agent is None:
             raise UnknownAgentError(f"unknown agent {agent_id!r}")
         return agent
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError("engine is closed")
 
     def _check_thread(self) -> None:
         me = threading.get_ident()

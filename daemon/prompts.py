@@ -12,7 +12,7 @@ from .errors import InvalidRequestError
 def check_agent_id(agent_id: object) -> str:
     """Validate an agent id: 1-128 chars of letters, digits and `._:@+-`, not starting with one
     of the punctuation marks. Ids are never used as file paths; this keeps logs and CLIs sane."""
-    if not isinstance(agent_id, str) or not AGENT_ID_RE.match(agent_id):
+    if not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id):
         raise InvalidRequestError(
             f"invalid agent id {agent_id!r}: use 1-128 characters from A-Z a-z 0-9 . _ : @ + -, "
             "starting with a letter or digit"

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from .paths import is_block_hash, is_state_rel
 from .records import StoredAgent, unpack_tokens
 
-AGENT_COLUMNS = "tokens, token_count, stored_tokens, state_file, state_checksum, pinned, last_used"
+AGENT_COLUMNS = (
+    "tokens, token_count, stored_tokens, state_file, state_checksum, pinned, last_used, state_bytes"
+)
 # One row per listed block: its position, hash, and the block's row (token_count, or NULL
 # when the blocks table has no such block).
 BLOCKS_QUERY = (
@@ -48,8 +50,18 @@ def parse_agent(agent_id: str, fingerprint: str, row: tuple, blocks: list[tuple]
         agent = StoredAgent(agent_id, fingerprint, tokens, 0, [], None, None, pinned, last_used)
         return ParsedAgent(agent, problems + cache + ["its cached files are ignored"])
     hashes = [b[1] for b in blocks]
+    state_bytes = row[7] if row[3] is not None else 0
     agent = StoredAgent(
-        agent_id, fingerprint, tokens, row[2], hashes, row[3], row[4], pinned, last_used
+        agent_id,
+        fingerprint,
+        tokens,
+        row[2],
+        hashes,
+        row[3],
+        row[4],
+        pinned,
+        last_used,
+        state_bytes,
     )
     return ParsedAgent(agent, problems)
 
@@ -86,6 +98,9 @@ def _cache_problems(agent_id: str, tokens: list[int], row: tuple, blocks: list[t
         problems.append(f"its blocks hold more than stored_tokens ({stored})")
     if state_file is not None and not (is_state_rel(state_file, agent_id) and _is_str(checksum)):
         problems.append(f"state_file is {state_file!r}, not one of this agent's state files")
+    size = row[7]
+    if state_file is not None and not (isinstance(size, int) and size > 0):
+        problems.append(f"state_bytes is {size!r} for a state file")
     return problems
 
 

@@ -111,13 +111,15 @@ def verify_store(root: Path, *, progress: bool = False, read_only: bool = False)
     db = open_index(root / "index.db", read_only=read_only, immutable=read_only)
     try:
         rows = [
-            (path, _block_rel_or_none(h, path), checksum)
-            for h, path, checksum in db.execute("SELECT hash, path, checksum FROM blocks")
+            (path, _block_rel_or_none(h, path), checksum, size)
+            for h, path, checksum, size in db.execute(
+                "SELECT hash, path, checksum, bytes FROM blocks"
+            )
         ]
         rows += [
-            (rel, rel if is_state_rel(rel, agent_id) else None, checksum)
-            for agent_id, rel, checksum in db.execute(
-                "SELECT agent_id, state_file, state_checksum FROM agents "
+            (rel, rel if is_state_rel(rel, agent_id) else None, checksum, size)
+            for agent_id, rel, checksum, size in db.execute(
+                "SELECT agent_id, state_file, state_checksum, state_bytes FROM agents "
                 "WHERE state_file IS NOT NULL"
             )
         ]
@@ -125,11 +127,13 @@ def verify_store(root: Path, *, progress: bool = False, read_only: bool = False)
         db.conn.close()
     report = VerifyReport()
     inside = Containment(root)
-    for listed, rel, checksum in tqdm(rows, desc="verify", unit="file", disable=not progress):
+    for listed, rel, checksum, size in tqdm(rows, desc="verify", unit="file", disable=not progress):
         try:
             if rel is None or not inside.contains(root / rel):
                 raise CorruptFileError(str(listed), "not a path of this store")
-            meta, _ = read_tensor_file(root / rel)
+            # The size the index recorded: a file grown huge (sparse) is never read whole.
+            recorded = size if isinstance(size, int) and size > 0 else None
+            meta, _ = read_tensor_file(root / rel, size=recorded)
             if meta.get("checksum") != checksum:
                 raise CorruptFileError(root / rel, "checksum differs from the index")
             report.bytes_checked += (root / rel).stat().st_size

@@ -63,6 +63,7 @@ class StoredAgent:
     state_checksum: str | None
     pinned: bool
     last_used: float
+    state_bytes: int = 0  # the state file's size as written (0: no state file, or queued)
 
 
 @dataclass(slots=True)

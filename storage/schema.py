@@ -18,6 +18,7 @@ Tables (inspect with e.g. `sqlite-utils tables index.db --counts`):
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -120,17 +121,53 @@ def open_index(
                 f"index {path} (v{version}) is {newer} this agentkv (v{SCHEMA_VERSION}) "
                 "and cannot be migrated read-only"
             )
+        check_tables(db)
         return db
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"cannot open index {path}: {exc}") from exc
 
 
 def schema_version(db: sqlite_utils.Database) -> int:
-    """The index's schema version (0 for an empty database)."""
+    """The index's schema version (0 for an empty database).
+
+    Raises:
+        StorageError: the recorded version is not a whole number.
+    """
     if "meta" not in db.table_names():
         return 0
     row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    return int(row[0]) if row else 0
+    if row is None:
+        return 0
+    try:
+        return int(str(row[0]))
+    except ValueError:
+        raise StorageError(f"the index's schema version is {row[0]!r}") from None
+
+
+def check_tables(db: sqlite_utils.Database) -> None:
+    """Every table and column this version reads is there (a table dropped or rebuilt by
+    hand would otherwise fail later lookups with SQLite's own errors).
+
+    Raises:
+        StorageError: naming what is missing.
+    """
+    for table, columns in _expected_columns().items():
+        have = {c.name for c in db[table].columns} if table in db.table_names() else set()
+        if missing := columns - have:
+            what = f"table {table}" if not have else f"{table} columns {sorted(missing)}"
+            raise StorageError(f"the index lacks {what}: not an agentkv index of this version")
+
+
+@functools.cache
+def _expected_columns() -> dict[str, set[str]]:
+    """Each table's columns as the migrations make them (built once, in memory)."""
+    db = sqlite_utils.Database(sqlite3.connect(":memory:"))
+    try:
+        for step in MIGRATIONS:
+            step(db)
+        return {t: {c.name for c in db[t].columns} for t in db.table_names()}
+    finally:
+        db.conn.close()
 
 
 def migrate(db: sqlite_utils.Database) -> None:

@@ -21,10 +21,12 @@ read-only: restores work, writes fail with StoreWriteError.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -103,18 +105,13 @@ class CacheStore:
         self._paths = Containment(self.root)
         self._lockfile = None if self.read_only else _lock_store(self.root)
         try:
-            # On a read-only file system nothing can change the index under us, and SQLite
-            # opens a WAL database there only as immutable (it cannot create the -shm file).
-            self._db = open_index(
-                self.root / "index.db", read_only=self.read_only, immutable=self.read_only
-            )
-        except StorageError:
+            self._db, self._on_disk = self._open_index()
+        except BaseException:
             if self._lockfile is not None:
-                self._lockfile.close()
+                self._lockfile.close()  # a failed open leaves the store free to retry
             raise
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)  # notified as queued ops land
-        self._on_disk = {row[0] for row in self._db.execute("SELECT hash FROM blocks")}
         self._queued: dict[str, int] = {}  # block hash -> turns queued that write it
         # block hash -> queued turns that list it (with or without its bytes): never evicted
         self._referenced: dict[str, int] = {}
@@ -144,6 +141,18 @@ class CacheStore:
         self._closing = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="agentkv-writer", daemon=True)
         self._writer.start()
+
+    def _open_index(self):
+        """The index, and the hashes of the blocks it holds."""
+        # On a read-only file system nothing can change the index under us, and SQLite
+        # opens a WAL database there only as immutable (it cannot create the -shm file).
+        path = self.root / "index.db"
+        db = open_index(path, read_only=self.read_only, immutable=self.read_only)
+        try:
+            return db, {row[0] for row in db.execute("SELECT hash FROM blocks")}
+        except sqlite3.DatabaseError as exc:
+            db.conn.close()
+            raise StorageError(f"cannot read index {path}: {exc}") from exc
 
     def _prepare_root(self) -> bool:
         """Create the store's directories; True if the file system is read-only."""
@@ -185,7 +194,15 @@ class CacheStore:
                 a restore needs. The wait is bounded (SETTLE_WAIT_S; a stuck or dead
                 writer): the index may then hold an older turn of the agent, whose tokens
                 the caller finds differ from its own (its cache is recomputed).
+
+        Raises:
+            StoreClosedError: the store is closed.
+            StorageError: the index cannot be read (damaged past what opening it checks).
         """
+        with self._index_read():
+            return self._lookup(agent_id, fingerprint, wait)
+
+    def _lookup(self, agent_id: str, fingerprint: str, wait: bool) -> StoredAgent | None:
         if wait:
             with self._settled:
                 settled = self._settled.wait_for(
@@ -231,6 +248,17 @@ class CacheStore:
             self._corrupt_row(key, f"{'; '.join(parsed.problems)}; {outcome}")
         return parsed.agent
 
+    @contextlib.contextmanager
+    def _index_read(self):
+        """SQLite errors of a lookup as the store's own: StoreClosedError after close(),
+        StorageError for an index damaged past what opening it checks (a bad page)."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if self._closed:
+                raise StoreClosedError("store is closed") from exc
+            raise StorageError(f"index {self.root / 'index.db'} unreadable: {exc}") from exc
+
     def report_corrupt_row(self, agent_id: str, fingerprint: str, what: str) -> None:
         """Count and log an agent row found wrong by a caller that knows more than the index
         (e.g. blocks listed that its tokens do not hash to), once until it is written again."""
@@ -252,13 +280,15 @@ class CacheStore:
         """
         with self._lock:
             overlay = {k: v[1] for k, v in self._overlay.items()}
-        if fingerprint is None:
-            rows = self._db.execute("SELECT agent_id, fingerprint FROM agents")
-        else:
-            rows = self._db.execute(
-                "SELECT agent_id, fingerprint FROM agents WHERE fingerprint = ?", (fingerprint,)
-            )
-        pairs = {(a, f) for a, f in rows if isinstance(a, str)}
+        with self._index_read():
+            if fingerprint is None:
+                rows = self._db.execute("SELECT agent_id, fingerprint FROM agents")
+            else:
+                rows = self._db.execute(
+                    "SELECT agent_id, fingerprint FROM agents WHERE fingerprint = ?",
+                    (fingerprint,),
+                )
+            pairs = {(a, f) for a, f in rows if isinstance(a, str)}
         for key, view in overlay.items():
             if fingerprint is not None and key[1] != fingerprint:
                 continue
@@ -363,7 +393,7 @@ class CacheStore:
             if not is_state_rel(agent.state_file, agent.agent_id):
                 raise CorruptFileError(path, "not a state file name of this agent")
             self._check_contained(path)
-            meta, tensors = read_tensor_file(path)
+            meta, tensors = read_tensor_file(path, size=agent.state_bytes or None)
             _expect(meta, path, fingerprint=agent.fingerprint, agent_key=agent_key(agent.agent_id))
             if meta.get("checksum") != agent.state_checksum:
                 raise CorruptFileError(path, "not the state file the index recorded")
@@ -378,6 +408,12 @@ class CacheStore:
             raise CorruptFileError(path, "holds the state of other tokens than the index's")
         self.counters["states_read"] += 1
         return meta, tensors
+
+    def report_corrupt_state(self, agent: StoredAgent, what: str) -> None:
+        """A state file that `read_state` returned but the caller found unusable (its
+        metadata or tensors do not fit the model): counted, forgotten, moved aside."""
+        if agent.state_file is not None:
+            self._corrupt(CorruptFileError(self.root / agent.state_file, what), agent=agent)
 
     def _check_contained(self, path: Path, *, link_ok: bool = False) -> None:
         if not self._paths.contains(path, link_ok=link_ok):
@@ -499,8 +535,11 @@ class CacheStore:
 
     def stats(self) -> dict:
         """Counters plus index totals."""
-        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM blocks").fetchone()
-        agents = self._db.execute("SELECT COUNT(*) FROM agents").fetchone()[0]
+        with self._index_read():
+            row = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM blocks"
+            ).fetchone()
+            agents = self._db.execute("SELECT COUNT(*) FROM agents").fetchone()[0]
         return {
             **self.counters,
             "blocks": row[0],

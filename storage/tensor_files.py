@@ -179,26 +179,38 @@ def write_tensor_file(
 
 
 def read_tensor_file(
-    path: Path, *, verify: bool = True
+    path: Path, *, verify: bool = True, size: int | None = None
 ) -> tuple[dict[str, str], dict[str, HostTensor]]:
     """Read a file written by `write_tensor_file`: its metadata and tensors (host arrays).
 
+    Nothing past the header is read unless the file's size is the one its header
+    describes (and `size`, when given: what the index recorded), so a huge or sparse file
+    planted in the store is refused, never loaded.
+
     Raises:
-        CorruptFileError: missing, unreadable, truncated, malformed, or checksum mismatch.
+        CorruptFileError: missing, unreadable, truncated, malformed, of another size, or
+            checksum mismatch.
     """
     fd = _open_regular(path, follow=True)
     try:
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read()
+        total = os.fstat(fd).st_size
+        if size is not None and total != size:
+            raise CorruptFileError(path, f"{total} bytes, the index recorded {size}")
+        head = _pread_header(path, fd, total)
+        header = _parse_header(path, head[8:])
+        held, described = total - len(head), _data_bytes(path, header)
+        if held != described:
+            raise CorruptFileError(path, f"holds {held} data bytes, header says {described}")
+        data = _pread_exact(path, fd, held, len(head))
     except OSError as exc:
         raise _unreadable(path, exc) from exc
-    header, data = _split(path, raw)
+    finally:
+        os.close(fd)
     meta = header.pop("__metadata__", {}) or {}
     if not isinstance(meta, dict):
         raise CorruptFileError(path, "metadata is not a map")
     if verify:
         want = meta.get("checksum")
-        head = bytes(raw[: len(raw) - len(data)])
         if not isinstance(want, str) or len(want) != len(CHECKSUM_PLACEHOLDER):
             raise CorruptFileError(path, "no checksum")
         got = checksum_of([head.replace(want.encode(), CHECKSUM_PLACEHOLDER.encode(), 1), data])
@@ -206,6 +218,32 @@ def read_tensor_file(
             raise CorruptFileError(path, f"checksum mismatch ({got} != {want})")
     tensors = {name: _tensor(path, name, info, data) for name, info in header.items()}
     return dict(meta), tensors
+
+
+def _data_bytes(path: Path, header: dict) -> int:
+    """How many data bytes the header's tensors span (the largest end offset)."""
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:
+            raise CorruptFileError(path, f"bad tensor {name!r}: {exc}") from exc
+    return end
+
+
+def _pread_exact(path: Path, fd: int, n: int, offset: int) -> memoryview:
+    """n bytes of the file from `offset`."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CorruptFileError(path, "truncated (short read)")
+        done += got
+    return view
 
 
 def read_tensor_file_into(path: Path, dests: Mapping[str, HostTensor] | FileDest) -> dict[str, str]:
@@ -326,8 +364,8 @@ def _pread_header(path: Path, fd: int, size: int) -> bytes:
 def _parse_header(path: Path, text: bytes) -> dict:
     try:
         header = json.loads(text)
-    except ValueError as exc:
-        raise CorruptFileError(path, "header is not JSON") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the stack
+        raise CorruptFileError(path, "header is not JSON (or nested too deep)") from exc
     if not isinstance(header, dict):
         raise CorruptFileError(path, "header is not an object")
     return header
@@ -403,21 +441,6 @@ def _write_all(ops: FileOps, fd: int, buffers: list) -> None:
         flat = flat[n:]
 
 
-def _split(path: Path, raw: bytes) -> tuple[dict, memoryview]:
-    if len(raw) < 8:
-        raise CorruptFileError(path, f"truncated ({len(raw)} bytes)")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n > MAX_HEADER or 8 + n > len(raw):
-        raise CorruptFileError(path, "truncated or bad header length")
-    try:
-        header = json.loads(raw[8 : 8 + n])
-    except ValueError as exc:
-        raise CorruptFileError(path, "header is not JSON") from exc
-    if not isinstance(header, dict):
-        raise CorruptFileError(path, "header is not an object")
-    return header, memoryview(raw)[8 + n :]
-
-
 def _tensor(path: Path, name: str, info, data: memoryview) -> HostTensor:
     try:
         tag, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
@@ -426,7 +449,7 @@ def _tensor(path: Path, name: str, info, data: memoryview) -> HostTensor:
         if not 0 <= start <= end <= len(data) or end - start != count * dtype.itemsize:
             raise ValueError("offsets do not match shape")
         array = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise CorruptFileError(path, f"bad tensor {name!r}: {exc}") from exc
     mlx_name = next(k for k, v in TAGS.items() if v == tag)
     return HostTensor(mlx_name, array)

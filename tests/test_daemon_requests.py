@@ -225,6 +225,7 @@ def test_fork_shares_blocks_and_both_branches_continue_exactly(client, loaded_mo
         (lambda c: c.generate("-dash-first", "hi", max_tokens=4), InvalidRequest),
         (lambda c: c.generate("has space", "hi", max_tokens=4), InvalidRequest),
         (lambda c: c.generate("a/b", "hi", max_tokens=4), InvalidRequest),
+        (lambda c: c.generate("line\n", "hi", max_tokens=4), InvalidRequest),
         (lambda c: c.generate("x" * 129, "hi", max_tokens=4), InvalidRequest),
         (lambda c: c.inspect("../etc"), InvalidRequest),
         (lambda c: c.generate("bad-in", [9] * (POOL_BLOCKS * BLOCK), max_tokens=4), PoolExhausted),

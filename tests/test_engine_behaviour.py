@@ -282,6 +282,7 @@ def test_eos_stops_and_stays_in_context(llama):
         (("", "hi"), {}),
         (("a b", "hi"), {}),
         (("../etc", "hi"), {}),
+        (("victim\n", "hi"), {}),  # a trailing newline is not part of a valid id
         (("x" * 200, "hi"), {}),
         ((None, "hi"), {}),
         (("a", [1, 2, 10**9]), {}),

@@ -692,3 +692,107 @@ def test_read_only_store_without_an_index_is_a_storage_error(tmp_path):
         (tmp_path / sub).mkdir()
     with pytest.raises(StorageError):
         CacheStore(tmp_path, file_ops=ReadOnlyFs())
+
+
+# -- a damaged index -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DROP TABLE agents",
+        "DROP TABLE agent_blocks",
+        "DROP TABLE blocks",
+        "ALTER TABLE agents DROP COLUMN state_bytes",
+        "UPDATE meta SET value = 'abc' WHERE key = 'schema_version'",
+        "UPDATE meta SET value = NULL WHERE key = 'schema_version'",
+        "UPDATE meta SET value = '1.0' WHERE key = 'schema_version'",
+    ],
+)
+def test_an_index_missing_what_it_needs_is_a_storage_error_at_open(tmp_path, sql):
+    """Tables or columns gone, a garbage schema version: opening says so with a typed
+    error, and leaves the store unlocked (the next open gets the same answer, not
+    StoreLockedError)."""
+    _stored(tmp_path, _record("a"))
+    _sql(tmp_path, sql)
+    for _ in range(2):
+        with pytest.raises(StorageError) as caught:
+            CacheStore(tmp_path)
+        assert type(caught.value) is StorageError
+
+
+def _garble_table_page(root: Path, table: str) -> None:
+    """Overwrite the root b-tree page of one table with random bytes (page 1 intact)."""
+    db = sqlite3.connect(root / "index.db")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    (page,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+    db.close()
+    with open(root / "index.db", "r+b") as f:
+        f.seek((page - 1) * size)
+        f.write(np.random.default_rng(0).bytes(size))
+
+
+@pytest.mark.parametrize("table", ["agents", "agent_blocks"])
+def test_a_garbled_index_page_fails_lookups_with_a_storage_error(llama, tmp_path, table):
+    """Damage opening cannot see (a table's page): the lookups that meet it raise the
+    store's StorageError, through the engine too, never SQLite's own errors."""
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer, block_size=BLOCK, store=CacheStore(tmp_path))
+    _turn(engine, "a", random_tokens(np.random.default_rng(0), 40, VOCAB))
+    fingerprint = engine.spec.fingerprint
+    engine.close()
+    _garble_table_page(tmp_path, table)
+    store = CacheStore(tmp_path)
+    with pytest.raises(StorageError, match="unreadable"):
+        store.agent("a", fingerprint)
+    store.close()
+    engine = make_engine(model, tokenizer, block_size=BLOCK, store=CacheStore(tmp_path))
+    with pytest.raises(StorageError, match="unreadable"):
+        engine.submit("a", [1, 2, 3], max_tokens=GEN)
+    engine.close()
+
+
+def test_lookups_after_close_raise_closed_errors(llama, tmp_path):
+    from agentkv.daemon import EngineClosedError
+
+    _stored(tmp_path, _record("a"))
+    store = CacheStore(tmp_path)
+    store.close()
+    for lookup in (
+        lambda: store.agent("a", FP),
+        lambda: store.agent("a", FP, wait=True),
+        lambda: store.agent_ids(),
+        lambda: store.stats(),
+    ):
+        with pytest.raises(StoreClosedError):
+            lookup()
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer, block_size=BLOCK, store=CacheStore(tmp_path))
+    engine.close()
+    for call in (
+        engine.agent_ids,
+        lambda: engine.agent_info("a"),
+        lambda: engine.agent_tokens("a"),
+        lambda: engine.delete_agent("a"),
+        lambda: engine.fork_agent("a", "b"),
+    ):
+        with pytest.raises(EngineClosedError):
+            call()
+
+
+def test_stored_token_ids_outside_the_vocabulary_are_a_counted_corrupt_row(llama, tmp_path):
+    """The agent is treated as new (its tokens cannot be fed to the model), and the row
+    is counted, like any garbage in the index."""
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer, block_size=BLOCK, store=CacheStore(tmp_path))
+    _turn(engine, "a", random_tokens(np.random.default_rng(0), 20, VOCAB))
+    engine.close()
+    blob = np.array([VOCAB + 5] * 10, dtype="<i4").tobytes()
+    _sql(tmp_path, "UPDATE agents SET tokens = ?, token_count = 10, stored_tokens = 0", (blob,))
+    engine = make_engine(model, tokenizer, block_size=BLOCK, store=CacheStore(tmp_path))
+    assert engine.store.counters["corrupt_rows"] == 0
+    with pytest.raises(Exception, match="unknown agent"):
+        engine.agent_info("a")
+    assert engine.store.counters["corrupt_rows"] == 1
+    engine.close()

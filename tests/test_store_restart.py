@@ -6,8 +6,11 @@ identical because the context is recomputed from the stored tokens.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sqlite3
+import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,7 +21,12 @@ from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens
 from agentkv.daemon.model_factory import ARCHITECTURES, load_model
 from agentkv.daemon.spec import ModelCacheSpec
 from agentkv.storage import CacheStore
-from agentkv.storage.tensor_files import read_tensor_file, write_tensor_file
+from agentkv.storage.tensor_files import (
+    CHECKSUM_PLACEHOLDER,
+    checksum_of,
+    read_tensor_file,
+    write_tensor_file,
+)
 
 VOCAB = 768
 TURN_TOKENS = 12
@@ -137,6 +145,35 @@ def test_a_store_written_at_another_block_size_is_recomputed_not_quarantined(
     engine.close()
 
 
+@pytest.mark.parametrize("value", ["Infinity", "1e400", "[1]", '"many"', "-3"])
+def test_a_valid_state_file_that_fits_no_state_is_quarantined(loaded_models, tmp_path, value):
+    """A state file that passes every check of the store (its checksum the index's) but
+    whose metadata cannot describe this model's state: counted and moved aside like a
+    corrupt file, the tail recomputed, the output exact; never raised to the caller."""
+    model, tokenizer, context = _llama_store(loaded_models, tmp_path)
+    path = _state_file(tmp_path)
+    assert '"tail_tokens":"' in path.read_bytes()[:4096].decode(errors="replace")
+    checksum, size = _rewrite_header(
+        path, lambda t: re.sub(r'"tail_tokens":"\d+"', f'"tail_tokens":{value}', t)
+    )
+    db = sqlite3.connect(tmp_path / "index.db")
+    db.execute("UPDATE agents SET state_checksum = ?, state_bytes = ?", (checksum, size))
+    db.commit()
+    db.close()
+    engine = _engine(model, tokenizer, tmp_path)
+    engine.submit("victim", [11, 12, 13], max_tokens=TURN_TOKENS)
+    (c,) = run_all(engine).values()
+    assert c.token_ids == scratch_tokens(
+        model, context + [11, 12, 13], TURN_TOKENS, eos=eos_ids(tokenizer)
+    )
+    assert engine.store.counters["corrupt_files"] == 1
+    assert c.usage.restored_tokens + c.usage.recomputed_tokens == len(context)
+    assert c.usage.recomputed_tokens > 0
+    engine.store.flush()
+    assert len(list((tmp_path / "quarantine").iterdir())) == 1
+    engine.close()
+
+
 def test_a_fork_with_no_cache_to_share_survives_a_restart(loaded_models, tmp_path):
     """A fork of an agent whose stored cache is unusable (written at another block size)
     shares no blocks, but its token ids are stored all the same: after a restart it
@@ -246,6 +283,37 @@ def _fifo(path: Path) -> None:
     os.mkfifo(path)
 
 
+def _rewrite_header(path: Path, edit) -> tuple[str, int]:
+    """Rewrite a file's header text with `edit`, its checksum made valid again (a hostile
+    file, not bit rot); returns the new checksum and size."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    header["__metadata__"]["checksum"] = CHECKSUM_PLACEHOLDER
+    text = edit(json.dumps(header, separators=(",", ":"))).encode()
+    text += b" " * (-len(text) % 8)
+    blank = struct.pack("<Q", len(text)) + text
+    checksum = checksum_of([blank, data])
+    path.write_bytes(blank.replace(CHECKSUM_PLACEHOLDER.encode(), checksum.encode(), 1) + data)
+    return checksum, len(blank) + len(data)
+
+
+def _deep_json(path: Path) -> None:
+    """A header nested deeper than Python's JSON parser can go (RecursionError)."""
+    depth = 200_000
+    _rewrite_header(path, lambda t: t[:-1] + ',"x":' + "[" * depth + "]" * depth + "}")
+
+
+def _huge_shape(path: Path) -> None:
+    """A tensor whose shape overflows any integer type (2**70 elements)."""
+    _rewrite_header(path, lambda t: t.replace('"shape":[', f'"shape":[{2**70},', 1))
+
+
+def _sparse(path: Path) -> None:
+    """The file grown to 1 GiB of holes: refused by its size, never read whole."""
+    os.truncate(path, 2**30)
+
+
 def _state_file(root: Path) -> Path:
     db = sqlite3.connect(root / "index.db")
     (rel,) = db.execute("SELECT state_file FROM agents").fetchone()
@@ -253,7 +321,20 @@ def _state_file(root: Path) -> Path:
     return root / rel
 
 
-@pytest.mark.parametrize("damage", [_flip, _truncate, _delete, _wrong_model, _directory, _fifo])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _flip,
+        _truncate,
+        _delete,
+        _wrong_model,
+        _directory,
+        _fifo,
+        _deep_json,
+        _huge_shape,
+        _sparse,
+    ],
+)
 @pytest.mark.parametrize("target", ["first_block", "last_block", "state"])
 def test_damaged_files_are_detected_and_recomputed(loaded_models, tmp_path, damage, target):
     model, tokenizer, context = _llama_store(loaded_models, tmp_path)
