@@ -147,6 +147,10 @@ class CacheStore:
         # On a read-only file system nothing can change the index under us, and SQLite
         # opens a WAL database there only as immutable (it cannot create the -shm file).
         path = self.root / "index.db"
+        if not self.read_only and not all(
+            os.access(p, os.W_OK) for p in (self.root, path) if p.exists()
+        ):  # else SQLite's "attempt to write a readonly database", untyped as to why
+            raise StoreWriteError(f"cannot write to store {self.root}: permission denied")
         db = open_index(path, read_only=self.read_only, immutable=self.read_only)
         try:
             return db, {row[0] for row in db.execute("SELECT hash FROM blocks")}
