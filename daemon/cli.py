@@ -308,13 +308,22 @@ def verify(socket_, store, as_json, timeout, auth_key) -> None:
     show_default=True,
     help="only list what would be removed",
 )
-def gc(socket_, store, as_json, timeout, auth_key, dry_run) -> None:
+@click.option(
+    "--keep-model",
+    "keep_model",
+    metavar="FINGERPRINT",
+    default=None,
+    help="the model whose agents and caches to keep; every other model's are removed "
+    "[default: the model of the daemon serving this store; with none, every model's are kept]",
+)
+def gc(socket_, store, as_json, timeout, auth_key, dry_run, keep_model) -> None:
     """Remove orphan files, unreferenced blocks and other models' caches."""
     from agentkv.storage import StoreLockedError
     from agentkv.storage.maintenance import collect_garbage
 
-    info = _hello(socket_, auth_key, min(timeout, 2.0))
-    fingerprint = info.get("fingerprint") if info else _last_fingerprint(store)
+    fingerprint = keep_model or _serving_fingerprint(socket_, store, auth_key, timeout)
+    if keep_model is not None:
+        _check_model_known(store, keep_model)
     try:
         r = collect_garbage(_cache_dir(store), fingerprint, dry_run=dry_run, progress=not as_json)
     except StoreLockedError as exc:
@@ -636,8 +645,21 @@ def _cache_dir(store: Path) -> Path:
     return path
 
 
-def _last_fingerprint(store: Path) -> str | None:
-    """The model the store saw last (gc keeps its caches when no daemon says otherwise)."""
+def _serving_fingerprint(socket_: str, store: Path, key, timeout: float) -> str | None:
+    """The model of the daemon on `socket_`, if it serves this store; else None (gc then
+    keeps every model's agents: which model is "current" is the user's to say)."""
+    info = _hello(socket_, key, min(timeout, 2.0))
+    if not info or not info.get("fingerprint"):
+        return None
+    served = info.get("store")
+    if not isinstance(served, str) or Path(served).resolve() != store.resolve():
+        return None  # another store's daemon: its model says nothing about this store
+    return info["fingerprint"]
+
+
+def _check_model_known(store: Path, fingerprint: str) -> None:
+    """Refuse a fingerprint the store has never seen (a typo would make every agent
+    another model's, to be removed)."""
     import sqlite3
 
     from agentkv.storage import StorageError
@@ -646,13 +668,15 @@ def _last_fingerprint(store: Path) -> str | None:
     try:
         db = open_index(_cache_dir(store) / "index.db", read_only=True)
         try:
-            sql = "SELECT fingerprint FROM models ORDER BY created DESC LIMIT 1"
-            row = db.execute(sql).fetchone()
+            known = {row[0] for row in db.execute("SELECT fingerprint FROM models")}
+            known |= {row[0] for row in db.execute("SELECT DISTINCT fingerprint FROM agents")}
         finally:
-            db.close()
-        return row[0] if row else None
-    except (sqlite3.Error, StorageError, click.ClickException):
-        return None
+            db.conn.close()
+    except (sqlite3.Error, StorageError) as exc:
+        raise click.ClickException(f"cannot read the store's models: {exc}") from None
+    if fingerprint not in known:
+        listed = ", ".join(sorted(k for k in known if isinstance(k, str))) or "none"
+        raise click.ClickException(f"no model {fingerprint!r} in {store} (its models: {listed})")
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -9,6 +9,7 @@ agent's blocks again. All of this runs on one thread: the one that owns MLX.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from agentkv.storage import CacheStore
+from agentkv.storage import CacheStore, StoreWriteError
 
 from . import persistence
 from .agents import AgentContext
@@ -290,6 +291,7 @@ class BlockPoolBatchEngine:
             return
         for uid in list(self._requests):
             self.cancel(uid)
+        self._resave_unsaved()
         for agent in self._agents.values():
             self._manager.drop(agent)
         self._gen.close()
@@ -669,6 +671,19 @@ class BlockPoolBatchEngine:
         completion = self._finish(req, reason)
         completion.usage.generated_tokens = len(tokens) - len(adm.full_tokens)
         return StepEvent(req.uid, req.agent_id, token, delta, completion)
+
+    def _resave_unsaved(self) -> None:
+        """Before closing: every agent whose latest write failed (disk full, ...) is queued
+        once more, so a clean stop after a failed write does not lose the turn (the agent's
+        next turn would have rewritten it). A second failure is logged by the store."""
+        if self.store is None:
+            return
+        with contextlib.suppress(StoreWriteError):  # reported by flush() already, or logged
+            self.store.flush()  # every write settled: `unsaved` is current
+        for agent in self._agents.values():
+            if self.store.unsaved(agent.agent_id, self.spec.fingerprint) is not None:
+                log.warning("agent %r: its last write failed; writing it again", agent.agent_id)
+                self._write_back(agent)
 
     def _write_back(self, agent: AgentContext) -> None:
         if self.store is None:

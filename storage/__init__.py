@@ -10,6 +10,7 @@ from .errors import (
     StoreClosedError,
     StoreLockedError,
     StoreWriteError,
+    UnknownStoredAgentError,
 )
 from .records import GcReport, StoredAgent, TurnRecord, VerifyReport
 from .store import CacheStore
@@ -24,5 +25,6 @@ __all__ = [
     "StoreWriteError",
     "StoredAgent",
     "TurnRecord",
+    "UnknownStoredAgentError",
     "VerifyReport",
 ]

@@ -38,3 +38,12 @@ class StoreLockedError(StorageError):
     """Another process (a running daemon) has the store open."""
 
     code = "store_locked"
+
+
+class UnknownStoredAgentError(StorageError, KeyError):
+    """No such agent in the store (neither indexed nor queued) for that model."""
+
+    code = "unknown_agent"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -106,8 +106,41 @@ def _known_files(db) -> set[str]:
 def verify_store(root: Path, *, progress: bool = False, read_only: bool = False) -> VerifyReport:
     """Re-read every block and state file the index points at and check its checksum.
 
-    A row whose path is not the store's name for that file is reported corrupt unread.
+    A row whose path is not the store's name for that file is reported corrupt unread. A
+    daemon may be writing meanwhile (replacing an agent's state file, evicting blocks for
+    its disk budget): a file found bad is reported only if the index still lists it after
+    the pass, so a file legitimately replaced or removed is no false alarm.
     """
+    report = VerifyReport()
+    inside = Containment(root)
+    bad: list[tuple] = []
+    for row in tqdm(
+        _listed_files(root, read_only), desc="verify", unit="file", disable=not progress
+    ):
+        listed, rel, checksum, size = row
+        try:
+            if rel is None or not inside.contains(root / rel):
+                raise CorruptFileError(str(listed), "not a path of this store")
+            # The size the index recorded: a file grown huge (sparse) is never read whole.
+            recorded = size if isinstance(size, int) and size > 0 else None
+            meta, _ = read_tensor_file(root / rel, size=recorded)
+            if meta.get("checksum") != checksum:
+                raise CorruptFileError(root / rel, "checksum differs from the index")
+            report.bytes_checked += (root / rel).stat().st_size
+        except CorruptFileError as exc:
+            bad.append((row, exc))
+        report.checked += 1
+    still = set(_listed_files(root, read_only)) if bad else set()
+    for row, exc in bad:
+        if row in still:
+            log.warning("verify: %s", exc)
+            report.corrupt.append(str(row[0]))
+    return report
+
+
+def _listed_files(root: Path, read_only: bool) -> list[tuple]:
+    """(listed path, the store's name for it or None, checksum, recorded bytes) of every
+    block and state file the index lists."""
     db = open_index(root / "index.db", read_only=read_only, immutable=read_only)
     try:
         rows = [
@@ -125,23 +158,7 @@ def verify_store(root: Path, *, progress: bool = False, read_only: bool = False)
         ]
     finally:
         db.conn.close()
-    report = VerifyReport()
-    inside = Containment(root)
-    for listed, rel, checksum, size in tqdm(rows, desc="verify", unit="file", disable=not progress):
-        try:
-            if rel is None or not inside.contains(root / rel):
-                raise CorruptFileError(str(listed), "not a path of this store")
-            # The size the index recorded: a file grown huge (sparse) is never read whole.
-            recorded = size if isinstance(size, int) and size > 0 else None
-            meta, _ = read_tensor_file(root / rel, size=recorded)
-            if meta.get("checksum") != checksum:
-                raise CorruptFileError(root / rel, "checksum differs from the index")
-            report.bytes_checked += (root / rel).stat().st_size
-        except CorruptFileError as exc:
-            log.warning("verify: %s", exc)
-            report.corrupt.append(str(listed))
-        report.checked += 1
-    return report
+    return rows
 
 
 def _block_rel_or_none(block_hash: object, path: object) -> str | None:

@@ -40,6 +40,7 @@ from .errors import (
     StoreClosedError,
     StoreLockedError,
     StoreWriteError,
+    UnknownStoredAgentError,
 )
 from .index_rows import AGENT_COLUMNS, BLOCKS_QUERY, parse_agent
 from .locks import try_lock
@@ -121,6 +122,8 @@ class CacheStore:
         self._overlay: dict[tuple[str, str], tuple[int, StoredAgent | None]] = {}
         self._tickets = 0
         self._bad_rows: set[tuple[str, str]] = set()  # corrupt rows counted already
+        # (agent id, fingerprint) -> why its latest turn could not be written
+        self._unsaved: dict[tuple[str, str], str] = {}
         self._errors: list[str] = []
         self.counters = {
             "turns_written": 0,
@@ -460,7 +463,19 @@ class CacheStore:
         self._put(("evict", agent_id, fingerprint), agent_id)
 
     def set_pinned(self, agent_id: str, fingerprint: str, pinned: bool = True) -> None:
-        """Queue pinning an agent (the disk budget never evicts pinned agents)."""
+        """Queue pinning (or unpinning) an agent: the disk budget never evicts pinned agents.
+
+        Raises:
+            TypeError: the ids are not strings or `pinned` not a bool.
+            UnknownStoredAgentError: the store has no such agent, indexed or queued (an
+                agent whose first turn has not finished is not stored yet).
+        """
+        if not (isinstance(agent_id, str) and isinstance(fingerprint, str)):
+            raise TypeError("agent_id and fingerprint must be strings")
+        if not isinstance(pinned, bool):
+            raise TypeError(f"pinned must be a bool, not {pinned!r}")
+        if self.agent(agent_id, fingerprint) is None:
+            raise UnknownStoredAgentError(f"no stored agent {agent_id!r} of model {fingerprint}")
         self._put(("pin", agent_id, fingerprint, pinned), agent_id)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -588,6 +603,7 @@ class CacheStore:
                 if db is None:
                     raise StoreWriteError(f"store {self.root} is read-only")
                 self._apply(db, op)
+                self._saved(op)
             except Exception as exc:  # one failed write must not stop the writer
                 self._write_failed(op, exc)
             finally:
@@ -604,6 +620,22 @@ class CacheStore:
         log.error("store write failed (%s): %s", op[0], exc)
         with self._lock:
             self._errors.append(f"{op[0]}: {exc}")
+            if op[0] == "turn":
+                self._unsaved[(op[1].agent_id, op[1].fingerprint)] = str(exc)
+
+    def _saved(self, op: tuple) -> None:
+        """An agent's turn landed (or the agent was deleted): nothing of it is unsaved."""
+        if op[0] in ("turn", "delete"):
+            key = (op[1].agent_id, op[1].fingerprint) if op[0] == "turn" else (op[1], op[2])
+            with self._lock:
+                self._unsaved.pop(key, None)
+
+    def unsaved(self, agent_id: str, fingerprint: str) -> str | None:
+        """Why the agent's latest queued turn could not be written (disk full, ...), or None
+        when it landed. The index then holds the agent's previous turn: the caller still
+        has the state in memory and may queue it again (`save_turn`)."""
+        with self._lock:
+            return self._unsaved.get((agent_id, fingerprint))
 
     def _settle(self, op: tuple, agent_id: str | None, ticket) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import tempfile
@@ -28,11 +29,13 @@ import msgpack
 import pytest
 import zmq
 from click.testing import CliRunner
+from refs import synthetic_turn
 from test_daemon_client import Peer
 
 from agentkv.client import Client, Unauthorized, protocol
 from agentkv.client.protocol import MAGIC, MessageType
-from agentkv.daemon.cli import main
+from agentkv.daemon.cli import _serving_fingerprint, main
+from agentkv.storage import CacheStore
 
 ARGS = ("--block-size", "16", "--pool-blocks", "32")
 
@@ -292,3 +295,66 @@ def _refusal(sock) -> str:
     msg = protocol.decode(sock.recv_multipart())
     assert msg.type is MessageType.ERROR and msg.header["error"]["code"] == "unauthorized"
     return msg.header["error"]["message"]
+
+
+# -- gc decides nothing about models it was not told of ------------------------------------
+
+MODEL_A, MODEL_B = "a" * 32, "b" * 32
+
+
+def _two_model_store(root: Path) -> Path:
+    """A store (no daemon) with agents of two models: alice and carol of A, bob of B."""
+    store = CacheStore(root / "cache")
+    for agent_id, fingerprint in (("alice", MODEL_A), ("bob", MODEL_B), ("carol", MODEL_A)):
+        store.register_model(fingerprint, model_id=fingerprint[0])
+        store.save_turn(synthetic_turn(agent_id, fingerprint, blocks=1, tail=2, block_size=16))
+    store.close()
+    return root
+
+
+def _agents(root: Path) -> set[tuple[str, str]]:
+    db = sqlite3.connect(root / "cache" / "index.db")
+    try:
+        return set(db.execute("SELECT agent_id, fingerprint FROM agents"))
+    finally:
+        db.close()
+
+
+def _gc(root: Path, socket_: str, *extra: str):
+    args = ["gc", "--no-dry-run", "--json", "--store", str(root), "--socket", socket_, *extra]
+    return CliRunner().invoke(main, args)
+
+
+def test_gc_with_no_daemon_keeps_every_model_unless_one_is_named(tmp_path):
+    """With no daemon to say which model is in use, a real gc removes no model's agents;
+    --keep-model names it, and a fingerprint the store never saw is refused."""
+    root = _two_model_store(tmp_path / "store")
+    everyone = _agents(root)
+    none = f"ipc://{tmp_path}/nobody.sock"
+    result = _gc(root, none)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["foreign_agents"] == []
+    assert _agents(root) == everyone
+    result = _gc(root, none, "--keep-model", "c" * 32)  # a typo would be every agent
+    assert result.exit_code == 1 and "no model" in result.output
+    assert _agents(root) == everyone
+    result = _gc(root, none, "--keep-model", MODEL_A)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["foreign_agents"] == [f"bob@{MODEL_B}"]
+    assert _agents(root) == {("alice", MODEL_A), ("carol", MODEL_A)}
+
+
+def test_gc_ignores_a_daemon_that_serves_another_store(default_socket_daemon, tmp_path):
+    """The daemon answering on --socket serves another store: its model says nothing of
+    this one, whose agents all stay."""
+    d, _ = default_socket_daemon
+    if not d.alive():
+        d.start(socket=False)
+    root = _two_model_store(tmp_path / "other")
+    everyone = _agents(root)
+    result = _gc(root, d.socket)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["foreign_agents"] == []
+    assert _agents(root) == everyone
+    with d.client() as c:  # its own store: the daemon's model is the one to keep
+        assert _serving_fingerprint(d.socket, d.store, None, 2.0) == c.info["fingerprint"]

@@ -29,6 +29,8 @@ from agentkv.storage import (
     StorageError,
     StoreLockedError,
     StoreWriteError,
+    UnknownStoredAgentError,
+    maintenance,
 )
 from agentkv.storage.maintenance import collect_garbage
 from agentkv.storage.records import BlockRecord, TurnRecord
@@ -505,6 +507,34 @@ def test_shared_prefix_is_stored_once_and_survives_deleting_one_agent(llama, tmp
 # -- disk full, read-only ------------------------------------------------------------------
 
 
+def test_a_turn_whose_write_failed_is_written_again_at_close(llama, tmp_path):
+    """Disk full for one write, on an agent's last turn before a clean stop: close() queues
+    that agent again (the space is back), so the turn is not lost; after a restart its
+    whole context is restored and the next turn is exact."""
+    model, tokenizer = llama
+    prompts = _prompts(3, ["first", "second", "third"], 30)
+    ops = FaultyOps("writev", errno.ENOSPC)
+    engine = _engine(model, tokenizer, CacheStore(tmp_path, file_ops=ops))
+    fp = engine.spec.fingerprint
+    _turn(engine, "a", prompts["first"])
+    engine.store.flush()
+    ops.allowed = 0  # the next write fails...
+    _turn(engine, "a", prompts["second"])
+    with pytest.raises(StoreWriteError):
+        engine.store.flush()
+    assert engine.store.unsaved("a", fp) is not None
+    ops.allowed = None  # ...and then the disk has room again
+    context = engine.agent_tokens("a")
+    engine.close()
+
+    again = _engine(model, tokenizer, CacheStore(tmp_path))
+    assert again.store.agent("a", fp).tokens == context
+    c = _turn(again, "a", prompts["third"])
+    _assert_exact(llama, context, prompts["third"], c)
+    assert c.usage.restored_tokens == len(context)
+    again.close()
+
+
 @pytest.mark.parametrize(
     ("method", "err"),
     [("writev", errno.ENOSPC), ("open_new", errno.EROFS)],
@@ -611,6 +641,23 @@ def _raw_block_bytes(model) -> int:
         * np.dtype(layer.dtype).itemsize
         for layer in spec.layers
     )
+
+
+def test_pinning_what_the_store_does_not_hold_is_a_typed_error(tmp_path):
+    """A pin that could not apply is refused, never silently dropped: an agent not stored
+    (or of another model), and arguments of the wrong type. A queued turn's agent counts."""
+    store = CacheStore(tmp_path)
+    store.save_turn(_record("a", FOREIGN))  # queued: pinnable at once
+    store.set_pinned("a", FOREIGN)
+    for agent_id, fingerprint in (("nobody", FOREIGN), ("a", "e" * 32)):
+        with pytest.raises(UnknownStoredAgentError):
+            store.set_pinned(agent_id, fingerprint)
+    for args in ((["a"], FOREIGN, True), ("a", FOREIGN, "yes"), ("a", FOREIGN, None)):
+        with pytest.raises(TypeError):
+            store.set_pinned(*args)
+    store.flush()
+    assert store.agent("a", FOREIGN).pinned
+    store.close()
 
 
 def test_disk_budget_evicts_least_recently_used_unpinned_agents(llama, tmp_path):
@@ -772,6 +819,34 @@ def test_verify_reports_files_changed_behind_the_stores_back(tmp_path):
         + [piped.relative_to(tmp_path).as_posix()]
     )
     assert list((tmp_path / "quarantine").iterdir()) == []  # verify only reports
+    store.close()
+
+
+def test_verify_beside_a_live_writer_reports_no_file_it_replaced(tmp_path, monkeypatch):
+    """verify (as `daemonctl verify` runs it, beside a daemon) lists the files, then reads
+    them; a turn landing in between replaces an agent's state file (the old one removed).
+    That file is not reported corrupt: the index no longer lists it. A file still listed
+    and really bad is."""
+    store = CacheStore(tmp_path)
+    for agent_id in ("a", "b"):
+        store.save_turn(_record(agent_id, FOREIGN, blocks=2))
+    store.flush()
+    old_state = store.agent("a", FOREIGN).state_file
+    _flip_last_byte(_block_file(tmp_path, store.agent("b", FOREIGN).block_hashes[1]))
+    real_read = maintenance.read_tensor_file
+
+    def read_while_a_turn_lands(path, **kw):
+        if path.name == Path(old_state).name and path.exists():
+            store.save_turn(_record("a", FOREIGN, blocks=2, tail=5))  # a new state file
+            store.flush()
+            assert not path.exists()
+        return real_read(path, **kw)
+
+    monkeypatch.setattr(maintenance, "read_tensor_file", read_while_a_turn_lands)
+    report = maintenance.verify_store(tmp_path)
+    assert store.agent("a", FOREIGN).state_file != old_state
+    bad_block = _block_file(tmp_path, store.agent("b", FOREIGN).block_hashes[1])
+    assert report.corrupt == [bad_block.relative_to(tmp_path).as_posix()]
     store.close()
 
 
