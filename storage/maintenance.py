@@ -126,7 +126,7 @@ def verify_store(root: Path, *, progress: bool = False, read_only: bool = False)
             meta, _ = read_tensor_file(root / rel, size=recorded)
             if meta.get("checksum") != checksum:
                 raise CorruptFileError(root / rel, "checksum differs from the index")
-            report.bytes_checked += (root / rel).stat().st_size
+            report.bytes_checked += recorded or _size(root / rel)
         except CorruptFileError as exc:
             bad.append((row, exc))
         report.checked += 1
@@ -136,6 +136,14 @@ def verify_store(root: Path, *, progress: bool = False, read_only: bool = False)
             log.warning("verify: %s", exc)
             report.corrupt.append(str(row[0]))
     return report
+
+
+def _size(path: Path) -> int:
+    """The file's size; 0 if a live writer replaced it since it was read (it was checked)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _listed_files(root: Path, read_only: bool) -> list[tuple]:
