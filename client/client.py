@@ -11,6 +11,7 @@ A Client is not thread-safe: use one per thread.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -108,7 +109,7 @@ class Client:
         auth_key: bytes | str | Path | None = None,
     ) -> None:
         self.endpoint = endpoint or default_socket()
-        self.timeout = timeout
+        self.timeout = _seconds(timeout, "timeout")
         self._key = _load_key(auth_key)
         self._ids = itertools.count(1)
         self._buffered: deque[Event] = deque()
@@ -146,7 +147,7 @@ class Client:
         top_k: int = 0,
         min_p: float = 0.0,
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
     ) -> int:
         """Queue a turn; returns its request id at once.
 
@@ -169,8 +170,8 @@ class Client:
             body["tokens"] = list(prompt)
         if messages is not None:
             body["messages"] = list(messages)
-        if stop:
-            body["stop"] = list(stop)
+        if stop is not None:  # one string is one stop string, not its characters
+            body["stop"] = [stop] if isinstance(stop, str) else list(stop)
         return self._call(MessageType.SUBMIT, body)["uid"]
 
     def step(self, timeout: float = 1.0, interval: float = 0.0) -> list[Event]:
@@ -302,7 +303,7 @@ class Client:
                     return
 
     def _step_call(self, timeout: float, interval: float = 0.0) -> None:
-        body = {"timeout": timeout}
+        body = {"timeout": _seconds(timeout, "timeout")}
         if interval:  # only when asked: a 1.0 daemon ignores it anyway
             body["interval"] = interval
         result = self._call(MessageType.STEP, body, wait=timeout + self.timeout)
@@ -316,7 +317,10 @@ class Client:
 
     def _call(self, kind: MessageType, body: dict, wait: float | None = None):
         rid = next(self._ids)
-        frames = protocol.encode(kind, {**body, "id": rid}, self._key)
+        try:
+            frames = protocol.encode(kind, {**body, "id": rid}, self._key)
+        except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError included
+            raise InvalidRequest(f"cannot send this request: {exc}") from None
         size = sum(len(f) for f in frames)
         if size > protocol.MAX_MESSAGE_BYTES:  # the daemon would refuse it anyway
             raise MessageTooLarge(
@@ -404,3 +408,11 @@ def _load_key(key: bytes | str | Path | None) -> bytes | None:
         return protocol.check_key(key) if isinstance(key, bytes) else protocol.load_key(key)
     except protocol.ProtocolError as exc:
         raise InvalidRequest(str(exc)) from None
+
+
+def _seconds(value: object, what: str) -> float:
+    """A wait in seconds: a finite number >= 0 (an infinite one cannot be a socket timeout)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < 0:
+        raise InvalidRequest(f"{what} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)

@@ -32,6 +32,7 @@ import enum
 import hashlib
 import hmac
 import math
+import operator
 import os
 import re
 import time
@@ -110,10 +111,18 @@ def encode(kind: MessageType, header: dict, key: bytes | None = None) -> list[by
     """Frames for one message (signed when a key is given)."""
     if key is not None:
         header = {**header, "nonce": os.urandom(12).hex(), "ts": time.time()}
-    frames = [MAGIC, kind.value.encode(), msgpack.packb(header, use_bin_type=True)]
+    body = msgpack.packb(header, use_bin_type=True, default=_integer)
+    frames = [MAGIC, kind.value.encode(), body]
     if key is not None:
         frames.append(sign(key, frames))
     return frames
+
+
+def _integer(obj: object) -> int:
+    """msgpack's fallback: integer-like objects (numpy's ints) travel as ints."""
+    if hasattr(obj, "__index__") and not isinstance(obj, (bool, float)):
+        return operator.index(obj)
+    raise TypeError(f"cannot send a {type(obj).__name__}")
 
 
 def decode(frames: list[bytes], key: bytes | None = None) -> Message:

@@ -92,8 +92,8 @@ def common(f):
     )
     @functools.wraps(f)
     def wrapper(socket_, store, timeout, **kw):
-        socket_ = socket_ or default_socket()
         store = (store or default_store()).expanduser()
+        socket_ = socket_ or _store_socket(store) or default_socket()
         default = 120.0 if f.__name__ == "start" else 10.0
         return f(
             socket_=socket_, store=store, timeout=default if timeout is None else timeout, **kw
@@ -565,6 +565,15 @@ def _stopped(as_json: bool, pid, how: str, *, remote: bool = False) -> None:
     if remote:
         data["remote"] = True
     _out(as_json, data, f"agentkv daemon (pid {pid}) stopped ({how})")
+
+
+def _store_socket(store: Path) -> str | None:
+    """The endpoint of the daemon running on this store (its state file), if one runs: with
+    no --socket, commands about a store reach its daemon wherever it listens."""
+    if read_pid(store) is None:
+        return None
+    endpoint = read_state(store).get("socket")
+    return endpoint if isinstance(endpoint, str) and endpoint else None
 
 
 def _daemon_answers(endpoint: str, store: Path, timeout: float, key) -> bool:

@@ -268,8 +268,17 @@ class CommandHandler:
         uid = h.get("uid")
         owner = self._owner.get(uid) if _is_int(uid) else None
         if owner is None or owner[0] != identity:
+            if _is_int(uid) and self._finished_uncollected(identity, uid):
+                return {"cancelled": False}  # it finished first: the race cancel() documents
             raise ProtocolError("unknown_request", f"no running request {uid!r} of this client")
         return {"cancelled": self.engine.cancel(uid)}
+
+    def _finished_uncollected(self, identity: bytes, uid: int) -> bool:
+        """The client's turn finished (its final event is held or not yet collected)."""
+        client = self._clients.get(identity)
+        if client is not None and "finish_reason" in client.events.get(uid, {}):
+            return True
+        return any(i == identity and u == uid for i, u, _, _ in self._held)
 
     def _agents(self, identity: bytes, h: dict) -> dict:
         """One page of agents, by id; `next` is the `after` of the next page (None: done)."""

@@ -35,7 +35,14 @@ from .errors import (
     UnknownAgentError,
 )
 from .kv_cache_manager import Admission, KVCacheManager
-from .prompts import check_agent_id, check_tokens, encode_turn, render_messages
+from .prompts import (
+    check_agent_id,
+    check_tokens,
+    encode_turn,
+    fewest_tokens,
+    max_token_bytes,
+    render_messages,
+)
 from .requests import Completion, SamplingParams, StepEvent, Usage, check_max_tokens
 from .sampling import make_request_sampler
 from .spec import ModelCacheSpec
@@ -67,6 +74,9 @@ class _Request:
     failure: Exception | None = None
     stop: tuple[str, ...] = ()
     held: str = ""  # text held back while it could be the start of a stop string
+    # A text prompt encoded as a later turn (no BOS) while earlier turns were queued: if
+    # they are cancelled or fail, it is the agent's first turn after all (see _admit).
+    text_prompt: str | None = None
 
 
 @dataclass(slots=True)
@@ -163,6 +173,7 @@ class BlockPoolBatchEngine:
         self._next_uid = 0
         self._clock = 0
         self._closed = False
+        self._token_bytes: int | None = None  # see _refuse_oversized
         self._owner: int | None = None
         self.counters = {
             "completed": 0,
@@ -422,6 +433,7 @@ class BlockPoolBatchEngine:
         given = [x is not None for x in (prompt, messages, conversation)]
         if sum(given) != 1:
             raise InvalidRequestError("give exactly one of prompt, messages or conversation")
+        self._refuse_oversized(req, agent, prompt, messages)
         if messages is not None:
             req.full_tokens = render_messages(self.tokenizer, messages)
         elif conversation is not None:
@@ -429,6 +441,7 @@ class BlockPoolBatchEngine:
         elif isinstance(prompt, str):
             first = not (agent.tokens or agent.pending or agent.busy)
             req.new_tokens = encode_turn(self.tokenizer, prompt, first_turn=first)
+            req.text_prompt = None if first or agent.tokens else prompt
         else:
             req.new_tokens = check_tokens(prompt, self.spec.vocab_size, "prompt")
 
@@ -459,6 +472,21 @@ class BlockPoolBatchEngine:
             length + len(req.new_tokens) if req.new_tokens is not None else len(req.full_tokens)
         )
         need = self._manager.blocks_for(length + req.max_tokens)
+        if need > self.pool.total_blocks:
+            raise PoolExhaustedError(
+                need, self.pool.num_free, f"the pool holds {self.pool.total_blocks} blocks in all"
+            )
+
+    def _refuse_oversized(self, req: _Request, agent: AgentContext, prompt, messages) -> None:
+        """Refuse, before tokenizing, text that cannot fit in the pool whatever it encodes
+        to: tokenizing megabytes here, on the engine thread, would stall every other turn."""
+        if self._token_bytes is None:
+            self._token_bytes = max_token_bytes(self.tokenizer)
+        fewest = fewest_tokens(prompt, messages, self._token_bytes)
+        if fewest == 0:
+            return
+        base = self._projected_len(agent) if messages is None else 0
+        need = self._manager.blocks_for(base + fewest + req.max_tokens)
         if need > self.pool.total_blocks:
             raise PoolExhaustedError(
                 need, self.pool.num_free, f"the pool holds {self.pool.total_blocks} blocks in all"
@@ -508,6 +536,10 @@ class BlockPoolBatchEngine:
         events.append(self._fail(req, exc))
 
     def _admit(self, req: _Request, agent: AgentContext, events: list[StepEvent]) -> bool:
+        if req.text_prompt is not None and not agent.tokens:
+            # The turns queued before it left nothing: encode it as the first turn is.
+            req.new_tokens = encode_turn(self.tokenizer, req.text_prompt, first_turn=True)
+            req.text_prompt = None
         full = req.full_tokens if req.full_tokens is not None else agent.tokens + req.new_tokens
         tic = time.perf_counter()
         if agent.cached_len == 0 and agent.in_store:

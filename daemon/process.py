@@ -47,6 +47,24 @@ class StartError(Exception):
     """The daemon cannot start with these options (bad endpoint, store in use, ...)."""
 
 
+def _check_pool_fits(opts: DaemonOptions, bytes_per_block: int) -> None:
+    """Refuse a pool larger than the machine's memory (--pool-blocks or --memory-budget):
+    it could never be filled, and its bookkeeping alone would exhaust memory."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not known here: no check
+        return
+    if opts.pool_blocks:
+        asked, what = opts.pool_blocks * bytes_per_block, f"--pool-blocks {opts.pool_blocks}"
+    else:
+        asked, what = opts.memory_budget, f"--memory-budget {opts.memory_budget}"
+    if asked > memory:
+        raise StartError(
+            f"{what} asks for {asked / 2**30:.1f} GiB of KV cache, more than this machine's "
+            f"{memory / 2**30:.1f} GiB of memory"
+        )
+
+
 class StoreInUseError(StartError):
     """Another daemon holds the store's lock (running, or still loading its model)."""
 
@@ -238,6 +256,7 @@ def _make_engine(opts: DaemonOptions, info: dict, make_store=None):
     path = _model_dir(opts.model) or default_model_dir()
     fingerprint = model_fingerprint(path) if path and path.is_dir() else None
     spec = ModelCacheSpec.from_model(model, block_size=opts.block_size, fingerprint=fingerprint)
+    _check_pool_fits(opts, spec.bytes_per_token * opts.block_size)
     pool = BlockPool(
         spec,
         total_blocks=opts.pool_blocks,

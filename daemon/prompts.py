@@ -33,6 +33,7 @@ def encode_turn(tokenizer, prompt: str, *, first_turn: bool) -> list[int]:
         )
     if not prompt:
         raise InvalidRequestError("prompt is empty")
+    _check_unicode(prompt, "prompt")
     if first_turn:
         bos = getattr(tokenizer, "bos_token", None)
         add_special = bos is None or not prompt.startswith(bos)
@@ -42,6 +43,40 @@ def encode_turn(tokenizer, prompt: str, *, first_turn: bool) -> list[int]:
     if not ids:
         raise InvalidRequestError("prompt encodes to no tokens")
     return ids
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Text a tokenizer can take: valid Unicode (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"{what} is not valid Unicode: {exc.reason}") from None
+
+
+def fewest_tokens(prompt: object, messages: object, max_token_bytes: int) -> int:
+    """A lower bound on the tokens a text prompt or chat encodes to, without tokenizing:
+    no token holds more than `max_token_bytes` bytes of text, and a chat template renders
+    each message to at least one token (its role markers). 0 when unknown."""
+    if isinstance(prompt, str):
+        return len(prompt.encode("utf-8", "surrogatepass")) // max_token_bytes
+    if isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)):
+        text = sum(
+            len(m["content"].encode("utf-8", "surrogatepass"))
+            for m in messages
+            if isinstance(m, dict) and isinstance(m.get("content"), str)
+        )
+        return max(len(messages), text // max_token_bytes)
+    return 0
+
+
+def max_token_bytes(tokenizer) -> int:
+    """The most bytes of text one token of this tokenizer can stand for (an upper bound:
+    4 bytes per character of its longest vocabulary entry)."""
+    try:
+        longest = max(map(len, tokenizer.get_vocab()), default=1)
+    except Exception:  # no vocabulary to read: no bound (every input gets tokenized)
+        return 2**62
+    return 4 * max(longest, 1)
 
 
 def check_tokens(tokens: object, vocab_size: int, what: str = "tokens") -> list[int]:
@@ -71,9 +106,17 @@ def render_messages(tokenizer, messages: object) -> list[int]:
         ok = isinstance(m, dict) and isinstance(m.get("role"), str)
         if not ok or not isinstance(m.get("content"), str):
             raise InvalidRequestError(f"bad message {m!r}: needs string 'role' and 'content'")
+        _check_unicode(m["content"], "message content")
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("this model's tokenizer has no chat template; send a prompt")
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:  # the template is the model's code; it judged the input
+        if type(exc).__name__ == "TemplateSyntaxError":  # broken template: not the request
+            raise
+        raise InvalidRequestError(f"the chat template refused these messages: {exc}") from exc
     ids = list(tokenizer.encode(text, add_special_tokens=False))
     if not ids:
         raise InvalidRequestError("messages render to no tokens")

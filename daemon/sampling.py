@@ -60,7 +60,8 @@ def _filters(params: SamplingParams) -> list[Callable[[mx.array], mx.array]]:
     if params.min_p > 0.0:
         out.append(lambda x: apply_min_p(x, params.min_p, 1))
     if params.top_k > 0:
-        out.append(lambda x: apply_top_k(x, params.top_k))
+        # k at or past the vocabulary keeps every token (mlx-lm's apply_top_k refuses it)
+        out.append(lambda x: x if params.top_k >= x.shape[-1] else apply_top_k(x, params.top_k))
     return out
 
 

@@ -387,3 +387,32 @@ def _tokens_until(client, uid: int, at_least: int | None):
         ):
             return merged if at_least is None else merged.token_ids
     raise AssertionError(f"request {uid} did not get there in time")
+
+
+def test_status_and_stop_with_only_the_store_find_its_daemon(daemon_factory):
+    """With no --socket, `status` and `stop` about a store reach the daemon running on it,
+    wherever it listens (its state file says); they used to look at the default socket,
+    report "not running" and leave it running."""
+    d = daemon_factory(args=ARGS)
+    d.start()
+    env = {"AGENTKV_SOCKET": ""}  # no default that happens to be right
+    d.env = {**d.env, **env}
+    assert d.ctl("status", socket=False).returncode == 0
+    stopped = d.ctl("stop", socket=False)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not d.alive()
+
+
+def test_a_pool_larger_than_the_machine_is_refused_at_start():
+    """--pool-blocks or --memory-budget past the machine's memory: a StartError naming
+    both sizes, before any pool is built (its bookkeeping alone could exhaust memory)."""
+    from agentkv.daemon.process import DaemonOptions, StartError, _check_pool_fits
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for opts in (
+        DaemonOptions(pool_blocks=10**15),
+        DaemonOptions(memory_budget=2 * memory),
+    ):
+        with pytest.raises(StartError, match="more than this machine"):
+            _check_pool_fits(opts, bytes_per_block=4096)
+    _check_pool_fits(DaemonOptions(pool_blocks=1024), bytes_per_block=4096)  # fits

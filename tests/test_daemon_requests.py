@@ -328,3 +328,47 @@ def test_load_no_lost_duplicated_or_crossed_completions(daemon, client, loaded_m
         base["pool"]["free"],
         base["pool"]["reserved"],
     )
+
+
+def test_cancel_of_a_turn_that_finished_first_is_false(client):
+    """The race cancel() documents: the turn finished (its final event not collected
+    yet), so cancel answers False instead of an error."""
+    uid = client.submit("racer", [3, 4, 5], max_tokens=1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the daemon has finished it
+        info = client.inspect("racer")
+        if info["tokens"] >= 4 and not info.get("busy"):
+            break
+        time.sleep(0.05)
+    assert client.cancel(uid) is False
+    events = []
+    while not (events and events[-1].finished):
+        events += [e for e in client.step(timeout=1.0) if e.uid == uid]
+    assert events[-1].finish_reason == "length"
+
+
+def test_a_stop_string_is_one_string_not_its_characters(client):
+    """A stop string absent from the output changes nothing, even when its characters
+    occur (it used to be sent as its characters, each a stop string). An empty stop
+    string is refused."""
+    prompt = random_tokens(np.random.default_rng(11), 12, VOCAB)
+    plain = client.generate("stopper-a", prompt, max_tokens=24)
+    char = next(ch for ch in plain.text[1:] if ch.strip())
+    stop = char + "\u2603\u2603"
+    assert stop not in plain.text
+    stopped = client.generate("stopper-b", prompt, max_tokens=24, stop=stop)
+    assert (stopped.text, stopped.token_ids) == (plain.text, plain.token_ids)
+    with pytest.raises(InvalidRequest):
+        client.generate("stopper-c", prompt, max_tokens=4, stop="")
+
+
+def test_client_side_bad_values_are_typed_and_numpy_ints_travel(client):
+    with pytest.raises(InvalidRequest):
+        client.generate("odd", "bad \ud800 text", max_tokens=2)  # a lone surrogate
+    with pytest.raises(InvalidRequest):
+        client.generate("odd", [1, 2], max_tokens=2**70)
+    for timeout in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(InvalidRequest):
+            client.step(timeout=timeout)
+    r = client.generate("odd", list(np.array([5, 6, 7])), max_tokens=2, seed=np.int64(3))
+    assert r.usage["prompt_tokens"] == 3

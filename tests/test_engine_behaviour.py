@@ -394,3 +394,79 @@ def test_stop_strings_end_the_turn_and_keep_the_context_exact(llama):
     assert c2.token_ids == scratch_tokens(model, context + [30, 31], 8, eos=eos_ids(tokenizer))
     with pytest.raises(InvalidRequestError):
         engine.submit("a", [1], max_tokens=2, stop=[""])
+
+
+def test_top_k_at_or_past_the_vocabulary_keeps_every_token(llama):
+    """top_k >= vocab means no filtering (mlx-lm's apply_top_k refuses it): the turn runs
+    and samples exactly as with top_k=0 under the same seed."""
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer, total_blocks=64)
+    vocab = engine.spec.vocab_size
+    outs = {}
+    for k in (0, vocab, vocab * 10):
+        uid = engine.submit(f"k{k}", [5, 6, 7], max_tokens=8, temperature=1.0, top_k=k, seed=4)
+        outs[k] = run_all(engine)[uid]
+    assert all(c.finish_reason != "error" for c in outs.values())
+    assert outs[vocab].token_ids == outs[0].token_ids == outs[vocab * 10].token_ids
+
+
+def test_a_text_turn_queued_behind_a_cancelled_first_turn_gets_its_bos(llama):
+    """Turn 2 was encoded as a continuation (turn 1 queued); turn 1 is cancelled, so turn 2
+    is the agent's first after all: encoded as mlx-lm encodes a prompt, BOS included."""
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer, total_blocks=64)
+    first = engine.submit("c", "Hello there", max_tokens=5)
+    second = engine.submit("c", " world", max_tokens=5)
+    engine.cancel(first)
+    done = run_all(engine)
+    want, _ = scratch_generate(model, tokenizer, " world", 5)
+    assert done[second].token_ids == want
+    assert engine.agent_tokens("c")[: len(tokenizer.encode(" world"))] == tokenizer.encode(" world")
+
+
+def test_a_chat_template_that_refuses_the_messages_is_an_invalid_request(model_dirs, tmp_path):
+    """Templates raise on messages they do not accept (roles must alternate, ...): that
+    is the request's fault, a typed InvalidRequestError, not an internal error."""
+    import json
+    import shutil
+
+    from agentkv.daemon.model_factory import load_model
+
+    copy = tmp_path / "strict"
+    shutil.copytree(model_dirs["llama"], copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% if messages[0]['role'] != 'user' %}"
+        "{{ raise_exception('the first message must be from the user') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    model, tokenizer = load_model(copy)
+    engine = make_engine(model, tokenizer, total_blocks=64)
+    with pytest.raises(InvalidRequestError, match="chat template"):
+        engine.submit("t", messages=[{"role": "assistant", "content": "hi"}], max_tokens=2)
+    uid = engine.submit("t", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert run_all(engine)[uid].finish_reason != "error"
+
+
+def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(llama, monkeypatch):
+    """Megabytes of text for a small pool: refused with PoolExhaustedError from its byte
+    count alone (no token holds more than the longest vocabulary entry), so the engine
+    thread never spends seconds tokenizing it while other turns wait."""
+    from agentkv.daemon import engine as engine_module
+    from agentkv.daemon.prompts import max_token_bytes
+
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer, block_size=16, total_blocks=8)  # 128 tokens
+    huge = "word " * (129 * max_token_bytes(tokenizer))
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized")
+
+    monkeypatch.setattr(engine_module, "encode_turn", no_tokenizing)
+    monkeypatch.setattr(engine_module, "render_messages", no_tokenizing)
+    with pytest.raises(PoolExhaustedError):
+        engine.submit("big", huge, max_tokens=1)
+    many = [{"role": "user", "content": "x"}] * 200
+    with pytest.raises(PoolExhaustedError):
+        engine.submit("big", messages=many, max_tokens=1)
