@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 
+from .batch_probe import check_batching
 from .errors import UnsupportedModelError
 from .fingerprint import weights_fingerprint
 
@@ -116,13 +117,15 @@ class ModelCacheSpec:
                 names, shapes, dtypes and leading values (see `weights_fingerprint`).
 
         Raises:
-            UnsupportedModelError: a layer uses a cache class agentkv cannot keep.
+            UnsupportedModelError: a layer uses a cache class agentkv cannot keep, or the
+                model computes differently in a batch than alone (see `batch_probe`).
         """
         caches = make_prompt_cache(model)
         # One-token probe: every cache then holds arrays whose shapes and dtypes are real.
         model(mx.array([[0]]), cache=caches)
         mx.eval([c.state for c in caches])
         layers = tuple(_layer_spec(i, c) for i, c in enumerate(caches))
+        check_batching(model, layers[0].dtype if layers else "float32")
         args = getattr(model, "args", None)
         return cls(
             model_type=str(getattr(args, "model_type", type(model).__module__.split(".")[-1])),

@@ -162,3 +162,67 @@ def test_weights_fingerprint_samples_each_tensor_beyond_its_first_values(model_d
     tuned = mx.concatenate([flat[:half], flat[half:] * 1.01]).reshape(value.shape)
     model.load_weights([(name, tuned)], strict=False)
     assert weights_fingerprint(model) != before
+
+
+def _random_model(config: dict):
+    from mlx.utils import tree_map
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(0)
+    model = model_class(args_class.from_dict(config))
+    # Larger weights than the default init: distributions far from uniform, so a leak of
+    # padding shows as a large change of log-probabilities (as it does in trained models).
+    model.update(tree_map(lambda p: p * 3 if p.ndim > 1 else p, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+BATCH_LEAKS = {
+    # mamba's mixer takes no mask: left padding flows into every shorter prompt's state.
+    "mamba": {
+        "model_type": "mamba",
+        "vocab_size": 768,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "state_size": 8,
+        "num_hidden_layers": 2,
+        "conv_kernel": 4,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "time_step_rank": 8,
+        "tie_word_embeddings": True,
+    },
+    # gemma2 reshapes scores to 5 dimensions; the 4-d batch mask then broadcasts wrongly.
+    "gemma2": {
+        "model_type": "gemma2",
+        "vocab_size": 768,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "query_pre_attn_scalar": 16,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window": 32,
+    },
+}
+
+
+@pytest.mark.parametrize("arch", sorted(BATCH_LEAKS))
+def test_a_model_that_computes_differently_in_a_batch_is_refused(arch):
+    """Their cache classes are ones agentkv keeps, but mlx-lm's batched generation lets
+    left padding change their outputs: refused with UnsupportedModelError, never served
+    with wrong tokens."""
+    model = _random_model(BATCH_LEAKS[arch])
+    with pytest.raises(UnsupportedModelError, match="batch"):
+        ModelCacheSpec.from_model(model, block_size=16)
+
+
+def test_the_batch_probe_passes_the_test_architectures(loaded_models):
+    for model, _ in loaded_models.values():
+        ModelCacheSpec.from_model(model, block_size=16)  # raises if refused

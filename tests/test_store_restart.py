@@ -465,23 +465,34 @@ def test_inspecting_a_stored_agent_does_not_load_it(loaded_models, tmp_path):
 
 
 def test_a_model_without_attention_layers_resumes_exactly(loaded_models, tmp_path):
-    """A pure recurrent model (mamba): no K/V buffers at all, only states in the state
+    """A pure recurrent model (mamba2): no K/V buffers at all, only states in the state
     file; the restart resumes every agent exactly."""
     import mlx.core as mx
     from mlx_lm.utils import _get_classes
 
     _, tokenizer = loaded_models["llama"]
     config = {
-        "model_type": "mamba",
+        "model_type": "mamba2",
         "vocab_size": VOCAB,
         "hidden_size": 64,
         "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "num_heads": 8,
+        "head_dim": 16,
         "state_size": 8,
+        "n_groups": 1,
         "num_hidden_layers": 2,
         "conv_kernel": 4,
+        "expand": 2,
         "use_bias": False,
         "use_conv_bias": True,
-        "time_step_rank": 4,
+        "chunk_size": 16,
+        "time_step_limit": [0.0, 1e9],
+        "time_step_rank": 8,
+        "layer_norm_epsilon": 1e-6,
         "tie_word_embeddings": True,
     }
     model_class, args_class = _get_classes(config)
