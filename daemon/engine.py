@@ -224,8 +224,7 @@ class BlockPoolBatchEngine:
             EngineClosedError: the engine was closed.
         """
         self._check_thread()
-        if self._closed:
-            raise EngineClosedError("engine is closed")
+        self._check_open()
         check_agent_id(agent_id)
         req = _Request(
             uid=self._next_uid,
@@ -471,7 +470,11 @@ class BlockPoolBatchEngine:
         length = (
             length + len(req.new_tokens) if req.new_tokens is not None else len(req.full_tokens)
         )
-        need = self._manager.blocks_for(length + req.max_tokens)
+        self._require_room(length + req.max_tokens)
+
+    def _require_room(self, tokens: int) -> None:
+        """Raise PoolExhaustedError if `tokens` could never fit in the pool, even alone."""
+        need = self._manager.blocks_for(tokens)
         if need > self.pool.total_blocks:
             raise PoolExhaustedError(
                 need, self.pool.num_free, f"the pool holds {self.pool.total_blocks} blocks in all"
@@ -486,11 +489,7 @@ class BlockPoolBatchEngine:
         if fewest == 0:
             return
         base = self._projected_len(agent) if messages is None else 0
-        need = self._manager.blocks_for(base + fewest + req.max_tokens)
-        if need > self.pool.total_blocks:
-            raise PoolExhaustedError(
-                need, self.pool.num_free, f"the pool holds {self.pool.total_blocks} blocks in all"
-            )
+        self._require_room(base + fewest + req.max_tokens)
 
     def _projected_len(self, agent: AgentContext) -> int:
         """Longest the agent's context can be once its queued turns have run."""

@@ -137,14 +137,11 @@ def restore(
         return _keep_prefix(spec, agent, _layer_arrays(layout, blob), good * bs, from_disk)
     try:
         meta, tensors = store.read_state(stored)  # a bad file: counted and moved aside
-        try:
-            tail = _fill_tail(spec, meta, tensors, views, n_blocks * bs, n)
-            windows, states = _unpack_state(spec, meta, tensors)
-        except (KeyError, IndexError, ValueError, TypeError, OverflowError) as exc:
-            # Checksum-valid, yet not a state of this model's layout: as corrupt.
+        tail = _fill_tail(spec, meta, tensors, views, n_blocks * bs, n)
+        windows, states = _unpack_state(spec, meta, tensors)
+    except (CorruptFileError, KeyError, IndexError, ValueError, TypeError, OverflowError) as exc:
+        if not isinstance(exc, CorruptFileError):  # checksum-valid, yet no state of this model
             store.report_corrupt_state(stored, f"not a state of this model: {exc!r}")
-            raise CorruptFileError(store.root / str(stored.state_file), repr(exc)) from exc
-    except CorruptFileError as exc:
         log.warning("agent %r: restore stopped: %s", agent.agent_id, exc)
         return _keep_prefix(spec, agent, _layer_arrays(layout, blob), n_blocks * bs, from_disk)
     agent.restored_full = _layer_arrays(layout, blob)

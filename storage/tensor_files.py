@@ -191,9 +191,8 @@ def read_tensor_file(
         CorruptFileError: missing, unreadable, truncated, malformed, of another size, or
             checksum mismatch.
     """
-    fd = _open_regular(path, follow=True)
+    fd, total = _open_regular(path, follow=True)
     try:
-        total = os.fstat(fd).st_size
         if size is not None and total != size:
             raise CorruptFileError(path, f"{total} bytes, the index recorded {size}")
         head = _pread_header(path, fd, total)
@@ -235,14 +234,8 @@ def _data_bytes(path: Path, header: dict) -> int:
 
 def _pread_exact(path: Path, fd: int, n: int, offset: int) -> memoryview:
     """n bytes of the file from `offset`."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    done = 0
-    while done < n:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise CorruptFileError(path, "truncated (short read)")
-        done += got
+    view = memoryview(bytearray(n))
+    _preadv_all(path, fd, [view], offset)
     return view
 
 
@@ -261,9 +254,8 @@ def read_tensor_file_into(path: Path, dests: Mapping[str, HostTensor] | FileDest
     """
     dest = dests if isinstance(dests, FileDest) else file_dest(dests)
     # A store's file is never a link: one that is (planted) is refused, not followed.
-    fd = _open_regular(path, follow=False)
+    fd, size = _open_regular(path, follow=False)
     try:
-        size = os.fstat(fd).st_size
         head = _pread_header(path, fd, size)
         header = _parse_header(path, head[8:])
         meta = header.pop("__metadata__", {}) or {}
@@ -288,10 +280,11 @@ def read_tensor_file_into(path: Path, dests: Mapping[str, HostTensor] | FileDest
     return dict(meta)
 
 
-def _open_regular(path: Path, *, follow: bool) -> int:
-    """A read-only descriptor of `path`, which must be a regular file (a symlink to one
-    only if `follow`). Opened non-blocking: a named pipe planted where a file should be
-    would otherwise wait for a writer forever; it is refused like a directory or a device.
+def _open_regular(path: Path, *, follow: bool) -> tuple[int, int]:
+    """A read-only descriptor of `path` and its size; `path` must be a regular file (a
+    symlink to one only if `follow`). Opened non-blocking: a named pipe planted where a
+    file should be would otherwise wait for a writer forever; it is refused like a
+    directory or a device.
 
     Raises:
         CorruptFileError: missing, a refused link, not a regular file, or unopenable.
@@ -302,14 +295,14 @@ def _open_regular(path: Path, *, follow: bool) -> int:
     except OSError as exc:
         raise _unreadable(path, exc) from exc
     try:
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        info = os.fstat(fd)
     except OSError as exc:
         os.close(fd)
         raise _unreadable(path, exc) from exc
-    if not regular:
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise CorruptFileError(path, "not a regular file")
-    return fd
+    return fd, info.st_size
 
 
 def _unreadable(path: Path, exc: OSError) -> CorruptFileError:
