@@ -50,6 +50,10 @@ class Event:
         finish_reason: set on the last event: "stop", "length", "cancelled" or "error".
         usage: set on the last event: token counts and timings.
         error: {code, message} when finish_reason is "error".
+        durable: set on the last event when the daemon has a store: True once the turn
+            (the agent's whole context) is on disk, so it survives a crash; False when
+            the write failed (disk full, ...): the turn is served from memory and
+            written again at the agent's next turn or at shutdown.
     """
 
     uid: int
@@ -59,6 +63,7 @@ class Event:
     finish_reason: str | None = None
     usage: dict | None = None
     error: dict | None = None
+    durable: bool | None = None
 
     @property
     def finished(self) -> bool:
@@ -77,7 +82,7 @@ _EVENT_FIELDS = frozenset(f.name for f in fields(Event))
 
 @dataclass(slots=True)
 class Result:
-    """A finished turn."""
+    """A finished turn (`durable` as in `Event`)."""
 
     uid: int
     agent_id: str
@@ -85,6 +90,7 @@ class Result:
     token_ids: list[int]
     finish_reason: str
     usage: dict
+    durable: bool | None = None
 
 
 class Client:
@@ -210,6 +216,7 @@ class Client:
                     tokens,
                     event.finish_reason,
                     event.usage or {},
+                    durable=event.durable,
                 )
         raise AssertionError("unreachable")
 
@@ -263,7 +270,13 @@ class Client:
         raise DaemonUnavailable(f"agent {agent_id!r} kept changing while it was read")
 
     def delete(self, agent_id: str) -> None:
-        """Forget an agent (memory and store). Raises UnknownAgent."""
+        """Forget an agent (memory and store); returns once the delete is on disk.
+
+        Raises:
+            UnknownAgent: no such agent.
+            StoreWriteFailed: the delete could not be written (disk full, read-only
+                store): the agent is still stored and comes back after a restart.
+        """
         self._call(MessageType.DELETE, {"agent_id": agent_id})
 
     def fork(self, agent_id: str, new_agent_id: str) -> dict:
@@ -274,9 +287,25 @@ class Client:
         """Daemon counters, pool and store use."""
         return self._call(MessageType.STATS, {})
 
-    def shutdown(self, *, cancel: bool = False) -> None:
-        """Ask the daemon to drain and exit (in-flight turns finish unless cancel=True)."""
-        self._call(MessageType.SHUTDOWN, {"cancel": cancel})
+    def shutdown(self, *, cancel: bool = False, wait: float | None = None) -> dict:
+        """Ask the daemon to drain and exit (in-flight turns finish unless cancel=True).
+
+        Args:
+            cancel: cancel running turns instead of letting them finish.
+            wait: if given, wait up to this many seconds for the daemon to finish draining
+                and closing its store; the reply then holds `unsaved`, one row per agent
+                whose finished turns could not be made durable (`agent_id`,
+                `behind_tokens`, `error`): empty when everything is on disk.
+
+        Returns:
+            The daemon's reply (`shutting_down`; with `wait`, `stopped` and `unsaved`).
+
+        Raises:
+            DaemonUnavailable: no reply within `wait` (or the client's timeout).
+        """
+        if wait is None:
+            return self._call(MessageType.SHUTDOWN, {"cancel": cancel})
+        return self._call(MessageType.SHUTDOWN, {"cancel": cancel, "wait": True}, wait=wait)
 
     def close(self) -> None:
         """Close the socket."""

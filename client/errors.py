@@ -93,6 +93,13 @@ class EngineClosed(AgentKVClientError):
     code = "engine_closed"
 
 
+class StoreWriteFailed(AgentKVClientError):
+    """A change (a delete) could not be made durable in the daemon's store: it was not
+    made, and the agent is still stored."""
+
+    code = "store_write"
+
+
 class GenerationFailed(AgentKVClientError):
     """A turn finished with finish_reason "error"."""
 
@@ -114,6 +121,7 @@ _BY_CODE = {
         CacheReconstruction,
         ModelNotFound,
         EngineClosed,
+        StoreWriteFailed,
     )
 }
 

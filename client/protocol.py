@@ -86,6 +86,7 @@ ERRORS = {
     "cache_reconstruction": "an agent's cache could not be rebuilt",
     "model_not_found": "the model could not be loaded",
     "engine_closed": "the daemon is shutting down",
+    "store_write": "a change could not be written to the store (disk full, read-only): not made",
     "internal": "an unexpected error in the daemon",
 }
 

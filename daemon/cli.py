@@ -30,21 +30,33 @@ from agentkv.client.errors import AgentKVClientError
 from agentkv.client.paths import default_socket, default_store
 
 from .process import (
-    LOGFILE,
+    BadOptionError,
     DaemonOptions,
     StartError,
     StoreInUseError,
     check_endpoint,
     is_local_endpoint,
     listening,
+    run_daemon,
+)
+from .runfiles import (
+    LOCKFILE,
+    LOGFILE,
+    find_pidfile,
+    holds_lock,
     pid_alive,
     read_pid,
     read_state,
-    run_daemon,
+    remove_stale,
+    run_dir,
+    same_store,
+    store_path,
 )
 
+EXIT_DEAD_PIDFILE = 1  # LSB: program is dead and a pidfile exists
 EXIT_NOT_RUNNING = 3
 EXIT_UNREACHABLE = 4
+EXIT_USAGE = 2
 EXIT_STORE_IN_USE = 75  # a detached child tells `start`: another daemon has the store
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -92,8 +104,8 @@ def common(f):
     )
     @functools.wraps(f)
     def wrapper(socket_, store, timeout, **kw):
-        store = (store or default_store()).expanduser()
-        socket_ = socket_ or _store_socket(store) or default_socket()
+        store = store_path(store or default_store())
+        socket_ = absolute_endpoint(socket_ or _store_socket(store) or default_socket())
         default = 120.0 if f.__name__ == "start" else 10.0
         return f(
             socket_=socket_, store=store, timeout=default if timeout is None else timeout, **kw
@@ -151,7 +163,7 @@ def start(
 ) -> None:
     """Start the daemon (returns once it answers the handshake)."""
     opts = DaemonOptions(
-        model=model,
+        model=_model_arg(model),
         store=store,
         socket=socket_,
         memory_budget=parse_size(memory_budget),
@@ -168,11 +180,15 @@ def start(
         raise click.UsageError(str(exc)) from None
     info = _hello(socket_, auth_key, min(timeout, 2.0))
     if info is not None:
+        _check_serves(info, opts)
         _already(as_json, info, socket_)
         return
     if foreground:
         _run_foreground(opts, detached=detached)
         return
+    stale = remove_stale(store)  # a daemon killed with -9 left its pidfile
+    if stale is not None:
+        click.echo(f"agentkv: removed the stale pidfile of pid {stale.pid}", err=True)
     other = read_pid(store)
     if other is not None:  # a daemon has the store: still loading its model, most likely
         _await_other(opts, other, timeout, as_json)
@@ -186,51 +202,62 @@ def start(
 def stop(socket_, store, as_json, timeout, auth_key, cancel) -> None:
     """Stop the daemon: ask it to drain, then SIGTERM, then SIGKILL after the timeout.
 
-    A daemon that does not answer but whose pidfile is in --store gets SIGTERM at once.
-    Only a daemon of this machine is ever signalled (its pid in --store's pidfile, or an
-    ipc/loopback endpoint whose daemon reports this host); a remote one is only asked.
+    Exits 1 if the daemon could not make every finished turn durable (disk full, ...),
+    naming the agents behind and by how many tokens. A daemon that does not answer is
+    signalled at once, but only while it provably is this store's daemon: its pid holds
+    the store's daemon lock. A stale pidfile (a daemon killed with -9) is removed, never
+    acted on. A daemon elsewhere (tcp) is only asked.
     """
     info = _hello(socket_, auth_key, min(timeout, 2.0))
     if info is None:
-        pid = _pid_for(store, socket_)
-        if pid is None:
-            _out(as_json, {"running": False}, "agentkv daemon is not running")
-            return
-        _stopped(as_json, pid, _wait_exit(pid, timeout, asked=False))
+        _stop_unanswering(store, timeout, as_json)
         return
+    lock = _daemon_lock(info, store)  # proven before it starts shutting down
+    pid = _local_pid(info, store, socket_) if lock is not None else None
+    reply = None
     try:
         with Client(socket_, timeout=min(timeout, 5.0), auth_key=auth_key) as c:
-            c.shutdown(cancel=cancel)
+            reply = c.shutdown(cancel=cancel, wait=max(timeout, 1.0))
     except AgentKVClientError:
-        pass
-    pid = _local_pid(info, store, socket_)
+        pass  # no report in time: signals follow
     if pid is None:  # not ours to signal: wait for it to go quiet
         _wait_quiet(socket_, auth_key, timeout, info)
-        _stopped(as_json, info.get("pid"), "shutdown", remote=True)
+        _stopped(as_json, info.get("pid"), "shutdown", reply, remote=True)
         return
-    _stopped(as_json, pid, _wait_exit(pid, timeout, asked=True))
+    how = _wait_exit(pid, lock, 10.0 if reply is not None else 0.0, asked=True)
+    _stopped(as_json, pid, how, reply)
+
+
+def _stop_unanswering(store: Path, timeout: float, as_json: bool) -> None:
+    """Stop for a daemon that does not answer: signal it if its pidfile is live (its pid
+    holds the store's lock); remove a stale pidfile."""
+    found = find_pidfile(store)
+    if found is None:
+        _out(as_json, {"running": False}, "agentkv daemon is not running")
+        return
+    if not found.live:
+        remove_stale(store)
+        _out(
+            as_json,
+            {"running": False, "stale_pid": found.pid},
+            f"agentkv daemon is not running (removed the stale pidfile of pid {found.pid})",
+        )
+        return
+    _stopped(as_json, found.pid, _wait_exit(found.pid, found.dir / LOCKFILE, timeout))
 
 
 @main.command()
 @common
 def status(socket_, store, as_json, timeout, auth_key) -> None:
-    """Exit 0 if the daemon runs, 3 if not, 4 if its process lives but does not answer."""
+    """Exit 0 if the daemon runs, 3 if not, 1 if it died leaving its pidfile (LSB), 4 if
+    it runs (holds the store's lock) but does not answer."""
     try:
         if listening(socket_) is False:
             raise DaemonUnavailable(f"nothing listens on {socket_}")
         with Client(socket_, timeout=timeout, auth_key=auth_key) as c:
             stats = c.stats()
     except DaemonUnavailable:
-        pid = _pid_for(store, socket_)
-        if pid is not None:
-            _out(
-                as_json,
-                {"running": True, "reachable": False, "pid": pid},
-                f"agentkv daemon (pid {pid}) is not answering on {socket_}",
-            )
-            sys.exit(EXIT_UNREACHABLE)
-        _out(as_json, {"running": False}, "agentkv daemon is not running")
-        sys.exit(EXIT_NOT_RUNNING)
+        _status_unanswering(store, socket_, as_json)
     except Unauthorized as exc:  # it runs, but will not talk to us
         _out(
             as_json,
@@ -241,6 +268,29 @@ def status(socket_, store, as_json, timeout, auth_key) -> None:
     except AgentKVClientError as exc:
         raise click.ClickException(str(exc)) from None
     _out(as_json, {"running": True, **stats}, _status_text(stats))
+
+
+def _status_unanswering(store: Path, endpoint: str, as_json: bool) -> None:
+    found = find_pidfile(store)
+    if found is not None and found.live and read_state(store).get("socket") != endpoint:
+        found = None  # the store's daemon serves another endpoint: nothing runs on this one
+    if found is not None and found.live:
+        _out(
+            as_json,
+            {"running": True, "reachable": False, "pid": found.pid},
+            f"agentkv daemon (pid {found.pid}) is not answering on {endpoint}",
+        )
+        sys.exit(EXIT_UNREACHABLE)
+    if found is not None:
+        _out(
+            as_json,
+            {"running": False, "stale_pid": found.pid, "pidfile": str(found.dir)},
+            f"agentkv daemon is dead, but its pidfile (pid {found.pid}) is left in "
+            f"{found.dir}; `daemonctl start` removes it",
+        )
+        sys.exit(EXIT_DEAD_PIDFILE)
+    _out(as_json, {"running": False}, "agentkv daemon is not running")
+    sys.exit(EXIT_NOT_RUNNING)
 
 
 @main.command()
@@ -355,23 +405,32 @@ def _run_foreground(opts: DaemonOptions, *, detached: bool) -> None:
     if not detached:  # a detached daemon's stderr is its log file already
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        run_daemon(opts)
+        report = run_daemon(opts)
     except StoreInUseError as exc:
         if detached:  # the `start` that spawned us waits for the other daemon instead
             click.echo(f"agentkv: {exc}", err=True)
             sys.exit(EXIT_STORE_IN_USE)
         raise click.ClickException(str(exc)) from None
+    except BadOptionError as exc:
+        raise click.UsageError(str(exc)) from None
     except StartError as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    if report.get("unsaved"):  # supervisors (systemd, ...) see the exit status
+        click.echo(_unsaved_text(report["unsaved"]), err=True)
+        sys.exit(1)
 
 
 def _spawn(opts: DaemonOptions, timeout: float, as_json: bool) -> None:
     """Start a detached daemon and wait for its handshake; on failure show the log's tail."""
-    opts.store.mkdir(parents=True, exist_ok=True)
-    log_path = opts.store / LOGFILE
-    with open(log_path, "ab") as log:
+    try:
+        opts.store.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir(opts.store, create=True) / LOGFILE
+        log = open(log_path, "ab")  # noqa: SIM115 - closed below, once the child has it
+    except OSError as exc:
+        raise click.ClickException(f"cannot prepare store {opts.store}: {exc}") from None
+    with log:
         proc = subprocess.Popen(
             _child_args(opts),
             stdin=subprocess.DEVNULL,
@@ -388,6 +447,8 @@ def _spawn(opts: DaemonOptions, timeout: float, as_json: bool) -> None:
             if other is not None:  # another start won the race: wait for that daemon
                 _await_other(opts, other, deadline - time.monotonic(), as_json)
                 return
+            if proc.returncode == EXIT_USAGE:  # a bad option the child found: its last line
+                raise click.UsageError(_usage_line(log_path))
             raise click.ClickException(f"daemon exited with {proc.returncode}\n{_tail(log_path)}")
         info = _hello(opts.socket, opts.auth_key, 0.5)
         if info is not None:
@@ -456,13 +517,48 @@ def _await_other(opts: DaemonOptions, pid: int, timeout: float, as_json: bool) -
     while time.monotonic() < deadline:
         info = _hello(opts.socket, opts.auth_key, 0.5)
         if info is not None:
+            _check_serves(info, opts)
             _already(as_json, info, opts.socket)
             return
         if not pid_alive(pid):
-            tail = _tail(opts.store / LOGFILE)
+            tail = _tail(run_dir(opts.store) / LOGFILE)
             raise click.ClickException(f"daemon pid {pid} exited while starting\n{tail}")
         time.sleep(0.2)
     raise click.ClickException(f"daemon pid {pid} did not answer within {timeout:.0f} s")
+
+
+def _check_serves(info: dict, opts: DaemonOptions) -> None:
+    """The daemon answering on our socket must serve the store we start (the same
+    directory, on this host) and, when --model is given, that model; else start fails
+    rather than report someone else's daemon as ours."""
+    theirs = f"store {info.get('store')!r} with model {info.get('model')!r}"
+    if not same_store(info, opts.store):
+        raise click.ClickException(
+            f"{opts.socket} is served by another daemon (pid {info.get('pid')}) on {theirs}, "
+            f"not store {str(opts.store)!r}: stop it, or start this store on another --socket"
+        )
+    if opts.model is not None and info.get("model") != opts.model:
+        raise click.ClickException(
+            f"{opts.socket} is served by a daemon (pid {info.get('pid')}) on this store with "
+            f"model {info.get('model')!r}, not {opts.model!r}: stop it first to change models"
+        )
+
+
+def _model_arg(model: str | None) -> str | None:
+    """--model as the daemon reports it: an existing path made absolute (its real path),
+    a Hugging Face id as given."""
+    if model is None:
+        return None
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def absolute_endpoint(endpoint: str) -> str:
+    """An ipc endpoint with a relative path made absolute (the daemon reports it, and
+    other processes started elsewhere must reach the same socket); others unchanged."""
+    if endpoint.startswith("ipc://") and not endpoint[6:].startswith(("/", "@")):
+        return "ipc://" + os.path.abspath(endpoint[6:])
+    return endpoint
 
 
 def _already(as_json: bool, info: dict, endpoint: str) -> None:
@@ -503,12 +599,16 @@ def _call(fn, *args):
         raise click.ClickException(str(exc)) from None
 
 
-def _pid_for(store: Path, endpoint: str) -> int | None:
-    """A live daemon pid recorded in the store for this endpoint."""
-    pid = read_pid(store)
-    if pid is None:
-        return None
-    return pid if read_state(store).get("socket", endpoint) == endpoint else None
+def _daemon_lock(info: dict, store: Path) -> Path | None:
+    """The daemon lock file that proves the pid of a daemon's `hello` is that daemon:
+    its reported run directory's, or --store's when the pidfile there names it."""
+    run = info.get("run_dir")
+    if isinstance(run, str) and run:
+        return Path(run) / LOCKFILE
+    found = find_pidfile(store)
+    if found is not None and found.live and found.pid == info.get("pid"):
+        return found.dir / LOCKFILE
+    return None
 
 
 def _local_pid(info: dict, store: Path, endpoint: str) -> int | None:
@@ -517,6 +617,9 @@ def _local_pid(info: dict, store: Path, endpoint: str) -> int | None:
     (a tcp daemon elsewhere, or a tunnel to one: its pid means nothing here)."""
     pid = info.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    lock = _daemon_lock(info, store)
+    if lock is None or not holds_lock(pid, lock):  # not provably that daemon
         return None
     if read_pid(store) == pid:
         return pid
@@ -534,37 +637,73 @@ def _wait_quiet(endpoint: str, key, timeout: float, info: dict) -> None:
         time.sleep(0.2)
     raise click.ClickException(
         f"the daemon on {endpoint} (pid {info.get('pid')} on host {info.get('host')!r}) "
-        f"was asked to shut down but still answers after {timeout:.0f} s; it is not this "
-        "machine's daemon (no pidfile in --store names it), so it was not signalled"
+        f"was asked to shut down but still answers after {timeout:.0f} s; it is not provably "
+        "this machine's daemon (its pid holds no store's daemon lock here), so it was not "
+        "signalled"
     )
 
 
-def _wait_exit(pid: int, timeout: float, *, asked: bool) -> str:
-    """Wait for a local daemon to exit: `timeout` for the shutdown it was asked for, then
-    SIGTERM, then SIGKILL. One that was not asked (it did not answer) gets SIGTERM at once
-    and `timeout` to drain."""
-    steps = [("shutdown", None, timeout)] if asked else []
-    steps += [("SIGTERM", signal.SIGTERM, 10.0 if asked else timeout)]
+def _wait_exit(pid: int, lock: Path, wait: float, *, asked: bool = False) -> str:
+    """Wait `wait` seconds for a local daemon to exit, then SIGTERM (10 s more when it was
+    asked to shut down already, else `wait`), then SIGKILL. A signal goes out only while
+    `pid` still holds the store's daemon lock: once it does not, the daemon is gone and
+    the pid may be anyone's."""
+    steps = [("shutdown", None, wait)] if asked else []
+    steps += [("SIGTERM", signal.SIGTERM, 10.0 if asked else wait)]
     steps += [("SIGKILL", signal.SIGKILL, 10.0)]
-    for how, sig, wait in steps:
+    for how, sig, seconds in steps:
         if sig is not None:
+            if not _owns(pid, lock):
+                return _gone(pid, how)
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 return how
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if not _alive(pid):
-                return how
+            if not _owns(pid, lock):
+                return _gone(pid, how)
             time.sleep(0.05)
     raise click.ClickException(f"daemon pid {pid} did not exit")
 
 
-def _stopped(as_json: bool, pid, how: str, *, remote: bool = False) -> None:
+def _gone(pid: int, how: str, wait: float = 5.0) -> str:
+    """The daemon released its lock, so it is exiting: give its process a moment to end
+    (never a signal: without the lock the pid proves nothing)."""
+    deadline = time.monotonic() + wait
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return how
+
+
+def _owns(pid: int, lock: Path) -> bool:
+    """True while `pid` lives (reaped if it is our child) and holds the daemon lock."""
+    return _alive(pid) and holds_lock(pid, lock)
+
+
+def _stopped(as_json: bool, pid, how: str, reply: dict | None = None, *, remote=False) -> None:
+    """Report a stop; exit 1 when the daemon said some finished turns are not durable."""
     data = {"running": False, "pid": pid, "stopped_by": how}
     if remote:
         data["remote"] = True
-    _out(as_json, data, f"agentkv daemon (pid {pid}) stopped ({how})")
+    unsaved = (reply or {}).get("unsaved") or []
+    if reply is not None and reply.get("stopped"):
+        data["unsaved"] = unsaved
+    text = f"agentkv daemon (pid {pid}) stopped ({how})"
+    if unsaved:
+        text += "\n" + _unsaved_text(unsaved)
+    _out(as_json, data, text)
+    if unsaved:
+        sys.exit(1)
+
+
+def _unsaved_text(unsaved: list[dict]) -> str:
+    lines = [f"{len(unsaved)} agent(s) not durable: their latest turns are not on disk"]
+    lines += [
+        f"  {r.get('agent_id')}: {r.get('behind_tokens')} token(s) behind ({r.get('error')})"
+        for r in unsaved
+    ]
+    return "\n".join(lines)
 
 
 def _store_socket(store: Path) -> str | None:
@@ -660,8 +799,7 @@ def _serving_fingerprint(socket_: str, store: Path, key, timeout: float) -> str 
     info = _hello(socket_, key, min(timeout, 2.0))
     if not info or not info.get("fingerprint"):
         return None
-    served = info.get("store")
-    if not isinstance(served, str) or Path(served).resolve() != store.resolve():
+    if not same_store(info, store):
         return None  # another store's daemon: its model says nothing about this store
     return info["fingerprint"]
 
@@ -688,6 +826,12 @@ def _check_model_known(store: Path, fingerprint: str) -> None:
         raise click.ClickException(f"no model {fingerprint!r} in {store} (its models: {listed})")
 
 
+def _usage_line(log_path: Path) -> str:
+    """A detached child's usage error: the last "Error:" line of its log."""
+    lines = [ln for ln in _tail(log_path).splitlines() if ln.startswith("Error:")]
+    return lines[-1].removeprefix("Error:").strip() if lines else _tail(log_path)
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -707,7 +851,18 @@ def _status_text(s: dict) -> str:
         f"{pool.get('cached', 0)} cached\n"
         f"  store {store.get('blocks', 0)} blocks, {store.get('block_bytes', 0) / 2**20:.1f} MiB; "
         f"restored {s.get('restored_agents', 0)} agents / {s.get('restored_tokens', 0)} tokens"
+        + _durability_text(s)
     )
+
+
+def _durability_text(s: dict) -> str:
+    """Write errors and agents whose latest turns are not on disk, if any."""
+    errors = s.get("store", {}).get("write_errors", 0)
+    unsaved = s.get("unsaved") or []
+    if not errors and not unsaved:
+        return ""
+    text = f"\n  store write errors: {errors}"
+    return text + ("\n  " + _unsaved_text(unsaved).replace("\n", "\n  ") if unsaved else "")
 
 
 def _table(rows: list[dict]) -> str:

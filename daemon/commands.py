@@ -101,6 +101,10 @@ class CommandHandler:
         # (client, uid, agent id, final fields): finished turns waiting to be durable
         self._held: list[tuple[bytes, int, str, dict]] = []
         self._closing = False
+        self._shutdown_waiters: list[tuple[bytes, object]] = []  # (client, request id)
+        # (client, request id, agent id): deletes answered once they are on disk
+        self._held_deletes: list[tuple[bytes, object, str]] = []
+        self.shutdown_report: dict = {"unsaved": []}
         self._grace_until: float | None = None
         self._next_expiry = time.monotonic() + EXPIRY_EVERY_S
         self._expired = 0
@@ -129,7 +133,7 @@ class CommandHandler:
         deadlines += [
             c.answered + c.interval for c in self._clients.values() if c.parked and c.events
         ]
-        if self._held:
+        if self._held or self._held_deletes:
             return HELD_POLL_S
         if not deadlines:
             return 0.5
@@ -143,7 +147,10 @@ class CommandHandler:
             client.seen = time.monotonic()
         try:
             if msg.type is MessageType.SHUTDOWN:
-                self.send(identity, *protocol.reply(rid, {"shutting_down": True}))
+                if msg.header.get("wait") is True:  # answered once the store is closed
+                    self._shutdown_waiters.append((identity, rid))
+                else:
+                    self.send(identity, *protocol.reply(rid, {"shutting_down": True}))
                 cancel = self.cancel_on_shutdown or bool(msg.header.get("cancel"))
                 self.begin_shutdown(cancel=cancel)
                 return True
@@ -167,6 +174,8 @@ class CommandHandler:
                 self._route(event)
         if self._held:
             self._release_durable()
+        if self._held_deletes:
+            self._answer_deletes()
         now = time.monotonic()
         for identity, client in list(self._clients.items()):
             if client.parked and (_due(client, now) or now >= client.parked[1]):
@@ -202,7 +211,7 @@ class CommandHandler:
     def drained(self) -> bool:
         """After `begin_shutdown`: True once no turn runs and every client has collected
         its finished turns' events (or `DRAIN_GRACE_S` passed waiting for it to step)."""
-        if self.busy or self._held:
+        if self.busy or self._held or self._held_deletes:
             return False
         undelivered = any(c.events and not c.parked for c in self._clients.values())
         if not undelivered:
@@ -220,9 +229,15 @@ class CommandHandler:
                 self.engine.cancel(uid)
 
     def finish_shutdown(self) -> None:
-        """Answer parked steps, then close the engine (flushing the store)."""
+        """Answer parked steps, close the engine (flushing the store), then answer the
+        shutdown requests that wait for the outcome: which agents are not durable."""
         self.answer_parked()
-        self.engine.close()
+        unsaved = self.engine.close() or []
+        self.shutdown_report = {"unsaved": unsaved}
+        for identity, rid in self._shutdown_waiters:
+            result = {"shutting_down": True, "stopped": True, "unsaved": unsaved}
+            self.send(identity, *protocol.reply(rid, result))
+        self._shutdown_waiters = []
 
     # -- requests --------------------------------------------------------------------------
 
@@ -307,10 +322,32 @@ class CommandHandler:
         out["token_ids"] = tokens[offset : offset + limit]
         return out
 
-    def _delete(self, identity: bytes, h: dict) -> dict:
-        self.engine.delete_agent(protocol.check_agent_id(h.get("agent_id")))
+    def _delete(self, identity: bytes, h: dict) -> dict | None:
+        """Forget an agent; with a store, answered once the delete is on disk (or failed:
+        then an error, and the agent is still stored)."""
+        agent_id = protocol.check_agent_id(h.get("agent_id"))
+        self.engine.delete_agent(agent_id)
         self._store_key = None  # the store's totals change once the delete lands
-        return {"deleted": True}
+        if self.engine.store is None:
+            return {"deleted": True, "durable": False}
+        self._held_deletes.append((identity, h.get("id"), agent_id))
+        self._answer_deletes()
+        return None
+
+    def _answer_deletes(self) -> None:
+        store = self.engine.store
+        waiting = []
+        for identity, rid, agent_id in self._held_deletes:
+            if not store.is_settled(agent_id):
+                waiting.append((identity, rid, agent_id))
+                continue
+            why = self.engine.finish_delete(agent_id)
+            if why is None:
+                self.send(identity, *protocol.reply(rid, {"deleted": True, "durable": True}))
+            else:
+                message = f"agent {agent_id!r} could not be deleted on disk ({why}): kept as it was"
+                self.send(identity, *protocol.error(rid, "store_write", message))
+        self._held_deletes = waiting
 
     def _fork(self, identity: bytes, h: dict) -> dict:
         src = protocol.check_agent_id(h.get("agent_id"))
@@ -322,6 +359,7 @@ class CommandHandler:
         stats = self.engine.stats()
         if self.engine.store is not None:
             stats["store"] = self._cached_store_stats()
+            stats["unsaved"] = self.engine.unsaved_report()
         stats["clients"] = len(self._clients)
         stats["expired_clients"] = self._expired
         return {**self.info, "uptime_s": round(time.time() - self.started, 3), **stats}
@@ -375,8 +413,14 @@ class CommandHandler:
             if store is not None and not store.is_settled(agent_id):
                 waiting.append(item)
                 continue
+            final["durable"] = self._is_durable(agent_id)
             self._deliver(identity, uid, agent_id, final)
         self._held = waiting
+
+    def _is_durable(self, agent_id: str) -> bool:
+        """True if the agent's latest write landed (its context is on disk as it is now)."""
+        store = self.engine.store
+        return store is not None and store.unsaved(agent_id, self.engine.spec.fingerprint) is None
 
     def _deliver(self, identity: bytes, uid: int, agent_id: str, final: dict) -> None:
         """A request's last fields, for its client's next step."""

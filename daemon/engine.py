@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from agentkv.storage import CacheStore, StoreWriteError
+from agentkv.storage import CacheStore, StorageError, StoreWriteError
 
 from . import persistence
 from .agents import AgentContext
@@ -166,6 +166,9 @@ class BlockPoolBatchEngine:
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._gen = self._new_generator()
         self._agents: dict[str, AgentContext] = {}
+        # Agents whose delete is queued in the store: kept until it is on disk, so a delete
+        # that cannot be written (disk full) gives the agent back instead of losing it.
+        self._deleting: dict[str, AgentContext] = {}
         self._requests: dict[int, _Request] = {}
         self._waiting: deque[int] = deque()
         self._active: dict[int, _Request] = {}  # batch uid -> request
@@ -295,19 +298,49 @@ class BlockPoolBatchEngine:
         self._events.append(StepEvent(uid, req.agent_id, None, "", completion))
         return True
 
-    def close(self) -> None:
-        """Cancel everything, release every agent's blocks and stop accepting work."""
+    def close(self) -> list[dict]:
+        """Cancel everything, release every agent's blocks and stop accepting work.
+
+        Returns:
+            The agents whose finished turns could not be made durable even by a last
+            write at close (disk full, ...), as `unsaved_report` rows; [] when every
+            finished turn is on disk (or there is no store).
+        """
         if self._closed:
-            return
+            return []
         for uid in list(self._requests):
             self.cancel(uid)
         self._resave_unsaved()
+        report = []
+        if self.store is not None:
+            with contextlib.suppress(StoreWriteError):  # logged; `unsaved` says who
+                self.store.flush()
+            report = self.unsaved_report()
         for agent in self._agents.values():
             self._manager.drop(agent)
         self._gen.close()
         self._closed = True
         if self.store is not None:
             self.store.close()
+        return report
+
+    def unsaved_report(self) -> list[dict]:
+        """Agents whose latest turn could not be written: `agent_id`, `behind_tokens` (the
+        tokens of its context that the store does not hold yet) and `error` (why)."""
+        if self.store is None:
+            return []
+        rows = []
+        for agent_id, why in sorted(self.store.unsaved_agents(self.spec.fingerprint).items()):
+            agent = self._agents.get(agent_id)
+            if agent is None:
+                continue
+            try:
+                durable = self.store.durable_tokens(agent_id, self.spec.fingerprint)
+            except StorageError:  # a damaged index: count the whole context as behind
+                durable = 0
+            behind = max(len(agent.tokens) - durable, 0)
+            rows.append({"agent_id": agent_id, "behind_tokens": behind, "error": why})
+        return rows
 
     # -- agents ----------------------------------------------------------------------------
 
@@ -408,10 +441,29 @@ class BlockPoolBatchEngine:
         agent = self._agent(agent_id)
         for uid in [*([agent.active] if agent.active is not None else []), *agent.pending]:
             self.cancel(uid)
-        self._manager.drop(agent)
         del self._agents[agent_id]
-        if self.store is not None:
-            self.store.delete_agent(agent_id, self.spec.fingerprint)
+        if self.store is None:
+            self._manager.drop(agent)
+            return
+        self.store.delete_agent(agent_id, self.spec.fingerprint)
+        previous = self._deleting.pop(agent_id, None)
+        if previous is not None:  # deleted again meanwhile: the older copy is not needed
+            self._manager.drop(previous)
+        self._deleting[agent_id] = agent
+
+    def finish_delete(self, agent_id: str) -> str | None:
+        """Once the store settled an agent's delete (`store.is_settled`): None if it is on
+        disk; else why not, and the agent is back as it was (unless a new agent of that id
+        exists by now): a delete that cannot be made durable loses nothing."""
+        self._check_thread()
+        agent = self._deleting.pop(agent_id, None)
+        why = self.store.delete_error(agent_id, self.spec.fingerprint) if self.store else None
+        if agent is not None:
+            if why is None or agent_id in self._agents:
+                self._manager.drop(agent)
+            else:
+                self._agents[agent_id] = agent
+        return why
 
     def stats(self) -> dict:
         """Counters, queue lengths and pool occupancy."""

@@ -18,12 +18,31 @@ from urllib.parse import urlparse
 from agentkv.client import protocol
 from agentkv.client.paths import default_socket, default_store
 
-log = logging.getLogger("agentkv.daemon")
+from .runfiles import (
+    LOCKFILE,
+    LOGFILE,
+    PIDFILE,
+    STATEFILE,
+    pid_alive,
+    read_pid,
+    read_state,
+    run_dir,
+    store_identity,
+    store_path,
+)
 
-PIDFILE = "daemon.pid"
-STATEFILE = "daemon.json"
-LOGFILE = "daemon.log"
-LOCKFILE = "daemon.lock"  # flock held by the daemon for its whole life
+__all__ = [
+    "LOGFILE",
+    "DaemonOptions",
+    "StartError",
+    "StoreInUseError",
+    "pid_alive",
+    "read_pid",
+    "read_state",
+    "run_daemon",
+]
+
+log = logging.getLogger("agentkv.daemon")
 
 
 @dataclass(slots=True)
@@ -48,21 +67,32 @@ class StartError(Exception):
 
 
 def _check_pool_fits(opts: DaemonOptions, bytes_per_block: int) -> None:
-    """Refuse a pool larger than the machine's memory (--pool-blocks or --memory-budget):
-    it could never be filled, and its bookkeeping alone would exhaust memory."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not known here: no check
-        return
+    """Refuse a pool (--pool-blocks or --memory-budget) that holds no block of this model
+    (BadOptionError), or that is larger than the machine's memory (StartError): it could
+    never be filled, and its bookkeeping alone would exhaust memory."""
     if opts.pool_blocks:
         asked, what = opts.pool_blocks * bytes_per_block, f"--pool-blocks {opts.pool_blocks}"
     else:
         asked, what = opts.memory_budget, f"--memory-budget {opts.memory_budget}"
+    if bytes_per_block > 0 and asked < bytes_per_block:
+        raise BadOptionError(
+            f"{what} holds no KV block of this model: one block takes "
+            f"{bytes_per_block} bytes ({bytes_per_block / 2**20:.2f} MiB); give at least that"
+        )
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not known here: no check
+        return
     if asked > memory:
         raise StartError(
             f"{what} asks for {asked / 2**30:.1f} GiB of KV cache, more than this machine's "
             f"{memory / 2**30:.1f} GiB of memory"
         )
+
+
+class BadOptionError(StartError):
+    """An option's value cannot work with this model (a pool that holds no block, ...):
+    a usage error."""
 
 
 class StoreInUseError(StartError):
@@ -148,50 +178,12 @@ def listening(endpoint: str, timeout: float = 0.5) -> bool | None:
     return True
 
 
-def pid_alive(pid: int) -> bool:
-    """True if the process exists and is not a zombie (an exited daemon whose parent has
-    not reaped it yet, e.g. under a container init that never reaps). A process is gone
-    only when all its threads are: the main thread can be a zombie while others still
-    exit, holding the process's files (and the store's lock)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return not Path("/proc/self").exists()  # no procfs (macOS): kill() is all we know
-    for task in tasks:
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:
-            continue  # that thread is gone
-        if stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X"):
-            return True
-    return False
-
-
-def read_pid(store: Path) -> int | None:
-    """The pid in the store's pidfile if that process is alive, else None (stale)."""
-    try:
-        pid = int((store / PIDFILE).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid > 0 and pid_alive(pid) else None
-
-
-def read_state(store: Path) -> dict:
-    """The running daemon's recorded facts (socket, pid), or {}."""
-    try:
-        return json.loads((store / STATEFILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def run_daemon(opts: DaemonOptions) -> None:
+def run_daemon(opts: DaemonOptions) -> dict:
     """Run the daemon until SIGTERM, SIGINT or a shutdown request; returns after draining.
+
+    Returns:
+        The shutdown report: `unsaved` lists agents whose latest turns could not be made
+        durable (agent id, tokens behind, why); empty when everything is on disk.
 
     Raises:
         StartError: bad endpoint or key, something listens there already, or another
@@ -200,28 +192,37 @@ def run_daemon(opts: DaemonOptions) -> None:
     check_endpoint(opts.socket, opts.auth_key)
     if listening(opts.socket):  # binding an ipc path would take it from the other daemon
         raise StartError(f"another process is listening on {opts.socket}")
-    opts.store.mkdir(parents=True, exist_ok=True)
-    lock = _lock_store(opts.store)  # before anything else in the store: one daemon per store
+    opts.store = store_path(opts.store)
     try:
-        _serve(opts)
+        opts.store.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartError(f"cannot create store {opts.store}: {exc.strerror}") from None
+    run = run_dir(opts.store, create=True)
+    lock = _lock_store(opts.store, run)  # before anything else: one daemon per store
+    try:
+        return _serve(opts, run)
     finally:
         lock.close()  # releases the flock
 
 
-def _serve(opts: DaemonOptions) -> None:
+def _serve(opts: DaemonOptions, run: Path) -> dict:
     from .server import DaemonServer
 
     _prepare_ipc(opts.socket)
-    _setup_logging(opts.store)
+    _setup_logging(run)
+    if run != opts.store:
+        log.warning("store %s is not writable: pidfile, lock and log are in %s", opts.store, run)
     key = read_key(opts.auth_key) if opts.auth_key else None
     info = {
         "pid": os.getpid(),
         "socket": opts.socket,
         "store": str(opts.store),
+        "store_id": {k: v for k, v in (store_identity(opts.store) or {}).items() if k != "path"},
+        "run_dir": str(run),
         "started": time.time(),
         "host": socket.gethostname(),
     }
-    _claim_pidfile(opts.store, info)
+    _claim_pidfile(run, info)
     try:
         server = DaemonServer(
             lambda: _make_engine(opts, info),
@@ -234,9 +235,25 @@ def _serve(opts: DaemonOptions) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.request_shutdown())
         server.serve(ready=lambda: log.info("serving on %s (pid %d)", opts.socket, os.getpid()))
-        log.info("stopped")
+        _log_report(server.shutdown_report)
+        return server.shutdown_report
     finally:
-        _release_pidfile(opts.store)
+        _release_pidfile(run)
+
+
+def _log_report(report: dict) -> None:
+    unsaved = report.get("unsaved") or []
+    if not unsaved:
+        log.info("stopped: every finished turn is on disk")
+        return
+    for row in unsaved:
+        log.error(
+            "agent %r is %d token(s) behind on disk: %s",
+            row["agent_id"],
+            row["behind_tokens"],
+            row["error"],
+        )
+    log.error("stopped with %d agent(s) not durable", len(unsaved))
 
 
 def _make_engine(opts: DaemonOptions, info: dict, make_store=None):
@@ -318,15 +335,22 @@ def _prepare_ipc(endpoint: str) -> None:
             path.parent.mkdir(mode=0o700, parents=True)
 
 
-def _setup_logging(store: Path) -> None:
-    handler = logging.FileHandler(store / LOGFILE)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+def _setup_logging(run: Path) -> None:
+    """Log to the run directory's daemon.log (to stderr alone if it cannot be opened)."""
     root = logging.getLogger()
-    root.addHandler(handler)
     root.setLevel(logging.INFO)
+    try:
+        handler = logging.FileHandler(run / LOGFILE)
+    except OSError as exc:
+        if not root.handlers:
+            logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log.warning("cannot write the log file %s: %s; logging to stderr", run / LOGFILE, exc)
+        return
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
 
 
-def _lock_store(store: Path):
+def _lock_store(store: Path, run: Path):
     """Take the store's daemon lock (flock, released when the process exits, however it
     exits); two daemons starting at once on one store cannot both get it.
 
@@ -335,7 +359,10 @@ def _lock_store(store: Path):
     """
     from agentkv.storage.locks import try_lock
 
-    f = try_lock(store / LOCKFILE)  # held open for the daemon's life
+    try:
+        f = try_lock(run / LOCKFILE)  # held open for the daemon's life
+    except OSError as exc:
+        raise StartError(f"cannot take the daemon lock {run / LOCKFILE}: {exc.strerror}") from None
     if f is None:
         pid = read_pid(store)
         who = f"a daemon (pid {pid})" if pid else "another daemon"
@@ -343,22 +370,22 @@ def _lock_store(store: Path):
     return f
 
 
-def _claim_pidfile(store: Path, info: dict) -> None:
+def _claim_pidfile(run: Path, info: dict) -> None:
     """Write the pidfile and state file (fsynced); the caller holds the store's lock."""
     for name, text in ((PIDFILE, f"{os.getpid()}\n"), (STATEFILE, json.dumps(info))):
-        tmp = store / f".{name}.tmp"
+        tmp = run / f".{name}.tmp"
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, store / name)
+        os.replace(tmp, run / name)
 
 
-def _release_pidfile(store: Path) -> None:
+def _release_pidfile(run: Path) -> None:
     """Remove the pidfile only if it is still ours."""
     try:
-        if int((store / PIDFILE).read_text().strip()) == os.getpid():
-            (store / PIDFILE).unlink()
-            (store / STATEFILE).unlink(missing_ok=True)
+        if int((run / PIDFILE).read_text().strip()) == os.getpid():
+            (run / PIDFILE).unlink()
+            (run / STATEFILE).unlink(missing_ok=True)
     except (OSError, ValueError):
         pass

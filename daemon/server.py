@@ -72,6 +72,8 @@ class DaemonServer:
         self._engine_ready = threading.Event()
         self._engine_error: BaseException | None = None
         self._replay = protocol.ReplayGuard()
+        # What the engine's close reported: agents whose finished turns are not on disk.
+        self.shutdown_report: dict = {"unsaved": []}
 
     def request_shutdown(self) -> None:
         """Ask the daemon to drain and exit; safe to call from a signal handler."""
@@ -211,7 +213,9 @@ class DaemonServer:
             self._engine_error = exc
         finally:
             if engine is not None:
-                _close_engine(engine)
+                unsaved = _close_engine(engine)
+                if unsaved:
+                    self.shutdown_report = {"unsaved": unsaved}
             outbox.close(linger=1000)
             self._engine_ready.set()
             self._engine_done.set()
@@ -231,6 +235,7 @@ class DaemonServer:
             failures = self._guarded_step(handler, failures)
             if draining and handler.drained():
                 handler.finish_shutdown()
+                self.shutdown_report = handler.shutdown_report
                 return
 
     def _guarded_step(self, handler: CommandHandler, failures: int) -> int:
@@ -263,12 +268,14 @@ class DaemonServer:
         return items
 
 
-def _close_engine(engine) -> None:
-    """Close the engine (flushing the store) whatever state it is in."""
+def _close_engine(engine) -> list[dict]:
+    """Close the engine (flushing the store) whatever state it is in; returns the agents
+    it could not make durable (none if closed already)."""
     try:
-        engine.close()
+        return engine.close() or []
     except Exception:
         log.exception("closing the engine failed; flushing the store alone")
         store = getattr(engine, "store", None)
         if store is not None:
             store.close()
+        return []

@@ -110,7 +110,7 @@ def stamp(path: Path) -> None:
     report mixing runs (--only, --no-run) says which number comes from which."""
     try:
         data = json.loads(path.read_text())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         data.setdefault("meta", {})["measured"] = f"{now:%Y-%m-%d %H:%M} UTC, {git_state()}"
         path.write_text(json.dumps(data, indent=2) + "\n")
     except (OSError, ValueError, AttributeError):
@@ -656,7 +656,7 @@ def write_report(benches: list[Bench], out_dir: Path, args, plots: Plots, loadav
     have = {x.name: x for x in benches if x.data}
     first = next((x.data.get("meta") for x in benches if x.data), None)
     command = "./scripts/bench" + (" --quick" if args.quick else "")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     parts = [
         "# agentkv benchmark report" + (" (quick run)" if args.quick else ""),
         f"\nWritten by `{command}` on {now:%Y-%m-%d %H:%M} UTC at {git_state()}; "

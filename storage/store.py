@@ -124,6 +124,8 @@ class CacheStore:
         self._bad_rows: set[tuple[str, str]] = set()  # corrupt rows counted already
         # (agent id, fingerprint) -> why its latest turn could not be written
         self._unsaved: dict[tuple[str, str], str] = {}
+        # (agent id, fingerprint) -> why its latest delete could not be written
+        self._undeleted: dict[tuple[str, str], str] = {}
         self._errors: list[str] = []
         self.counters = {
             "turns_written": 0,
@@ -622,6 +624,8 @@ class CacheStore:
             self._errors.append(f"{op[0]}: {exc}")
             if op[0] == "turn":
                 self._unsaved[(op[1].agent_id, op[1].fingerprint)] = str(exc)
+            elif op[0] == "delete":
+                self._undeleted[(op[1], op[2])] = str(exc)
 
     def _saved(self, op: tuple) -> None:
         """An agent's turn landed (or the agent was deleted): nothing of it is unsaved."""
@@ -629,6 +633,7 @@ class CacheStore:
             key = (op[1].agent_id, op[1].fingerprint) if op[0] == "turn" else (op[1], op[2])
             with self._lock:
                 self._unsaved.pop(key, None)
+                self._undeleted.pop(key, None)
 
     def unsaved(self, agent_id: str, fingerprint: str) -> str | None:
         """Why the agent's latest queued turn could not be written (disk full, ...), or None
@@ -636,6 +641,28 @@ class CacheStore:
         has the state in memory and may queue it again (`save_turn`)."""
         with self._lock:
             return self._unsaved.get((agent_id, fingerprint))
+
+    def unsaved_agents(self, fingerprint: str) -> dict[str, str]:
+        """Every agent of a model whose latest queued turn could not be written, with why."""
+        with self._lock:
+            return {a: why for (a, fp), why in self._unsaved.items() if fp == fingerprint}
+
+    def delete_error(self, agent_id: str, fingerprint: str) -> str | None:
+        """Why the agent's latest queued delete could not be written, or None. The index
+        then still holds the agent: it is not deleted, and comes back after a restart."""
+        with self._lock:
+            return self._undeleted.get((agent_id, fingerprint))
+
+    def durable_tokens(self, agent_id: str, fingerprint: str) -> int:
+        """How many of the agent's tokens the index holds (0 if none), ignoring writes
+        still queued: what a crash now would keep."""
+        with self._index_read():
+            row = self._db.execute(
+                "SELECT token_count FROM agents WHERE agent_id = ? AND fingerprint = ?",
+                (agent_id, fingerprint),
+            ).fetchone()
+        count = row[0] if row is not None else 0
+        return count if isinstance(count, int) and count > 0 else 0
 
     def _settle(self, op: tuple, agent_id: str | None, ticket) -> None:
         with self._lock:
