@@ -445,7 +445,7 @@ def test_index_from_a_newer_agentkv_is_refused(tmp_path):
         open_index(tmp_path / "index.db")
     with pytest.raises(StorageError, match="newer"):
         CacheStore(tmp_path)
-    assert _index(tmp_path, "SELECT value FROM meta") == [("999",)]
+    assert _index(tmp_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("999",)]
 
 
 def test_index_that_is_not_a_database_is_refused(tmp_path):

@@ -33,7 +33,7 @@ from agentkv.storage import (
 )
 from agentkv.storage import store as store_module
 from agentkv.storage.records import BlockRecord, StoredAgent, TurnRecord
-from agentkv.storage.tensor_files import FileOps, HostTensor
+from agentkv.storage.tensor_files import FileOps, HostTensor, read_tensor_meta
 
 BLOCK = 16
 FP = "a" * 32
@@ -527,7 +527,9 @@ def test_block_evicted_after_has_block_does_not_fail_the_turn(tmp_path):
     store.flush()  # no StoreWriteError
     stored = store.agent("y", FP)
     assert stored.tokens == follower.tokens
-    assert (stored.block_hashes, stored.stored_tokens, stored.state_file) == ([], 0, None)
+    assert (stored.block_hashes, stored.stored_tokens) == ([], 0)
+    # Its state file holds its tokens alone (what a rebuilt index takes them from).
+    assert read_tensor_meta(tmp_path / stored.state_file)["holds"] == "tokens"
     assert _refcounts_exact(tmp_path) == []
     store.close()
 
@@ -744,11 +746,11 @@ def test_a_garbled_index_page_fails_lookups_with_a_storage_error(llama, tmp_path
     engine.close()
     _garble_table_page(tmp_path, table)
     store = CacheStore(tmp_path)
-    with pytest.raises(StorageError, match="unreadable"):
+    with pytest.raises(StorageError, match="damaged"):
         store.agent("a", fingerprint)
     store.close()
     engine = make_engine(model, tokenizer, block_size=BLOCK, store=CacheStore(tmp_path))
-    with pytest.raises(StorageError, match="unreadable"):
+    with pytest.raises(StorageError, match="damaged"):
         engine.submit("a", [1, 2, 3], max_tokens=GEN)
     engine.close()
 
