@@ -34,6 +34,7 @@ from .schema import (
     has_cache_files,
     index_gone,
     is_damage,
+    lists_nothing,
     open_index,
 )
 from .tensor_files import read_tensor_file, read_tensor_meta
@@ -99,7 +100,7 @@ def collect_garbage(
 def _survey(root: Path, db, fingerprint: str | None, progress: bool, keep) -> GcReport:
     report = GcReport(dry_run=True)
     known = _known_files(db)
-    if not known and _lists_nothing(db) and _files_predate(root, db):
+    if not known and lists_nothing(db) and _files_predate(root, db):
         # An index recreated empty over a store's files (before agentkv refused to do
         # that): what it does not list is lost from it, not garbage. Files written since
         # the index was made are a first turn in flight (or crashed): orphans indeed.
@@ -130,13 +131,6 @@ def _files_predate(root: Path, db) -> bool:
     made); a second of slack for coarse file times."""
     created = created_at(db)
     return has_cache_files(root, older_than=None if created is None else created - 1.0)
-
-
-def _lists_nothing(db) -> bool:
-    """True if the index has no block and no agent row (not even a tokens-only agent)."""
-    return not any(
-        db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() for table in ("blocks", "agents")
-    )
 
 
 def _known_files(db) -> set[str]:

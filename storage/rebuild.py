@@ -31,7 +31,7 @@ from .errors import CorruptFileError, IndexDamagedError, StorageError, StoreLock
 from .locks import try_lock
 from .paths import STATE_FILE, Containment, agent_key, block_rel, is_block_hash
 from .records import RebuildReport, context_digest, context_of, pack_tokens
-from .schema import index_gone, open_index
+from .schema import has_cache_files, index_gone, lists_nothing, open_index
 from .store import FORMAT_VERSION
 from .tensor_files import read_tensor_file, read_tensor_meta
 
@@ -120,6 +120,8 @@ def _refuse_sound(root: Path) -> None:
         return
     try:
         ok = [r[0] for r in db.execute("PRAGMA integrity_check(1)")] == ["ok"]
+        # An index made empty over the files (what gc refuses) is no index of them.
+        ok = ok and not (lists_nothing(db) and has_cache_files(root))
     except Exception:  # any failure to check it is damage enough
         ok = False
     finally:

@@ -182,6 +182,13 @@ def _mtime(path: str) -> float:
         return float("inf")  # gone meanwhile: not older than anything
 
 
+def lists_nothing(db: sqlite_utils.Database) -> bool:
+    """True if the index has no block and no agent row (not even a tokens-only agent)."""
+    return not any(
+        db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() for table in ("blocks", "agents")
+    )
+
+
 def check_index_present(root: Path) -> None:
     """Refuse a store whose index is gone while its cache files are there.
 

@@ -56,6 +56,7 @@ from .records import (
     VerifyReport,
     context_digest,
     context_tensors,
+    unpack_tokens,
 )
 from .schema import check_index_present, is_damage, open_index
 from .tensor_files import (
@@ -814,6 +815,36 @@ class CacheStore:
             self._unlink_state(old, key)
         with self._lock:
             self._bad_rows.discard(key)
+        if keep_tokens:
+            self._keep_context(db, *key)
+
+    def _keep_context(self, db, agent_id: str, fingerprint: str) -> None:
+        """An agent whose cache was dropped or cut short keeps a state file of its context
+        alone (its tokens and the blocks it still lists), so the index is never the only
+        copy of its tokens (see `rebuild.py`). The file first, then the row. A failure is
+        logged: the index still holds the tokens."""
+        key = (agent_id, fingerprint)
+        row = db.execute(
+            "SELECT tokens, stored_tokens FROM agents "
+            "WHERE agent_id = ? AND fingerprint = ? AND state_file IS NULL",
+            key,
+        ).fetchone()
+        if row is None or not isinstance(row[0], bytes) or len(row[0]) % 4:
+            return
+        hashes = index_writes.listed_blocks_in_order(db, *key)
+        rec = TurnRecord(
+            agent_id,
+            fingerprint,
+            unpack_tokens(row[0]),
+            row[1],
+            [BlockRecord(h, 0) for h in hashes],
+        )
+        try:
+            state = self._write_state(rec)
+            if state is not None and not index_writes.set_state_file(db, *key, state):
+                self._unlink_state(state[0], key)  # the agent changed meanwhile
+        except (OSError, StorageError) as exc:
+            log.warning("agent %r: its context file could not be written: %s", agent_id, exc)
 
     def _unlink_state(self, rel: object, key: tuple[str, str]) -> None:
         """Delete a state file the index no longer lists, if its name is one the store
@@ -890,15 +921,19 @@ class CacheStore:
         """Index first (one transaction), then the file to quarantine: a crash in between
         leaves a stray file, never a row that points at nothing."""
         if kind == "block":
-            for key, cut in index_writes.forget_block(db, *ids):
+            cuts = index_writes.forget_block(db, *ids)
+            for key, cut in cuts:
                 if cut.state_file is not None:  # it no longer applies to what is left
                     self._unlink_state(cut.state_file, key)
-        else:
-            index_writes.forget_state(db, *ids)
-            agent_id, _, state_file = ids
-            if not is_state_rel(state_file, agent_id):
-                return  # a name the store never gave this agent: maybe another's file
-        self._quarantine(path)
+            self._quarantine(path)
+            for key, _ in cuts:
+                self._keep_context(db, *key)
+            return
+        index_writes.forget_state(db, *ids)
+        agent_id, fingerprint, state_file = ids
+        if is_state_rel(state_file, agent_id):  # else a name the store never gave this agent
+            self._quarantine(path)
+        self._keep_context(db, agent_id, fingerprint)
 
     def _quarantine(self, path: Path) -> None:
         if not self._paths.contains(path, link_ok=True) or not os.path.lexists(path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import daemonctl_command
-from refs import synthetic_turn
+from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens, synthetic_turn
 
 from agentkv.storage import (
     CacheStore,
@@ -163,6 +163,8 @@ def test_gc_refuses_an_index_recreated_empty_over_older_files(tmp_path):
         os.utime(p, (old, old))
     with pytest.raises(IndexMissingError, match="lists no blocks and no agents"):
         collect_garbage(root, FP, dry_run=True)
+    assert len(rebuild_index(root).agents) == 3  # the way out it names (no --force needed)
+    assert collect_garbage(root, FP, dry_run=True).orphan_files == []
 
 
 # -- rebuilt ---------------------------------------------------------------------------------
@@ -292,7 +294,7 @@ def test_rebuild_sets_a_stale_wal_aside(tmp_path):
 
 
 def _child_pages(path: Path, table: str) -> list[int]:
-    """The pages a table's root b-tree page points to (its interior page's children)."""
+    """The pages a table's (or an index's) root b-tree page points to: its children."""
     db = sqlite3.connect(path)
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     size = db.execute("PRAGMA page_size").fetchone()[0]
@@ -301,7 +303,7 @@ def _child_pages(path: Path, table: str) -> list[int]:
     ).fetchone()
     db.close()
     page = path.read_bytes()[(root_page - 1) * size : root_page * size]
-    assert page[0] == 0x05, "the table fits one page: add rows"  # an interior table page
+    assert page[0] in (0x02, 0x05), "it fits one page: add rows"  # an interior b-tree page
     (cells,) = struct.unpack(">H", page[3:5])
     pointers = struct.unpack(f">{cells}H", page[12 : 12 + 2 * cells])
     children = [struct.unpack(">I", page[p : p + 4])[0] for p in pointers]
@@ -393,3 +395,149 @@ def test_rebuild_index_cli_refuses_while_the_store_is_held(tmp_path):
     dry = _ctl("rebuild-index", "--dry-run", "--store", str(_store_arg(root)))
     assert dry.returncode == 0 and "would rebuild the index: 3 agents" in dry.stdout
     assert not (root / "index.db").exists()
+
+
+# -- with a real daemon ----------------------------------------------------------------------
+
+VOCAB = 768
+ARGS = ("--block-size", str(BLOCK), "--pool-blocks", "96")
+TURN_TOKENS = 10
+
+
+def test_a_lost_index_is_refused_rebuilt_and_every_agent_resumes_exactly(
+    daemon_factory, loaded_models
+):
+    """Two turns of three agents; stop; index.db deleted: start and gc refuse; rebuild-index
+    (refused while the daemon ran); start: the third turn matches an uninterrupted run and
+    mlx-lm from scratch, every agent restored from disk."""
+    model, tokenizer = loaded_models["llama"]
+    rng = np.random.default_rng(14)
+    agents = ("planner", "critic", "coder")
+    firsts = {a: random_tokens(rng, 12 + 21 * i, VOCAB) for i, a in enumerate(agents)}
+    firsts["critic"] = "You are the critic. Read the plan."
+    seconds = {a: random_tokens(rng, 4 + i, VOCAB) for i, a in enumerate(agents)}
+    thirds = {a: random_tokens(rng, 3, VOCAB) for a in agents}
+    d = daemon_factory(args=ARGS)
+    d.start()
+    with d.client() as c:
+        for prompts in (firsts, seconds):
+            d.turns(c, prompts, max_tokens=TURN_TOKENS)
+        contexts = {a: c.inspect(a)["token_ids"] for a in agents}
+    busy = d.ctl("rebuild-index", "--force")
+    assert busy.returncode == 1 and "in use" in busy.stderr, busy.stdout + busy.stderr
+    assert d.ctl("stop").returncode == 0 and d.wait_exit(10)
+
+    _lose_index(d.store / "cache", "missing")
+    files = _files(d.store / "cache")
+    refused = d.ctl("start", "--model", str(d.model_dir), *ARGS)
+    assert refused.returncode != 0 and "rebuild-index" in refused.stdout + refused.stderr
+    assert not (d.store / "cache" / "index.db").exists()
+    gc = d.ctl("gc", "--no-dry-run")
+    assert gc.returncode == 1 and "rebuild-index" in gc.stderr
+    assert _files(d.store / "cache") == files  # nothing removed
+    rebuilt = d.ctl("rebuild-index", "--json")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    report = json.loads(rebuilt.stdout)
+    assert len(report["agents"]) == 3 and report["lost_agents"] == report["cut_agents"] == []
+    assert report["restored_tokens"] == sum(map(len, contexts.values()))
+
+    d.start()
+    with d.client() as c:
+        assert {r["agent_id"] for r in c.agents()} == set(agents)
+        third = d.turns(c, thirds, max_tokens=TURN_TOKENS)
+        assert c.stats()["restored_agents"] == len(agents)
+    uninterrupted = make_engine(model, tokenizer, block_size=BLOCK, total_blocks=256)
+    for prompts in (firsts, seconds, thirds):
+        for agent, prompt in prompts.items():
+            uninterrupted.submit(agent, prompt, max_tokens=TURN_TOKENS)
+        reference = {cpl.agent_id: cpl for cpl in run_all(uninterrupted).values()}
+    uninterrupted.close()
+    eos = eos_ids(tokenizer)
+    for agent in agents:
+        got = third[agent]
+        assert got.token_ids == reference[agent].token_ids, agent
+        assert got.token_ids == scratch_tokens(
+            model, contexts[agent] + thirds[agent], TURN_TOKENS, eos=eos
+        ), agent
+        assert got.usage["restored_tokens"] == len(contexts[agent]) > 0, agent
+        assert got.usage["recomputed_tokens"] == 0, agent
+    assert d.ctl("stop").returncode == 0
+
+
+def test_status_answers_on_a_damaged_index_and_lookups_fail_in_one_line(daemon_factory):
+    """Pages of the agents table and its key index garbled under a daemon: status still
+    answers (exit 0) and says the index is damaged; agents and inspect fail in one line."""
+    d = daemon_factory(args=ARGS)
+    _many_agents(d.store / "cache")
+    index = d.store / "cache" / "index.db"
+    for name in ("agents", "sqlite_autoindex_agents_1"):
+        pages = _child_pages(index, name)
+        _garble_page(index, pages[len(pages) // 2])
+    d.start()
+    status = d.ctl("status")
+    assert status.returncode == 0, status.stdout + status.stderr + d.log()
+    assert "index damaged:" in status.stdout, status.stdout
+    as_json = json.loads(d.ctl("status", "--json").stdout)
+    assert as_json["running"] and "damaged" in as_json["store"]["index_error"]
+    for cmd in (("agents",), ("inspect",), ("inspect", "agent-050")):
+        out = d.ctl(*cmd)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, (cmd, out.stderr)
+        (line,) = out.stderr.strip().splitlines()
+        assert "damaged" in line, cmd
+    assert d.ctl("stop").returncode == 0
+
+
+def test_an_agent_cached_to_a_block_boundary_keeps_a_context_file_and_restores(
+    loaded_models, tmp_path
+):
+    """A context cached to exactly its full blocks has no tail: its state file holds the
+    context alone, and a rebuilt index restores it from the blocks, exactly."""
+    model, tokenizer = loaded_models["llama"]
+    rng = np.random.default_rng(3)
+    root = tmp_path / "cache"
+    engine = make_engine(model, tokenizer, block_size=BLOCK, store=CacheStore(root))
+    held = 0
+    for _ in range(3):  # a prompt that brings the context to a block boundary (no EOS)
+        engine.submit("edge", random_tokens(rng, BLOCK - (held + 6) % BLOCK, VOCAB), max_tokens=6)
+        run_all(engine)
+        engine.store.flush()
+        stored = engine.store.agent("edge", engine.spec.fingerprint)
+        held = len(stored.tokens)
+        if stored.stored_tokens % BLOCK == 0:
+            break
+    assert stored.stored_tokens % BLOCK == 0, "no turn ended on a block boundary"
+    meta, _ = read_tensor_file(root / stored.state_file)
+    assert meta["holds"] == "tokens"
+    context = engine.agent_tokens("edge")
+    engine.close()
+    _lose_index(root, "missing")
+    assert rebuild_index(root).agents == [f"edge@{engine.spec.fingerprint}"]
+    again = make_engine(model, tokenizer, block_size=BLOCK, store=CacheStore(root))
+    tail = random_tokens(rng, 3, VOCAB)
+    again.submit("edge", tail, max_tokens=6)
+    (done,) = run_all(again).values()
+    assert done.usage.restored_tokens == stored.stored_tokens
+    assert done.token_ids == scratch_tokens(model, context + tail, 6, eos=eos_ids(tokenizer))
+    again.close()
+
+
+def test_agents_evicted_by_the_disk_budget_come_back_from_a_rebuild(tmp_path):
+    """Eviction drops an agent's cache files but keeps its tokens: in a state file of its
+    context alone, so a lost index does not lose them."""
+    root = tmp_path / "cache"
+    store = CacheStore(root, disk_budget=1)  # every other agent's files go
+    tokens = {}
+    for i in range(3):
+        rec = _turn(f"agent-{i}", seed=i)
+        store.save_turn(rec)
+        store.flush()
+        tokens[rec.agent_id] = rec.tokens
+    assert store.counters["evicted_agents"] >= 2
+    store.close()
+    _lose_index(root, "missing")
+    report = rebuild_index(root)
+    assert sorted(report.agents) == sorted(f"{a}@{FP}" for a in tokens)
+    store = CacheStore(root)
+    for agent_id, context in tokens.items():
+        assert store.agent(agent_id, FP).tokens == context
+    store.close()
