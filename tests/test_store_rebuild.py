@@ -29,6 +29,7 @@ from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens, s
 
 from agentkv.storage import (
     CacheStore,
+    CorruptFileError,
     IndexDamagedError,
     IndexMissingError,
     StorageError,
@@ -541,3 +542,43 @@ def test_agents_evicted_by_the_disk_budget_come_back_from_a_rebuild(tmp_path):
     for agent_id, context in tokens.items():
         assert store.agent(agent_id, FP).tokens == context
     store.close()
+
+
+def test_a_context_file_of_a_sliding_window_model_is_recomputed_not_corrupt(
+    loaded_models, tmp_path
+):
+    """A corrupt block cuts a gemma3 agent (sliding windows) back to its first block and a
+    state file of its context alone: no window state there, so the turn is recomputed,
+    exactly, and that file is no corrupt file (it is kept, with the agent's tokens)."""
+    model, tokenizer = loaded_models["gemma3_text"]
+    rng = np.random.default_rng(9)
+    root = tmp_path / "cache"
+    engine = make_engine(model, tokenizer, block_size=BLOCK, store=CacheStore(root))
+    engine.submit("g", random_tokens(rng, 3 * BLOCK + 5, VOCAB), max_tokens=6)
+    run_all(engine)
+    engine.store.flush()
+    fp = engine.spec.fingerprint
+    second = engine.store.agent("g", fp).block_hashes[1]
+    context = engine.agent_tokens("g")
+    engine.close()
+    path = root / "blocks" / second[:2] / f"{second}.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 0xFF]))
+    store = CacheStore(root)
+    with pytest.raises(CorruptFileError):
+        store.read_block(second, fp)  # found corrupt: the agent is cut back to block 0
+    store.flush()
+    cut = store.agent("g", fp)
+    assert cut.stored_tokens == BLOCK and cut.tokens == context
+    assert read_tensor_file(root / cut.state_file)[0]["holds"] == "tokens"
+    store.close()
+    again = make_engine(model, tokenizer, block_size=BLOCK, store=CacheStore(root))
+    tail = random_tokens(rng, 3, VOCAB)
+    again.submit("g", tail, max_tokens=6)
+    (done,) = run_all(again).values()
+    assert done.token_ids == scratch_tokens(model, context + tail, 6, eos=eos_ids(tokenizer))
+    assert done.usage.recomputed_tokens == len(context)
+    again.store.flush()
+    assert again.store.counters["corrupt_files"] == 0  # the context file is no corrupt file
+    again.close()
+    quarantined = list((root / "quarantine").iterdir())
+    assert [p.name.split(".")[0] for p in quarantined] == [second]
