@@ -336,13 +336,21 @@ def delete(socket_, store, as_json, timeout, auth_key, agent) -> None:
 @main.command()
 @common
 def verify(socket_, store, as_json, timeout, auth_key) -> None:
-    """Re-check every checksum in the store (exit 1 if any file is corrupt)."""
+    """Check the index (SQLite's integrity check) and every file's checksum (exit 1 if the
+    index is damaged or any file is corrupt)."""
+    from agentkv.storage import StorageError
     from agentkv.storage.maintenance import verify_store
 
-    report = verify_store(_cache_dir(store), progress=not as_json)
+    try:
+        report = verify_store(_cache_dir(store, index_ok=False), progress=_progress(as_json))
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+    if report.index_error is not None:
+        _out(as_json, _verify_data(report), _index_damage_line(store, report))
+        sys.exit(1)
     _out(
         as_json,
-        {"checked": report.checked, "bytes": report.bytes_checked, "corrupt": report.corrupt},
+        _verify_data(report),
         f"checked {report.checked} files ({report.bytes_checked / 2**20:.1f} MiB): "
         f"{len(report.corrupt)} corrupt" + "".join(f"\n  {p}" for p in report.corrupt),
     )
@@ -368,15 +376,17 @@ def verify(socket_, store, as_json, timeout, auth_key) -> None:
 )
 def gc(socket_, store, as_json, timeout, auth_key, dry_run, keep_model) -> None:
     """Remove orphan files, unreferenced blocks and other models' caches."""
-    from agentkv.storage import StoreLockedError
+    from agentkv.storage import StorageError
     from agentkv.storage.maintenance import collect_garbage
 
     fingerprint = keep_model or _serving_fingerprint(socket_, store, auth_key, timeout)
     if keep_model is not None:
         _check_model_known(store, keep_model)
     try:
-        r = collect_garbage(_cache_dir(store), fingerprint, dry_run=dry_run, progress=not as_json)
-    except StoreLockedError as exc:
+        r = collect_garbage(
+            _cache_dir(store), fingerprint, dry_run=dry_run, progress=_progress(as_json)
+        )
+    except StorageError as exc:  # locked, or an index gone or damaged: nothing removed
         raise click.ClickException(str(exc)) from None
     data = {
         "dry_run": r.dry_run,
@@ -394,6 +404,27 @@ def gc(socket_, store, as_json, timeout, auth_key, dry_run, keep_model) -> None:
         f"{len(r.unreferenced_blocks)} unreferenced blocks, {len(r.foreign_blocks)} blocks and "
         f"{len(r.foreign_agents)} agents of other models ({r.bytes_freed / 2**20:.1f} MiB)",
     )
+
+
+@main.command("rebuild-index")
+@common
+@click.option("--dry-run", is_flag=True, help="only report what the new index would hold")
+@click.option("--force", is_flag=True, help="rebuild even a sound index (loses pins)")
+def rebuild_index(socket_, store, as_json, timeout, auth_key, dry_run, force) -> None:
+    """Rebuild the store's index from its block and state files (a lost or damaged
+    index.db); refused while a daemon has the store. Agents whose files hold no token
+    list (written by an older agentkv) are reported lost."""
+    from agentkv.storage import StorageError
+    from agentkv.storage import rebuild_index as rebuild
+
+    path = store / "cache"
+    if not path.is_dir():
+        raise click.ClickException(f"no store at {store}")
+    try:
+        r = rebuild(path, dry_run=dry_run, force=force, progress=_progress(as_json))
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+    _out(as_json, _rebuild_data(r), _rebuild_text(r))
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -739,6 +770,8 @@ def _offline_store(store: Path):
         raise click.ClickException(str(exc)) from None
     try:
         yield cache
+    except StorageError as exc:  # e.g. a damaged index met by a lookup: one line
+        raise click.ClickException(str(exc)) from None
     finally:
         cache.close()
 
@@ -786,10 +819,20 @@ def _alive(pid: int) -> bool:
     return pid_alive(pid)
 
 
-def _cache_dir(store: Path) -> Path:
+def _cache_dir(store: Path, *, index_ok: bool = True) -> Path:
+    """The store's cache directory. Refused: no store there, or (unless not `index_ok`:
+    the caller reports it) one whose index is gone beside its cache files."""
+    from agentkv.storage import IndexMissingError
+    from agentkv.storage.schema import check_index_present
+
     path = store / "cache"
-    if not (path / "index.db").exists():
+    if not (path / "index.db").exists() and not (path / "blocks").is_dir():
         raise click.ClickException(f"no store at {store}")
+    try:
+        check_index_present(path)
+    except IndexMissingError as exc:
+        if index_ok:
+            raise click.ClickException(str(exc)) from None
     return path
 
 
@@ -852,6 +895,7 @@ def _status_text(s: dict) -> str:
         f"  store {store.get('blocks', 0)} blocks, {store.get('block_bytes', 0) / 2**20:.1f} MiB; "
         f"restored {s.get('restored_agents', 0)} agents / {s.get('restored_tokens', 0)} tokens"
         + _durability_text(s)
+        + _index_error_line(store)
     )
 
 
@@ -902,6 +946,75 @@ def _when(ts) -> str:
 
 def _out(as_json: bool, data, text: str) -> None:
     click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+def _progress(as_json: bool) -> bool:
+    """Progress bars only for a person watching: on a terminal, and never with --json."""
+    return not as_json and sys.stderr.isatty()
+
+
+def _index_error_line(store_stats: dict) -> str:
+    """The status text's line for an index the daemon cannot read ("" when it can)."""
+    error = store_stats.get("index_error")
+    return f"\n  index damaged: {error}" if error else ""
+
+
+def _verify_data(report) -> dict:
+    return {
+        "checked": report.checked,
+        "bytes": report.bytes_checked,
+        "corrupt": report.corrupt,
+        "index_error": report.index_error,
+        "affected_agents": report.affected_agents,
+    }
+
+
+def _index_damage_line(store: Path, report) -> str:
+    """verify's one line for an index that is gone or damaged, with the way out."""
+    agents = report.affected_agents
+    affected = (
+        f"{len(agents)} agent(s) affected: {', '.join(agents[:10])}"
+        + (", ..." if len(agents) > 10 else "")
+        if agents
+        else "no agent's rows found unreadable"
+    )
+    return (
+        f"index damaged: {report.index_error}; {affected}; "
+        f"rebuild it from the files: daemonctl rebuild-index --store {store}"
+    )
+
+
+def _rebuild_data(r) -> dict:
+    return {
+        "dry_run": r.dry_run,
+        "models": r.models,
+        "blocks": r.blocks,
+        "agents": r.agents,
+        "restored_tokens": r.restored_tokens,
+        "cut_agents": r.cut_agents,
+        "lost_agents": r.lost_agents,
+        "bad_files": r.bad_files,
+        "old_index": r.old_index,
+    }
+
+
+def _rebuild_text(r) -> str:
+    verb = "would rebuild" if r.dry_run else "rebuilt"
+    lines = [
+        f"{verb} the index: {len(r.agents)} agents ({r.restored_tokens} tokens), "
+        f"{r.blocks} blocks, {len(r.models)} model(s)"
+    ]
+    if r.old_index:
+        lines.append(f"old index kept as {r.old_index}")
+    for title, items in (
+        ("agents with less cache (recomputed on use)", r.cut_agents),
+        ("agents lost (their context cannot be recovered)", r.lost_agents),
+        ("files left aside (bad or not the store's; gc removes them)", r.bad_files),
+    ):
+        if items:
+            lines.append(f"{title}: {len(items)}")
+            lines += [f"  {item}" for item in items]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -470,11 +470,19 @@ class BlockPoolBatchEngine:
         s = self.pool.stats()
         return {
             **self.counters,
-            "agents": len(self.agent_ids()),  # in memory, and on disk only (after a restart)
+            "agents": self._agent_count(),
             "waiting": len(self._waiting),
             "active": len(self._active),
             "pool": {k: getattr(s, k) for k in s.__slots__},
         }
+
+    def _agent_count(self) -> int:
+        """Agents in memory, and on disk only (after a restart); those in memory alone when
+        the store's index cannot be read (its stats say why: stats must still answer)."""
+        try:
+            return len(self.agent_ids())
+        except StorageError:
+            return len(self._agents)
 
     # -- submit helpers --------------------------------------------------------------------
 

@@ -137,6 +137,9 @@ def restore(
         return _keep_prefix(spec, agent, _layer_arrays(layout, blob), good * bs, from_disk)
     try:
         meta, tensors = store.read_state(stored)  # a bad file: counted and moved aside
+        if meta.get("holds") == "tokens" and not spec.all_full:
+            # The context's tokens alone (its blocks were cut short): no windows or states.
+            return _keep_prefix(spec, agent, _layer_arrays(layout, blob), 0, 0)
         tail = _fill_tail(spec, meta, tensors, views, n_blocks * bs, n)
         windows, states = _unpack_state(spec, meta, tensors)
     except (CorruptFileError, KeyError, IndexError, ValueError, TypeError, OverflowError) as exc:

@@ -6,19 +6,25 @@ store = CacheStore("/path/to/store")
 
 from .errors import (
     CorruptFileError,
+    IndexDamagedError,
+    IndexMissingError,
     StorageError,
     StoreClosedError,
     StoreLockedError,
     StoreWriteError,
     UnknownStoredAgentError,
 )
-from .records import GcReport, StoredAgent, TurnRecord, VerifyReport
+from .rebuild import rebuild_index
+from .records import GcReport, RebuildReport, StoredAgent, TurnRecord, VerifyReport
 from .store import CacheStore
 
 __all__ = [
     "CacheStore",
     "CorruptFileError",
     "GcReport",
+    "IndexDamagedError",
+    "IndexMissingError",
+    "RebuildReport",
     "StorageError",
     "StoreClosedError",
     "StoreLockedError",
@@ -27,4 +33,5 @@ __all__ = [
     "TurnRecord",
     "UnknownStoredAgentError",
     "VerifyReport",
+    "rebuild_index",
 ]

@@ -95,6 +95,31 @@ def listed_blocks(db, agent_id: str, fingerprint: str) -> list[str]:
     ]
 
 
+def listed_blocks_in_order(db, agent_id: str, fingerprint: str) -> list[str]:
+    """The hashes of an agent's blocks, in order."""
+    return [
+        r[0]
+        for r in db.execute(
+            "SELECT block_hash FROM agent_blocks WHERE agent_id = ? AND fingerprint = ? "
+            "ORDER BY seq",
+            (agent_id, fingerprint),
+        )
+    ]
+
+
+def set_state_file(db, agent_id: str, fingerprint: str, state: tuple[str, str, int]) -> bool:
+    """Give an agent that has none the state file `state` (path, checksum, size); False if
+    it has one (or is gone) by now."""
+    with db.conn:
+        db.execute("BEGIN IMMEDIATE")
+        cur = db.execute(
+            "UPDATE agents SET state_file = ?, state_checksum = ?, state_bytes = ? "
+            "WHERE agent_id = ? AND fingerprint = ? AND state_file IS NULL",
+            (*state, agent_id, fingerprint),
+        )
+        return cur.rowcount == 1
+
+
 @dataclass(slots=True)
 class Cut:
     """What truncating an agent took from it."""

@@ -11,16 +11,33 @@ leads out of the store is read or deleted (see `paths.py`).
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import CorruptFileError, StoreLockedError, StoreWriteError
+from .errors import (
+    CorruptFileError,
+    IndexDamagedError,
+    IndexMissingError,
+    StorageError,
+    StoreLockedError,
+    StoreWriteError,
+)
+from .index_rows import AGENT_COLUMNS, BLOCKS_QUERY
 from .locks import try_lock
-from .paths import Containment, block_rel, is_block_hash, is_state_rel
+from .paths import STATE_FILE, Containment, block_rel, is_block_hash, is_state_rel
 from .records import GcReport, VerifyReport
-from .schema import open_index
-from .tensor_files import read_tensor_file
+from .schema import (
+    check_index_present,
+    created_at,
+    has_cache_files,
+    index_gone,
+    is_damage,
+    lists_nothing,
+    open_index,
+)
+from .tensor_files import read_tensor_file, read_tensor_meta
 
 log = logging.getLogger("agentkv.storage")
 
@@ -53,7 +70,11 @@ def collect_garbage(
             its writes in flight would look like orphans. `CacheStore.gc` runs it from the
             owning process instead.
         StoreWriteError: not a dry run on a read-only store.
+        IndexMissingError: the index is gone, or lists nothing, while cache files are
+            there: every file would look like an orphan (rebuild the index first).
+        IndexDamagedError: SQLite finds the index damaged.
     """
+    check_index_present(root)  # else SQLite would make an empty index: all files orphans
     if read_only and not dry_run:
         raise StoreWriteError(f"store {root} is read-only")
     lock = None if dry_run or _locked else _lock_store(root)
@@ -67,6 +88,10 @@ def collect_garbage(
             return report
         finally:
             db.conn.close()
+    except sqlite3.DatabaseError as exc:  # a page found garbled on the way
+        if is_damage(exc):
+            raise IndexDamagedError(root, str(exc)) from exc
+        raise StorageError(f"cannot read index {root / 'index.db'}: {exc}") from exc
     finally:
         if lock is not None:
             lock.close()
@@ -75,6 +100,11 @@ def collect_garbage(
 def _survey(root: Path, db, fingerprint: str | None, progress: bool, keep) -> GcReport:
     report = GcReport(dry_run=True)
     known = _known_files(db)
+    if not known and lists_nothing(db) and _files_predate(root, db):
+        # An index recreated empty over a store's files (before agentkv refused to do
+        # that): what it does not list is lost from it, not garbage. Files written since
+        # the index was made are a first turn in flight (or crashed): orphans indeed.
+        raise IndexMissingError(root, "its index lists no blocks and no agents")
     for path in _files(root, progress):
         rel = path.relative_to(root).as_posix()
         if rel not in known:
@@ -96,6 +126,13 @@ def _survey(root: Path, db, fingerprint: str | None, progress: bool, keep) -> Gc
     return report
 
 
+def _files_predate(root: Path, db) -> bool:
+    """True if a cache file is older than the index (any, if it did not record when it was
+    made); a second of slack for coarse file times."""
+    created = created_at(db)
+    return has_cache_files(root, older_than=None if created is None else created - 1.0)
+
+
 def _known_files(db) -> set[str]:
     """Every file the index vouches for, named the way the store names them."""
     known = {block_rel(h) for (h,) in db.execute("SELECT hash FROM blocks") if is_block_hash(h)}
@@ -104,14 +141,94 @@ def _known_files(db) -> set[str]:
 
 
 def verify_store(root: Path, *, progress: bool = False, read_only: bool = False) -> VerifyReport:
-    """Re-read every block and state file the index points at and check its checksum.
+    """Check the index (SQLite's integrity check), then re-read every block and state file
+    it points at and check its checksum.
 
-    A row whose path is not the store's name for that file is reported corrupt unread. A
-    daemon may be writing meanwhile (replacing an agent's state file, evicting blocks for
-    its disk budget): a file found bad is reported only if the index still lists it after
-    the pass, so a file legitimately replaced or removed is no false alarm.
+    An index that is gone beside cache files, or damaged, is reported in `index_error`
+    (with the agents it affects) and no file is read: the index no longer says which are
+    live; `rebuild_index` makes it again from them. A row whose path is not the store's
+    name for that file is reported corrupt unread. A daemon may be writing meanwhile
+    (replacing an agent's state file, evicting blocks for its disk budget): a file found
+    bad is reported only if the index still lists it after the pass, so a file
+    legitimately replaced or removed is no false alarm.
     """
     report = VerifyReport()
+    report.index_error, report.affected_agents = index_problem(root, read_only)
+    if report.index_error is not None:
+        return report
+    try:
+        _verify_files(root, report, progress, read_only)
+    except (sqlite3.DatabaseError, StorageError) as exc:  # damaged since the check
+        report.index_error = str(getattr(exc, "what", exc))
+        report.affected_agents = _agents_in_files(root)
+    return report
+
+
+def index_problem(root: Path, read_only: bool = False) -> tuple[str | None, list[str]]:
+    """What is wrong with the index itself, and the agents it affects; (None, []) when it
+    is sound."""
+    if (why := index_gone(root)) is not None:
+        if not has_cache_files(root):
+            return None, []  # a new, empty store: nothing to lose
+        return why, _agents_in_files(root)
+    try:
+        db = open_index(root / "index.db", read_only=read_only, immutable=read_only)
+    except IndexDamagedError as exc:
+        return exc.what, _agents_in_files(root)
+    try:
+        try:
+            problems = [str(r[0]) for r in db.execute("PRAGMA integrity_check(20)")]
+        except sqlite3.DatabaseError as exc:  # a page too garbled to even check
+            problems = [f"{exc}"]
+        if problems == ["ok"]:
+            return None, []
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        return f"integrity check: {problems[0]}{more}", _unreadable_agents(root, db)
+    finally:
+        db.conn.close()
+
+
+def _unreadable_agents(root: Path, db) -> list[str]:
+    """Agents whose rows (agent row, block list, their blocks' rows) cannot be read; the
+    agents are listed from the index, or from the state files where it cannot list them."""
+    try:
+        keys = [(a, f) for a, f in db.execute("SELECT agent_id, fingerprint FROM agents")]
+    except sqlite3.DatabaseError:
+        keys = _agent_keys_in_files(root)
+    bad = []
+    for key in keys:
+        try:
+            db.execute(
+                f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ? AND fingerprint = ?", key
+            ).fetchall()
+            db.execute(BLOCKS_QUERY, key).fetchall()
+        except sqlite3.DatabaseError:
+            bad.append(str(key[0]))
+    return sorted(set(bad))
+
+
+def _agent_keys_in_files(root: Path) -> list[tuple[str, str]]:
+    """(agent id, fingerprint) of every state file that names its agent."""
+    keys = set()
+    for path in (root / "agents").glob("*/*.safetensors"):
+        rel = path.relative_to(root).as_posix()
+        if path.name.startswith(".") or STATE_FILE.fullmatch(rel) is None:
+            continue
+        try:
+            meta = read_tensor_meta(path)
+        except CorruptFileError:
+            continue
+        agent_id = meta.get("agent_id") or f"(unnamed, key {path.parent.name})"
+        keys.add((agent_id, str(meta.get("fingerprint"))))
+    return sorted(keys)
+
+
+def _agents_in_files(root: Path) -> list[str]:
+    """Every agent the state files name (state files of older agentkv name only a key)."""
+    return sorted({a for a, _ in _agent_keys_in_files(root)})
+
+
+def _verify_files(root: Path, report: VerifyReport, progress: bool, read_only: bool) -> None:
     inside = Containment(root)
     bad: list[tuple] = []
     for row in tqdm(
@@ -135,7 +252,6 @@ def verify_store(root: Path, *, progress: bool = False, read_only: bool = False)
         if row in still:
             log.warning("verify: %s", exc)
             report.corrupt.append(str(row[0]))
-    return report
 
 
 def _size(path: Path) -> int:

@@ -19,16 +19,21 @@ Tables (inspect with e.g. `sqlite-utils tables index.db --counts`):
 from __future__ import annotations
 
 import functools
+import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
 import sqlite_utils
 
-from .errors import StorageError
+from .errors import IndexDamagedError, IndexMissingError, StorageError
 
 SCHEMA_VERSION = 1
+SQLITE_MAGIC = b"SQLite format 3\x00"
+# SQLite's primary result codes for a damaged database: SQLITE_CORRUPT, SQLITE_NOTADB.
+_DAMAGED_CODES = (11, 26)
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -124,7 +129,74 @@ def open_index(
         check_tables(db)
         return db
     except sqlite3.DatabaseError as exc:
+        if is_damage(exc):
+            raise IndexDamagedError(path.parent, str(exc)) from exc
         raise StorageError(f"cannot open index {path}: {exc}") from exc
+
+
+def is_damage(exc: sqlite3.Error) -> bool:
+    """True if SQLite says the database itself is damaged (a garbled page or header), as
+    opposed to e.g. a lock, a permission or a missing directory."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in _DAMAGED_CODES
+    return type(exc) is sqlite3.DatabaseError  # what sqlite3 raises for both codes
+
+
+def index_gone(root: Path) -> str | None:
+    """Why the store's index.db is no index at all (missing, 0 bytes, or not a SQLite
+    database), or None when it is one (it may still be damaged inside)."""
+    path = root / "index.db"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        return "its index.db is missing"
+    except OSError:
+        return None  # unreadable (permissions...): opening it says why
+    if not head:
+        return "its index.db is empty (0 bytes)"
+    if head != SQLITE_MAGIC:
+        return "its index.db is not a SQLite database (its header is garbled)"
+    return None
+
+
+def has_cache_files(root: Path, *, older_than: float | None = None) -> bool:
+    """True if blocks/ or agents/ hold any cache file (temp files of interrupted writes
+    aside): what an index that is gone would orphan. With `older_than`: any such file last
+    written before that time."""
+    for sub in ("blocks", "agents"):
+        for top, _, files in os.walk(root / sub):
+            for name in files:
+                if not name.endswith(".safetensors") or name.startswith("."):
+                    continue
+                if older_than is None or _mtime(os.path.join(top, name)) < older_than:
+                    return True
+    return False
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return float("inf")  # gone meanwhile: not older than anything
+
+
+def lists_nothing(db: sqlite_utils.Database) -> bool:
+    """True if the index has no block and no agent row (not even a tokens-only agent)."""
+    return not any(
+        db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() for table in ("blocks", "agents")
+    )
+
+
+def check_index_present(root: Path) -> None:
+    """Refuse a store whose index is gone while its cache files are there.
+
+    Raises:
+        IndexMissingError: naming what is wrong and the rebuild command.
+    """
+    if (why := index_gone(root)) is not None and has_cache_files(root):
+        raise IndexMissingError(root, why)
 
 
 def schema_version(db: sqlite_utils.Database) -> int:
@@ -182,3 +254,14 @@ def migrate(db: sqlite_utils.Database) -> None:
             db.execute("BEGIN IMMEDIATE")
             MIGRATIONS[step](db)
             db["meta"].upsert({"key": "schema_version", "value": str(step + 1)}, pk="key")
+            if step == 0:  # a new index: when, so that files older than it are told apart
+                db["meta"].upsert({"key": "created", "value": repr(time.time())}, pk="key")
+
+
+def created_at(db: sqlite_utils.Database) -> float | None:
+    """When the index was made (None: by an agentkv that did not record it)."""
+    row = db.execute("SELECT value FROM meta WHERE key = 'created'").fetchone()
+    try:
+        return float(row[0]) if row else None
+    except (TypeError, ValueError):
+        return None

@@ -36,6 +36,7 @@ from pathlib import Path
 from . import index_writes
 from .errors import (
     CorruptFileError,
+    IndexDamagedError,
     StorageError,
     StoreClosedError,
     StoreLockedError,
@@ -47,14 +48,17 @@ from .locks import try_lock
 from .maintenance import collect_garbage, verify_store
 from .paths import Containment, agent_key, block_rel, is_state_rel
 from .records import (
+    CONTEXT_TENSORS,
     BlockRecord,
     GcReport,
     StoredAgent,
     TurnRecord,
     VerifyReport,
     context_digest,
+    context_tensors,
+    unpack_tokens,
 )
-from .schema import open_index
+from .schema import check_index_present, is_damage, open_index
 from .tensor_files import (
     FileDest,
     FileOps,
@@ -88,6 +92,9 @@ class CacheStore:
         StoreWriteError: the store cannot be created, or opened for writing on a writable
             file system (e.g. permissions).
         StoreLockedError: another process has the store open.
+        IndexMissingError: the index is gone (missing, empty, not a database) while the
+            store holds cache files: `rebuild_index` makes it again from them.
+        IndexDamagedError: SQLite finds the index damaged.
         StorageError: the index is unreadable or newer than this agentkv.
     """
 
@@ -127,6 +134,7 @@ class CacheStore:
         # (agent id, fingerprint) -> why its latest delete could not be written
         self._undeleted: dict[tuple[str, str], str] = {}
         self._errors: list[str] = []
+        self._models: dict[str, tuple[str, str, int]] = {}  # see _remember_model
         self.counters = {
             "turns_written": 0,
             "blocks_written": 0,
@@ -152,6 +160,7 @@ class CacheStore:
         # On a read-only file system nothing can change the index under us, and SQLite
         # opens a WAL database there only as immutable (it cannot create the -shm file).
         path = self.root / "index.db"
+        check_index_present(self.root)  # else SQLite makes an empty index over the files
         if not self.read_only and not all(
             os.access(p, os.W_OK) for p in (self.root, path) if p.exists()
         ):  # else SQLite's "attempt to write a readonly database", untyped as to why
@@ -161,6 +170,8 @@ class CacheStore:
             return db, {row[0] for row in db.execute("SELECT hash FROM blocks")}
         except sqlite3.DatabaseError as exc:
             db.conn.close()
+            if is_damage(exc):
+                raise IndexDamagedError(self.root, str(exc)) from exc
             raise StorageError(f"cannot read index {path}: {exc}") from exc
 
     def _prepare_root(self) -> bool:
@@ -266,6 +277,8 @@ class CacheStore:
         except sqlite3.DatabaseError as exc:
             if self._closed:
                 raise StoreClosedError("store is closed") from exc
+            if is_damage(exc):
+                raise IndexDamagedError(self.root, str(exc)) from exc
             raise StorageError(f"index {self.root / 'index.db'} unreadable: {exc}") from exc
 
     def report_corrupt_row(self, agent_id: str, fingerprint: str, what: str) -> None:
@@ -416,6 +429,8 @@ class CacheStore:
             self._corrupt_row((agent.agent_id, agent.fingerprint), "tokens differ from its state")
             raise CorruptFileError(path, "holds the state of other tokens than the index's")
         self.counters["states_read"] += 1
+        for name in CONTEXT_TENSORS:  # the index's copy of the context, not cache state
+            tensors.pop(name, None)
         return meta, tensors
 
     def report_corrupt_state(self, agent: StoredAgent, what: str) -> None:
@@ -555,12 +570,19 @@ class CacheStore:
         return verify_store(self.root, progress=progress, read_only=self.read_only)
 
     def stats(self) -> dict:
-        """Counters plus index totals."""
-        with self._index_read():
-            row = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM blocks"
-            ).fetchone()
-            agents = self._db.execute("SELECT COUNT(*) FROM agents").fetchone()[0]
+        """Counters plus index totals. An index that cannot be read (damaged) is no error
+        here: the answer then says why under `index_error`, and has no totals."""
+        try:
+            with self._index_read():
+                row = self._db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM blocks"
+                ).fetchone()
+                agents = self._db.execute("SELECT COUNT(*) FROM agents").fetchone()[0]
+        except StoreClosedError:
+            raise
+        except StorageError as exc:
+            pending = self._queue.unfinished_tasks
+            return {**self.counters, "index_error": str(exc), "pending": pending}
         return {
             **self.counters,
             "blocks": row[0],
@@ -693,6 +715,7 @@ class CacheStore:
             )
         elif kind == "model":
             index_writes.register_model(db, *op[1:])
+            self._remember_model(*op[1:])
         elif kind == "quarantined":
             self._forget_file(db, *op[1:])
         elif kind == "gc":
@@ -769,13 +792,22 @@ class CacheStore:
         self.counters["bytes_written"] += info.nbytes
         return b.block_hash, (info, b.token_count)
 
+    def _remember_model(self, fingerprint: str, model_id: str, config: str, block_size: int):
+        """What state files record of their model (so a lost index can be rebuilt whole)."""
+        old = self._models.get(fingerprint, ("", "", 0))
+        self._models[fingerprint] = (model_id or old[0], config or old[1], block_size)
+
     def _write_state(self, rec: TurnRecord) -> tuple[str, str, int] | None:
-        """Write the agent's state file; (its path, checksum, size), or None if no state."""
-        if not rec.state:
+        """Write the agent's state file; (its path, checksum, size), or None for an agent
+        with no tokens. Every turn writes one, holding besides the tensors that are not
+        block-shaped (if any) the agent's id, its token ids and its block list: all the
+        index knows of it, so a lost index is rebuilt from the files (`rebuild.py`)."""
+        if not rec.tokens:
             return None
         key = agent_key(rec.agent_id)
         self._make_dir(self.root / "agents" / key)
         rel = f"agents/{key}/{time.time_ns():x}.safetensors"
+        model_id, config, block_size = self._models.get(rec.fingerprint, ("", "", 0))
         meta = {
             **rec.layout,
             **rec.state_meta,
@@ -783,10 +815,16 @@ class CacheStore:
             "format_version": FORMAT_VERSION,
             "fingerprint": rec.fingerprint,
             "agent_key": key,
+            "agent_id": rec.agent_id,
             "token_count": str(rec.stored_tokens),
             "context": context_digest(rec.tokens[: rec.stored_tokens]),
+            "holds": "state" if rec.state else "tokens",
+            "model_id": model_id,
+            "model_config": config,
+            "model_block_size": str(block_size),
         }
-        info = write_tensor_file(self.root / rel, rec.state, meta, self.ops)
+        tensors = {**rec.state, **context_tensors(rec.tokens, [b.block_hash for b in rec.blocks])}
+        info = write_tensor_file(self.root / rel, tensors, meta, self.ops)
         self.counters["bytes_written"] += info.nbytes
         return rel, info.checksum, info.nbytes
 
@@ -804,6 +842,36 @@ class CacheStore:
             self._unlink_state(old, key)
         with self._lock:
             self._bad_rows.discard(key)
+        if keep_tokens:
+            self._keep_context(db, *key)
+
+    def _keep_context(self, db, agent_id: str, fingerprint: str) -> None:
+        """An agent whose cache was dropped or cut short keeps a state file of its context
+        alone (its tokens and the blocks it still lists), so the index is never the only
+        copy of its tokens (see `rebuild.py`). The file first, then the row. A failure is
+        logged: the index still holds the tokens."""
+        key = (agent_id, fingerprint)
+        row = db.execute(
+            "SELECT tokens, stored_tokens FROM agents "
+            "WHERE agent_id = ? AND fingerprint = ? AND state_file IS NULL",
+            key,
+        ).fetchone()
+        if row is None or not isinstance(row[0], bytes) or len(row[0]) % 4:
+            return
+        hashes = index_writes.listed_blocks_in_order(db, *key)
+        rec = TurnRecord(
+            agent_id,
+            fingerprint,
+            unpack_tokens(row[0]),
+            row[1],
+            [BlockRecord(h, 0) for h in hashes],
+        )
+        try:
+            state = self._write_state(rec)
+            if state is not None and not index_writes.set_state_file(db, *key, state):
+                self._unlink_state(state[0], key)  # the agent changed meanwhile
+        except (OSError, StorageError) as exc:
+            log.warning("agent %r: its context file could not be written: %s", agent_id, exc)
 
     def _unlink_state(self, rel: object, key: tuple[str, str]) -> None:
         """Delete a state file the index no longer lists, if its name is one the store
@@ -880,15 +948,19 @@ class CacheStore:
         """Index first (one transaction), then the file to quarantine: a crash in between
         leaves a stray file, never a row that points at nothing."""
         if kind == "block":
-            for key, cut in index_writes.forget_block(db, *ids):
+            cuts = index_writes.forget_block(db, *ids)
+            for key, cut in cuts:
                 if cut.state_file is not None:  # it no longer applies to what is left
                     self._unlink_state(cut.state_file, key)
-        else:
-            index_writes.forget_state(db, *ids)
-            agent_id, _, state_file = ids
-            if not is_state_rel(state_file, agent_id):
-                return  # a name the store never gave this agent: maybe another's file
-        self._quarantine(path)
+            self._quarantine(path)
+            for key, _ in cuts:
+                self._keep_context(db, *key)
+            return
+        index_writes.forget_state(db, *ids)
+        agent_id, fingerprint, state_file = ids
+        if is_state_rel(state_file, agent_id):  # else a name the store never gave this agent
+            self._quarantine(path)
+        self._keep_context(db, agent_id, fingerprint)
 
     def _quarantine(self, path: Path) -> None:
         if not self._paths.contains(path, link_ok=True) or not os.path.lexists(path):

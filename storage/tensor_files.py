@@ -219,6 +219,24 @@ def read_tensor_file(
     return dict(meta), tensors
 
 
+def read_tensor_meta(path: Path) -> dict[str, str]:
+    """A file's metadata from its header alone (nothing verified: a name to report, not
+    data to trust).
+
+    Raises:
+        CorruptFileError: missing, not a regular file, or its header is malformed.
+    """
+    fd, total = _open_regular(path, follow=False)
+    try:
+        header = _parse_header(path, _pread_header(path, fd, total)[8:])
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    finally:
+        os.close(fd)
+    meta = header.get("__metadata__") or {}
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
 def _data_bytes(path: Path, header: dict) -> int:
     """How many data bytes the header's tensors span (the largest end offset)."""
     end = 0

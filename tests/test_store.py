@@ -445,7 +445,7 @@ def test_index_from_a_newer_agentkv_is_refused(tmp_path):
         open_index(tmp_path / "index.db")
     with pytest.raises(StorageError, match="newer"):
         CacheStore(tmp_path)
-    assert _index(tmp_path, "SELECT value FROM meta") == [("999",)]
+    assert _index(tmp_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("999",)]
 
 
 def test_index_that_is_not_a_database_is_refused(tmp_path):
@@ -684,7 +684,14 @@ def test_disk_budget_evicts_least_recently_used_unpinned_agents(llama, tmp_path)
     for name in ("a0", "a1"):  # the least recently used, p being pinned
         stored = store.agent(name, fp)
         assert stored.tokens == contexts[name] and stored.stored_tokens == 0
-        assert stored.block_hashes == [] and stored.state_file is None
+        assert stored.block_hashes == []
+        # What is left of it: a state file of its tokens alone (the index's only copy else).
+        assert stored.state_file != before[name].state_file
+        meta, tensors = read_tensor_file(tmp_path / stored.state_file)
+        assert (
+            meta["holds"] == "tokens"
+            and tensors["context.tokens"].data.tolist() == (contexts[name])
+        )
         assert not any(_block_file(tmp_path, h).exists() for h in before[name].block_hashes)
         assert not (tmp_path / before[name].state_file).exists()
     kept = [h for name in ("p", "a2", "a3") for h in before[name].block_hashes]

@@ -33,7 +33,12 @@ from agentkv.storage import (
 )
 from agentkv.storage import store as store_module
 from agentkv.storage.records import BlockRecord, StoredAgent, TurnRecord
-from agentkv.storage.tensor_files import FileOps, HostTensor
+from agentkv.storage.tensor_files import (
+    FileOps,
+    HostTensor,
+    read_tensor_file,
+    read_tensor_meta,
+)
 
 BLOCK = 16
 FP = "a" * 32
@@ -352,13 +357,22 @@ def test_corrupt_shared_block_cuts_every_owner_and_keeps_refcounts_exact(tmp_pat
     for rec in (a, b):
         stored = store.agent(rec.agent_id, FP)
         assert stored.block_hashes == [rec.blocks[0].block_hash]
-        assert (stored.stored_tokens, stored.state_file) == (BLOCK, None)
+        assert stored.stored_tokens == BLOCK
+        _assert_context_file(tmp_path, stored, rec.tokens)
     assert not any((tmp_path / s).exists() for s in states)
     unreferenced = {h for (h,) in _sql(tmp_path, "SELECT hash FROM blocks WHERE refcount = 0")}
     assert unreferenced == {a.blocks[2].block_hash, b.blocks[2].block_hash}
     assert not path.exists() and len(list((tmp_path / "quarantine").iterdir())) == 1
     assert store.gc(FP).orphan_files == [] and store.verify().corrupt == []
     store.close()
+
+
+def _assert_context_file(root: Path, stored: StoredAgent, tokens: list[int]) -> None:
+    """The agent's state file holds its context alone now (tokens and its blocks left)."""
+    meta, tensors = read_tensor_file(root / stored.state_file)
+    assert meta["holds"] == "tokens" and int(meta["token_count"]) == stored.stored_tokens
+    assert tensors["context.tokens"].data.tolist() == tokens
+    assert [bytes(r).hex() for r in tensors["context.blocks"].data] == stored.block_hashes
 
 
 def test_corrupt_state_file_keeps_the_agents_blocks(tmp_path):
@@ -373,7 +387,8 @@ def test_corrupt_state_file_keeps_the_agents_blocks(tmp_path):
     store.flush()
     again = store.agent("a", FP)
     assert again.block_hashes == stored.block_hashes
-    assert (again.stored_tokens, again.state_file) == (2 * BLOCK, None)
+    assert again.stored_tokens == 2 * BLOCK and again.state_file != stored.state_file
+    _assert_context_file(tmp_path, again, rec.tokens)
     assert _refcounts_exact(tmp_path) == []
     store.close()
 
@@ -527,7 +542,9 @@ def test_block_evicted_after_has_block_does_not_fail_the_turn(tmp_path):
     store.flush()  # no StoreWriteError
     stored = store.agent("y", FP)
     assert stored.tokens == follower.tokens
-    assert (stored.block_hashes, stored.stored_tokens, stored.state_file) == ([], 0, None)
+    assert (stored.block_hashes, stored.stored_tokens) == ([], 0)
+    # Its state file holds its tokens alone (what a rebuilt index takes them from).
+    assert read_tensor_meta(tmp_path / stored.state_file)["holds"] == "tokens"
     assert _refcounts_exact(tmp_path) == []
     store.close()
 
@@ -744,11 +761,11 @@ def test_a_garbled_index_page_fails_lookups_with_a_storage_error(llama, tmp_path
     engine.close()
     _garble_table_page(tmp_path, table)
     store = CacheStore(tmp_path)
-    with pytest.raises(StorageError, match="unreadable"):
+    with pytest.raises(StorageError, match="damaged"):
         store.agent("a", fingerprint)
     store.close()
     engine = make_engine(model, tokenizer, block_size=BLOCK, store=CacheStore(tmp_path))
-    with pytest.raises(StorageError, match="unreadable"):
+    with pytest.raises(StorageError, match="damaged"):
         engine.submit("a", [1, 2, 3], max_tokens=GEN)
     engine.close()
 
