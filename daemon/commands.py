@@ -100,6 +100,8 @@ class CommandHandler:
         self._owner: dict[int, tuple[bytes, str]] = {}  # uid -> (client, agent id)
         # (client, uid, agent id, final fields): finished turns waiting to be durable
         self._held: list[tuple[bytes, int, str, dict]] = []
+        # uid -> (client, request id): submits answered once their input is tokenized
+        self._unanswered: dict[int, tuple[bytes, object]] = {}
         self._closing = False
         self._grace_until: float | None = None
         self._next_expiry = time.monotonic() + EXPIRY_EVERY_S
@@ -120,8 +122,9 @@ class CommandHandler:
 
     @property
     def busy(self) -> bool:
-        """True while the engine has work."""
-        return self.engine.has_work
+        """True while an engine step could make progress now (turns only being tokenized
+        on the encoder's thread do not count: the loop then waits, polling them)."""
+        return self.engine.can_step
 
     def idle_wait(self) -> float:
         """How long the engine thread may block for the next request."""
@@ -129,7 +132,7 @@ class CommandHandler:
         deadlines += [
             c.answered + c.interval for c in self._clients.values() if c.parked and c.events
         ]
-        if self._held:
+        if self._held or self.engine.has_work:  # durable writes, or tokenizing turns
             return HELD_POLL_S
         if not deadlines:
             return 0.5
@@ -165,6 +168,8 @@ class CommandHandler:
         if self.engine.has_work:
             for event in self.engine.step_once():
                 self._route(event)
+        if self._unanswered:
+            self._answer_submits()
         if self._held:
             self._release_durable()
         now = time.monotonic()
@@ -186,6 +191,8 @@ class CommandHandler:
             except Exception:  # the engine may be what is broken
                 log.exception("could not cancel request %d", uid)
             self._deliver(identity, uid, agent_id, {"finish_reason": "error", "error": error})
+        for uid in list(self._unanswered):
+            self._refuse_submit(uid, "internal", error["message"])
         held, self._held = self._held, []
         for identity, uid, agent_id, final in held:
             self._deliver(
@@ -202,7 +209,7 @@ class CommandHandler:
     def drained(self) -> bool:
         """After `begin_shutdown`: True once no turn runs and every client has collected
         its finished turns' events (or `DRAIN_GRACE_S` passed waiting for it to step)."""
-        if self.busy or self._held:
+        if self.engine.has_work or self._held or self._unanswered:
             return False
         undelivered = any(c.events and not c.parked for c in self._clients.values())
         if not undelivered:
@@ -248,7 +255,28 @@ class CommandHandler:
         )
         self._owner[uid] = (identity, agent_id)
         self._clients.setdefault(identity, _Client()).running += 1
+        if self.engine.is_encoding(uid):  # tokenized off this thread: answered when done
+            self._unanswered[uid] = (identity, h.get("id"))
+            return None
         return {"uid": uid}
+
+    def _answer_submits(self) -> None:
+        """Answer submits whose input is tokenized now (a failed one was answered with its
+        error when its completion was routed)."""
+        for uid, (identity, rid) in list(self._unanswered.items()):
+            if not self.engine.is_encoding(uid):
+                del self._unanswered[uid]
+                self.send(identity, *protocol.reply(rid, {"uid": uid}))
+
+    def _refuse_submit(self, uid: int, code: str, message: str) -> None:
+        """A submit not answered yet fails: its error goes to the submit, not an event."""
+        identity, rid = self._unanswered.pop(uid)
+        self._owner.pop(uid, None)
+        client = self._clients.get(identity)
+        if client is not None:
+            client.running -= 1
+            client.events.pop(uid, None)
+        self.send(identity, *protocol.error(rid, code, message))
 
     def _step(self, identity: bytes, h: dict) -> None:
         timeout = _seconds(h, "timeout", 1.0, math.inf)
@@ -344,6 +372,10 @@ class CommandHandler:
     def _route(self, event) -> None:
         owner = self._owner.get(event.uid)
         if owner is None:
+            return
+        c = event.completion
+        if event.uid in self._unanswered and c is not None and c.finish_reason == "error":
+            self._refuse_submit(event.uid, _known(c.error_code), c.error)
             return
         identity = owner[0]
         merged = self._clients[identity].events.setdefault(
