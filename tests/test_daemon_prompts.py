@@ -1,0 +1,126 @@
+"""Oversized and large inputs against a real daemon: text and chats that could never fit
+are refused from their size before any tokenizing, and large ones are tokenized off the
+engine thread, while another agent streams on without a stall.
+
+Measured on a 2-core box: refusals of a 7.5 MB text and of 200,000 chat messages took
+seconds before (tokenized on the engine thread, every agent stalled 7-10 s); here they
+take a fraction of a second and the streaming agent's largest gap stays far under 1 s.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import pytest
+
+from agentkv.client import PoolExhausted
+
+BLOCK = 16
+POOL_BLOCKS = 16384  # 262,144 tokens: blocks get memory only when used
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_factory):
+    d = daemon_factory(args=("--block-size", str(BLOCK), "--pool-blocks", str(POOL_BLOCKS)))
+    d.start()
+    return d
+
+
+class Streamer:
+    """One agent decoding turn after turn on its own client and thread; `arrivals` are the
+    monotonic times at which step replies brought it tokens."""
+
+    def __init__(self, daemon) -> None:
+        self.daemon = daemon
+        self.arrivals: list[float] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Streamer:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while len(self.arrivals) < 20:  # decoding steadily before anything is measured
+            assert time.monotonic() < deadline and self.error is None, self.error
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        try:
+            with self.daemon.client() as c:
+                turn = 0
+                while not self._stop.is_set():
+                    uid = c.submit(f"streamer-{turn}", [5, 6, 7, 8], max_tokens=4000)
+                    turn += 1
+                    while not self._stop.is_set():
+                        events = c.step(timeout=1.0)
+                        if any(e.token_ids for e in events):
+                            self.arrivals.append(time.monotonic())
+                        if any(e.uid == uid and e.finished for e in events):
+                            break
+                    else:
+                        c.cancel(uid)
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+
+    def gaps(self, start: float, end: float) -> list[float]:
+        """Gaps between token arrivals in [start, end], with the gap into the window."""
+        times = [t for t in self.arrivals if t <= end]
+        return [b - a for a, b in zip(times, times[1:]) if b >= start]
+
+
+def _timed_refusal(client, **submit) -> float:
+    tic = time.monotonic()
+    with pytest.raises(PoolExhausted):
+        client.submit("huge", max_tokens=16, **submit)
+    return time.monotonic() - tic
+
+
+def test_oversized_inputs_are_refused_at_once_while_another_agent_streams(daemon):
+    """A 7.5 MB text and a chat of 200,000 messages cannot fit in 262,144 tokens whatever
+    they encode to: PoolExhausted, before tokenizing, in well under the seconds tokenizing
+    them took, and the streaming agent never stalls."""
+    text = "hello world " * (7_500_000 // 12)
+    chat = [{"role": "user", "content": "x"}] * 200_000
+    with Streamer(daemon) as s, daemon.client(timeout=60) as c:
+        start = time.monotonic()
+        took = [_timed_refusal(c, prompt=text), _timed_refusal(c, messages=chat)]
+        end = time.monotonic()
+        time.sleep(0.3)  # tokens after the window: the gap that spans its end is counted
+    assert s.error is None, s.error
+    gaps = s.gaps(start, end)
+    print(
+        f"refusals took {took} s; stream gaps max {max(gaps):.3f} s, "
+        f"median {statistics.median(gaps):.4f} s over {len(gaps)}"
+    )
+    assert max(took) < 3.0  # tokenizing the text alone took ~12 s on this machine
+    assert len(gaps) >= 3 and max(gaps) < 1.0
+
+
+def test_a_large_text_is_tokenized_off_the_engine_thread(daemon):
+    """2 MB of text passes the size pre-check (>= 166,000 tokens, which would fit) but
+    encodes to ~1.3M tokens: tokenized on the encoder's thread for seconds, while the
+    streaming agent keeps getting tokens, then refused with PoolExhausted from submit."""
+    text = "ab " * 700_000
+    with Streamer(daemon) as s, daemon.client(timeout=120) as c:
+        start = time.monotonic()
+        took = _timed_refusal(c, prompt=text)
+        end = time.monotonic()
+        time.sleep(0.3)
+        during = [t for t in s.arrivals if start <= t <= end]
+    assert s.error is None, s.error
+    gaps = s.gaps(start, end)
+    print(
+        f"tokenizing + refusal took {took:.2f} s; {len(during)} token replies meanwhile; "
+        f"gaps max {max(gaps):.3f} s, median {statistics.median(gaps):.4f} s"
+    )
+    assert took > 0.3  # it was really tokenized (the pre-check alone is milliseconds)
+    assert len(during) >= 5 and max(gaps) < 1.0
+    with daemon.client() as c:  # the daemon serves on
+        assert c.generate("after", [5, 6], max_tokens=2).finish_reason in ("length", "stop")
