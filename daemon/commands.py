@@ -387,7 +387,11 @@ class CommandHandler:
         c = event.completion
         if c is None:
             return
-        final = {"finish_reason": c.finish_reason, "usage": c.usage.as_dict()}
+        final = {
+            "finish_reason": c.finish_reason,
+            "usage": c.usage.as_dict(),
+            "context_token_ids": c.context_token_ids,
+        }
         if c.error is not None:
             final["error"] = {"code": _known(c.error_code), "message": c.error}
         del self._owner[event.uid]
@@ -470,7 +474,8 @@ def _take_events(events: dict[int, dict]) -> list[dict]:
     for uid in list(events):
         ev = events[uid]
         # msgpack: <= 5 bytes per token id, <= 4 per character, a few hundred for the rest
-        cost = 512 + 5 * len(ev["token_ids"]) + 4 * len(ev["text"])
+        ids = len(ev["token_ids"]) + len(ev.get("context_token_ids", ()))
+        cost = 512 + 5 * ids + 4 * len(ev["text"])
         if out and size + cost > STEP_REPLY_BYTES:
             break
         out.append(events.pop(uid))

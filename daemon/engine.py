@@ -95,9 +95,16 @@ class AgentInfo:
         shared_blocks: of those, blocks other agents reference too.
         busy: a turn of this agent is in the batch.
         pending: turns waiting behind it.
-        in_store: the store holds its state (restored at its next turn if not in memory).
+        in_store: the store holds its current context (or has it queued for writing): its
+            cache is restored from there at its next turn if not in memory.
         disk_blocks: full blocks of it the store holds (or has queued for writing).
         last_used: wall-clock time of its last finished turn (0.0: none yet).
+        in_memory: the pool holds its cache.
+        saving: a write of it to the store is queued.
+        state: one word for all that: "running" (a turn in the batch), "queued" (turns
+            waiting), "in memory", "on disk" (only the store holds its cache), or "no cache"
+            (recomputed from its tokens at its next turn); ", saving" while a write is
+            queued, ", unsaved" when its latest write failed.
     """
 
     agent_id: str
@@ -110,6 +117,9 @@ class AgentInfo:
     in_store: bool = False
     disk_blocks: int = 0
     last_used: float = 0.0
+    in_memory: bool = False
+    saving: bool = False
+    state: str = "no cache"
 
 
 class BlockPoolBatchEngine:
@@ -370,6 +380,16 @@ class BlockPoolBatchEngine:
 
     def _info(self, agent: AgentContext) -> AgentInfo:
         held = agent.held_blocks()
+        store, aid = self.store, agent.agent_id
+        unsaved = store is not None and store.unsaved(aid, self.spec.fingerprint) is not None
+        in_store = store is not None and (agent.in_store or agent.saved) and not unsaved
+        in_memory = agent.cached_len > 0
+        saving = store is not None and not store.is_settled(aid)
+        if agent.busy or agent.pending:
+            state = "running" if agent.busy else "queued"
+        else:
+            state = "in memory" if in_memory else "on disk" if in_store else "no cache"
+        state += ", saving" if saving else ", unsaved" if unsaved else ""
         return AgentInfo(
             agent_id=agent.agent_id,
             tokens=len(agent.tokens),
@@ -378,9 +398,12 @@ class BlockPoolBatchEngine:
             shared_blocks=sum(1 for b in held if b.ref_cnt > 1),
             busy=agent.busy,
             pending=len(agent.pending),
-            in_store=agent.in_store or (self.store is not None and agent.cached_len > 0),
-            disk_blocks=agent.disk_blocks if self.store is not None else 0,
+            in_store=in_store,
+            disk_blocks=agent.disk_blocks if store is not None else 0,
             last_used=agent.last_turn,
+            in_memory=in_memory,
+            saving=saving,
+            state=state,
         )
 
     def fork_agent(self, agent_id: str, new_agent_id: str) -> None:
@@ -547,6 +570,7 @@ class BlockPoolBatchEngine:
             in_store=True,
             disk_blocks=len(stored.block_hashes),
             last_turn=stored.last_used,
+            saved=True,
         )
 
     def _check_fits(self, req: _Request, agent: AgentContext) -> None:
@@ -789,6 +813,7 @@ class BlockPoolBatchEngine:
         self.counters["completed"] += 1
         completion = self._finish(req, reason)
         completion.usage.generated_tokens = len(tokens) - len(adm.full_tokens)
+        completion.context_token_ids = list(tokens[len(adm.full_tokens) :])
         return StepEvent(req.uid, req.agent_id, token, delta, completion)
 
     def _resave_unsaved(self) -> None:
@@ -807,10 +832,12 @@ class BlockPoolBatchEngine:
     def _write_back(self, agent: AgentContext) -> None:
         if self.store is None:
             return
+        agent.saved = False
         try:
             record = persistence.turn_record(self.spec, self.store, agent, self._layout)
             self.store.save_turn(record)
             agent.disk_blocks = len(record.blocks)
+            agent.saved = True
         except Exception as exc:  # the turn is done and kept in memory either way
             log.error("agent %r: write-back not queued: %s", agent.agent_id, exc)
 

@@ -9,6 +9,7 @@ take a fraction of a second and the streaming agent's largest gap stays far unde
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import threading
 import time
@@ -72,7 +73,7 @@ class Streamer:
     def gaps(self, start: float, end: float) -> list[float]:
         """Gaps between token arrivals in [start, end], with the gap into the window."""
         times = [t for t in self.arrivals if t <= end]
-        return [b - a for a, b in zip(times, times[1:]) if b >= start]
+        return [b - a for a, b in itertools.pairwise(times) if b >= start]
 
 
 def _timed_refusal(client, **submit) -> float:
