@@ -184,6 +184,12 @@ class CommandHandler:
         finished one not yet known to be durable, with an `internal` error event (what
         became of them is unknown), and answer the steps waiting for them."""
         error = {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+        for uid in list(self._unanswered):  # their submits get the error, not an event
+            self._refuse_submit(uid, "internal", error["message"])
+            try:
+                self.engine.cancel(uid)  # no owner now: its "cancelled" event is not routed
+            except Exception:
+                log.exception("could not cancel request %d", uid)
         for uid, (identity, agent_id) in list(self._owner.items()):
             del self._owner[uid]
             try:
@@ -191,8 +197,6 @@ class CommandHandler:
             except Exception:  # the engine may be what is broken
                 log.exception("could not cancel request %d", uid)
             self._deliver(identity, uid, agent_id, {"finish_reason": "error", "error": error})
-        for uid in list(self._unanswered):
-            self._refuse_submit(uid, "internal", error["message"])
         held, self._held = self._held, []
         for identity, uid, agent_id, final in held:
             self._deliver(

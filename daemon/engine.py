@@ -493,17 +493,22 @@ class BlockPoolBatchEngine:
         if sum(given) != 1:
             raise InvalidRequestError("give exactly one of prompt, messages or conversation")
         if conversation is not None:
+            if isinstance(conversation, Sequence):  # too long: refused before it is checked
+                self._require_room(len(conversation) + req.max_tokens)
             req.full_tokens = check_tokens(conversation, self.spec.vocab_size, "conversation")
         elif messages is not None:
+            self._refuse_oversized(req, agent, None, messages)  # first: one cheap pass
             messages = check_messages(self.tokenizer, messages)
             req.chat = True
-            self._refuse_oversized(req, agent, None, messages)
             self._encode(req, lambda: self._encoder.render(messages), messages=messages)
         elif isinstance(prompt, str):
             check_text(prompt)
             self._refuse_oversized(req, agent, prompt, None)
             self._encode_text(req, agent, prompt)
         else:
+            if isinstance(prompt, Sequence):
+                base = self._projected_len(agent, before=req.uid)
+                self._require_room(base + len(prompt) + req.max_tokens)
             req.new_tokens = check_tokens(prompt, self.spec.vocab_size, "prompt")
 
     def _encode_text(self, req: _Request, agent: AgentContext, prompt: str) -> None:

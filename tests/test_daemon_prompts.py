@@ -100,8 +100,10 @@ def test_oversized_inputs_are_refused_at_once_while_another_agent_streams(daemon
         f"refusals took {took} s; stream gaps max {max(gaps):.3f} s, "
         f"median {statistics.median(gaps):.4f} s over {len(gaps)}"
     )
-    assert max(took) < 3.0  # tokenizing the text alone took ~12 s on this machine
-    assert len(gaps) >= 3 and max(gaps) < 1.0
+    # Tokenizing the text alone took ~12 s on this machine, every agent stalled meanwhile:
+    # the bounds are generous for a loaded 2-core box (measured: 0.05-0.95 s, gaps < 0.35 s).
+    assert max(took) < 3.0
+    assert len(gaps) >= 3 and max(gaps) < 1.5
 
 
 def test_a_large_text_is_tokenized_off_the_engine_thread(daemon):
@@ -122,6 +124,39 @@ def test_a_large_text_is_tokenized_off_the_engine_thread(daemon):
         f"gaps max {max(gaps):.3f} s, median {statistics.median(gaps):.4f} s"
     )
     assert took > 0.3  # it was really tokenized (the pre-check alone is milliseconds)
-    assert len(during) >= 5 and max(gaps) < 1.0
+    # On the engine thread, one gap would span the whole tokenizing; measured: the largest
+    # 0.13-0.55 s of 1.3-3.3 s on a loaded 2-core box.
+    assert len(during) >= 5 and max(gaps) < min(1.5, 0.6 * took)
     with daemon.client() as c:  # the daemon serves on
         assert c.generate("after", [5, 6], max_tokens=2).finish_reason in ("length", "stop")
+
+
+def test_a_later_turn_of_the_agent_waits_for_one_being_tokenized(daemon):
+    """Client A's 2 MB text for agent "ord" is tokenized off-thread (then refused: too many
+    tokens); client B's small turn for "ord", submitted meanwhile, is answered at once but
+    runs only after A's turn is settled: it never overtakes it."""
+    text = "ab " * 700_000
+    box: dict = {}
+
+    def big():
+        with daemon.client(timeout=120) as a:
+            try:
+                a.submit("ord", text, max_tokens=4)
+            except PoolExhausted:
+                box["refused_at"] = time.monotonic()
+
+    t = threading.Thread(target=big, daemon=True)
+    with daemon.client() as b:
+        t.start()
+        time.sleep(0.3)  # A's text is on the wire, then being tokenized
+        uid = b.submit("ord", [5, 6, 7], max_tokens=3)
+        r = b.generate("ord-other", [8, 9], max_tokens=2)  # the daemon serves meanwhile
+        events = []
+        while not (events and events[-1].finished):
+            events += [e for e in b.step(timeout=1.0) if e.uid == uid]
+        done_at = time.monotonic()
+        t.join(120)
+        context = b.inspect("ord")["token_ids"]
+    assert r.finish_reason in ("length", "stop") and "refused_at" in box
+    assert box["refused_at"] <= done_at
+    assert events[-1].finish_reason in ("length", "stop") and context[:3] == [5, 6, 7]

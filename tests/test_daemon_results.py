@@ -12,18 +12,25 @@ import time
 import pytest
 
 from agentkv.client import TurnCancelled
+from agentkv.daemon.model_factory import load_model
 
 BLOCK = 16
 PROMPT = [5, 6, 7, 8, 9, 10]
 
 
-def _model_with_eos(model_dir, tmp_path, eos: list[int]):
-    """A copy of the tiny llama whose config names these EOS ids."""
+def _model_with_eos(model_dir, tmp_path, eos: list[int], eos_token: str | None = None):
+    """A copy of the tiny llama whose config names these EOS ids (mlx-lm adds the
+    tokenizer's own EOS token: `eos_token` replaces that)."""
     copy = tmp_path / "eos-model"
     shutil.copytree(model_dir, copy)
-    config = json.loads((copy / "config.json").read_text())
-    config["eos_token_id"] = eos
-    (copy / "config.json").write_text(json.dumps(config))
+    for name, key, value in (
+        ("config.json", "eos_token_id", eos),
+        ("tokenizer_config.json", "eos_token", eos_token),
+    ):
+        if value is not None:
+            config = json.loads((copy / name).read_text())
+            config[key] = value
+            (copy / name).write_text(json.dumps(config))
     return copy
 
 
@@ -41,6 +48,7 @@ def test_context_token_ids_rebuild_the_context_with_two_eos_ids(daemon_factory, 
     stop = free.token_ids[at]
     d = daemon_factory(args=("--block-size", str(BLOCK), "--pool-blocks", "64"))
     d.model_dir = _model_with_eos(plain.model_dir, tmp_path, [2, stop])
+    assert set(load_model(d.model_dir)[1].eos_token_ids) == {2, stop}
     d.start()
     with d.client() as c:
         first = c.generate("two-eos", PROMPT, max_tokens=12)
@@ -75,7 +83,7 @@ def test_a_cancelled_stream_raises_and_generate_returns_cancelled(
     "cancelled" and nothing appended to the context. (The model's EOS is an id its greedy
     run from PROMPT never produces in 600 tokens, so the turns run until cancelled.)"""
     d = daemon_factory(args=("--block-size", str(BLOCK), "--pool-blocks", "512"))
-    d.model_dir = _model_with_eos(model_dirs["llama"], tmp_path, [3])
+    d.model_dir = _model_with_eos(model_dirs["llama"], tmp_path, [3], "<|im_start|>")
     d.start()
     started = threading.Event()
     canceller = _cancel_when_streaming(d, "streamed", started)
