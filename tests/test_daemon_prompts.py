@@ -71,9 +71,10 @@ class Streamer:
             self.error = exc
 
     def gaps(self, start: float, end: float) -> list[float]:
-        """Gaps between token arrivals in [start, end], with the gap into the window."""
-        times = [t for t in self.arrivals if t <= end]
-        return [b - a for a, b in itertools.pairwise(times) if b >= start]
+        """Gaps between token arrivals in [start, end], with the gaps into and out of it."""
+        times = list(self.arrivals)
+        after = next((i for i, t in enumerate(times) if t > end), len(times) - 1)
+        return [b - a for a, b in itertools.pairwise(times[: after + 1]) if b >= start]
 
 
 def _timed_refusal(client, **submit) -> float:
