@@ -107,8 +107,11 @@ def max_token_bytes(tokenizer) -> int | None:
 
 def _backend(tokenizer):
     """The `tokenizers.Tokenizer` behind an mlx-lm or transformers tokenizer, or None."""
-    inner = getattr(tokenizer, "_tokenizer", tokenizer)
-    return getattr(inner, "backend_tokenizer", None)
+    for obj in (tokenizer, getattr(tokenizer, "_tokenizer", None)):
+        backend = getattr(obj, "backend_tokenizer", None)
+        if backend is not None:
+            return backend
+    return None
 
 
 def _state(component) -> dict | None:

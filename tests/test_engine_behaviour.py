@@ -528,3 +528,31 @@ def test_a_large_turn_that_does_not_fit_after_tokenizing_fails_typed(llama):
     assert engine.is_encoding(uid) and engine.cancel(uid)
     (done,) = engine.step()
     assert done.finish_reason == "cancelled" and engine.agent_tokens("a") == []
+
+
+def test_tokenizers_that_may_fold_input_get_no_size_bound():
+    """The byte bound is only taken where it holds: a word-piece tokenizer (a whole unknown
+    word is one token) or one whose pre-tokenizer drops whitespace gets none (such input
+    is tokenized, off the engine thread, and checked exactly); a sentencepiece-style BPE
+    with byte fallback and a space-replacing normalizer gets its longest entry in UTF-8."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from agentkv.daemon.prompts import max_token_bytes
+
+    def wrap(tk):
+        return PreTrainedTokenizerFast(tokenizer_object=tk)
+
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    assert max_token_bytes(wrap(wordpiece)) is None
+    dropping = Tokenizer(models.BPE({"a": 0, "b": 1}, [], byte_fallback=True))
+    dropping.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert max_token_bytes(wrap(dropping)) is None
+    vocab = {"<0x20>": 0, "\u2581": 1, "a": 2, "\u2581aaaa": 3}
+    spm = Tokenizer(models.BPE(vocab, [], byte_fallback=True))
+    spm.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    assert max_token_bytes(wrap(spm)) == len("\u2581aaaa".encode())  # 7: covers " aaaa"
+    spm.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Strip()])
+    assert max_token_bytes(wrap(spm)) is None
