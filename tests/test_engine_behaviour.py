@@ -498,6 +498,8 @@ def test_large_text_is_tokenized_off_the_engine_thread_in_agent_order(llama):
     at once, other agents' turns go on meanwhile, and a later turn of the same agent waits
     for it. The result is what tokenizing inline gives, token for token. (The inline size
     is lowered here: prefilling a real large prompt takes minutes on a CPU.)"""
+    from agentkv.daemon.prompts import render_messages
+
     model, tokenizer = llama
     engine = make_engine(model, tokenizer, total_blocks=256)
     engine._encoder.inline_bytes = 64
@@ -511,6 +513,11 @@ def test_large_text_is_tokenized_off_the_engine_thread_in_agent_order(llama):
     want = tokenizer.encode(text)  # its first turn: BOS added as mlx-lm adds it
     context = engine.agent_tokens("big")
     assert context[: len(want)] == want and other in order
+    chat = [{"role": "user", "content": "where is the cat? " * 8}]
+    uid = engine.submit("chat", messages=chat, max_tokens=2)  # rendered on the worker too
+    assert engine.is_encoding(uid) and run_all(engine)[uid].finish_reason != "error"
+    rendered = render_messages(tokenizer, chat)
+    assert engine.agent_tokens("chat")[: len(rendered)] == rendered
 
 
 def test_a_large_turn_that_does_not_fit_after_tokenizing_fails_typed(llama):
