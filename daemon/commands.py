@@ -388,7 +388,6 @@ class CommandHandler:
         if event.token is not None:
             merged["token_ids"].append(event.token)
         merged["text"] += event.text
-        c = event.completion
         if c is None:
             return
         final = {
