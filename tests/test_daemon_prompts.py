@@ -77,6 +77,15 @@ class Streamer:
         self._proc.kill()
         self._proc.wait(30)
 
+    def check_alive(self, end: float) -> None:
+        """The streamer still runs and got tokens after `end` (a stalled daemon makes its
+        step time out: it dies)."""
+        deadline = time.monotonic() + 30
+        while not any(t > end for t in self.arrivals):
+            assert self._proc.poll() is None, "the streaming client failed"
+            assert time.monotonic() < deadline, "no tokens after the window"
+            time.sleep(0.05)
+
     def gaps(self, start: float, end: float) -> list[float]:
         """Gaps between token arrivals in [start, end], with the gaps into and out of it."""
         times = self.arrivals
@@ -102,6 +111,7 @@ def test_oversized_inputs_are_refused_at_once_while_another_agent_streams(daemon
         took = [_timed_refusal(c, prompt=text), _timed_refusal(c, messages=chat)]
         end = time.monotonic()
         time.sleep(0.3)  # tokens after the window: the gap that spans its end is counted
+        s.check_alive(end)
     gaps = s.gaps(start, end)
     print(
         f"refusals took {took} s; stream gaps max {max(gaps):.3f} s, "
@@ -123,6 +133,7 @@ def test_a_large_text_is_tokenized_off_the_engine_thread(daemon, tmp_path):
         took = _timed_refusal(c, prompt=text)
         end = time.monotonic()
         time.sleep(0.3)
+        s.check_alive(end)
         during = [t for t in s.arrivals if start <= t <= end]
     gaps = s.gaps(start, end)
     print(
