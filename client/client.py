@@ -26,6 +26,7 @@ from .errors import (
     GenerationFailed,
     InvalidRequest,
     MessageTooLarge,
+    TurnCancelled,
     error_for,
 )
 from .paths import default_socket
@@ -54,6 +55,8 @@ class Event:
             (the agent's whole context) is on disk, so it survives a crash; False when
             the write failed (disk full, ...): the turn is served from memory and
             written again at the agent's next turn or at shutdown.
+        context_token_ids: set on the last event: the generated ids exactly as appended to
+            the agent's context (see `Result`); None from a daemon that does not send them.
     """
 
     uid: int
@@ -64,6 +67,7 @@ class Event:
     usage: dict | None = None
     error: dict | None = None
     durable: bool | None = None
+    context_token_ids: list[int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -82,7 +86,22 @@ _EVENT_FIELDS = frozenset(f.name for f in fields(Event))
 
 @dataclass(slots=True)
 class Result:
-    """A finished turn (`durable` as in `Event`)."""
+    """A finished turn.
+
+    Attributes:
+        uid: the request id.
+        agent_id: its agent.
+        text: the generated text.
+        token_ids: the generated ids, without a final EOS (as `mlx_lm.generate` yields).
+        finish_reason: "stop" (EOS or a stop string), "length" or "cancelled" (`generate`
+            returns a cancelled turn, with what it generated; `stream` raises TurnCancelled).
+        usage: token counts and timings.
+        context_token_ids: the generated ids exactly as appended to the agent's context: a
+            final EOS included when the turn ended on one (a model may have several EOS
+            ids), [] for a cancelled turn (its context did not change). The agent's
+            context is its context before the turn plus these. None from an older daemon.
+        durable: as in `Event`: True once the turn is on disk, False if its write failed.
+    """
 
     uid: int
     agent_id: str
@@ -90,6 +109,7 @@ class Result:
     token_ids: list[int]
     finish_reason: str
     usage: dict
+    context_token_ids: list[int] | None = None
     durable: bool | None = None
 
 
@@ -196,6 +216,8 @@ class Client:
     def generate(self, agent_id: str, prompt=None, **kwargs) -> Result:
         """Submit a turn and wait for it to finish (keyword arguments as `submit`).
 
+        A cancelled turn is returned, not raised: its finish_reason is "cancelled".
+
         Raises:
             GenerationFailed: the turn finished with finish_reason "error".
         """
@@ -216,6 +238,7 @@ class Client:
                     tokens,
                     event.finish_reason,
                     event.usage or {},
+                    event.context_token_ids,
                     durable=event.durable,
                 )
         raise AssertionError("unreachable")
@@ -225,13 +248,32 @@ class Client:
     ) -> Iterator[str]:
         """Submit a turn and yield its text as it is generated (keyword arguments as
         `submit`). Text comes at most every `interval` seconds (see `step`); 0 yields each
-        token's text as soon as it exists."""
+        token's text as soon as it exists.
+
+        Raises:
+            GenerationFailed: the turn finished with finish_reason "error".
+            TurnCancelled: the turn was cancelled (it carries the text yielded so far), so
+                a cancelled stream never looks like one that ended normally.
+        """
+        parts: list[str] = []
+        tokens: list[int] = []
         for event in self._events_of(self.submit(agent_id, prompt, **kwargs), interval):
+            parts.append(event.text)
+            tokens += event.token_ids
             if event.text:
                 yield event.text
             if event.finished and event.finish_reason == "error":
                 err = event.error or {}
                 raise GenerationFailed(f"{err.get('code')}: {err.get('message')}")
+            if event.finished and event.finish_reason == "cancelled":
+                raise TurnCancelled(
+                    f"turn {event.uid} of agent {agent_id!r} was cancelled",
+                    uid=event.uid,
+                    agent_id=agent_id,
+                    text="".join(parts),
+                    token_ids=tokens,
+                    usage=event.usage,
+                )
 
     def cancel(self, uid: int) -> bool:
         """Cancel a request; False if it had already finished."""

@@ -106,6 +106,31 @@ class GenerationFailed(AgentKVClientError):
     code = "generation_failed"
 
 
+class TurnCancelled(AgentKVClientError):
+    """`Client.stream`: the turn was cancelled (`Client.cancel`, `daemonctl stop --cancel`,
+    a delete of its agent) before it finished; the agent's context is as before it.
+
+    Attributes:
+        uid: the request id.
+        agent_id: its agent.
+        text: the text generated (and yielded) before the cancel.
+        token_ids: its token ids.
+        usage: the turn's usage as the daemon reported it.
+    """
+
+    code = "cancelled"
+
+    def __init__(
+        self, message: str, *, uid: int, agent_id: str, text: str, token_ids, usage
+    ) -> None:
+        super().__init__(message)
+        self.uid = uid
+        self.agent_id = agent_id
+        self.text = text
+        self.token_ids = list(token_ids)
+        self.usage = usage or {}
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (

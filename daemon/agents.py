@@ -42,6 +42,8 @@ class AgentContext:
         disk_blocks: full blocks the store holds (or has queued) for this agent, as of its
             last write-back or when it was read from the store.
         last_turn: wall-clock time (time.time()) of its last finished turn, 0.0 if none.
+        saved: its current context was read from the store or queued for writing to it
+            (it is there unless that write failed: `CacheStore.unsaved`).
     """
 
     agent_id: str
@@ -59,6 +61,7 @@ class AgentContext:
     restored_full: dict[int, tuple[mx.array, mx.array]] | None = None
     disk_blocks: int = 0
     last_turn: float = 0.0
+    saved: bool = False
 
     @property
     def busy(self) -> bool:

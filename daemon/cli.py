@@ -916,13 +916,22 @@ def _table(rows: list[dict]) -> str:
     )
     lines = [head]
     for r in rows:
-        state = "busy" if r.get("busy") else ("on disk" if r.get("in_store") else "idle")
+        state = r.get("state") or _old_state(r)
         lines.append(
             f"{r['agent_id']:<24}{r['tokens']:>8}{r['cached_tokens']:>8}"
             f"{r['blocks']:>8}{r['shared_blocks']:>8}{r.get('disk_blocks', 0):>8}"
             f"  {_when(r.get('last_used')):<19}  {state}"
         )
     return "\n".join(lines)
+
+
+def _old_state(row: dict) -> str:
+    """The state column for a daemon that does not report `state`."""
+    if row.get("busy"):
+        return "running"
+    if row.get("cached_tokens"):
+        return "in memory"
+    return "on disk" if row.get("in_store") else "no cache"
 
 
 _LABELS = {"disk_blocks": "blocks on disk", "last_used": "last used"}

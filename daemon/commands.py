@@ -100,6 +100,8 @@ class CommandHandler:
         self._owner: dict[int, tuple[bytes, str]] = {}  # uid -> (client, agent id)
         # (client, uid, agent id, final fields): finished turns waiting to be durable
         self._held: list[tuple[bytes, int, str, dict]] = []
+        # uid -> (client, request id): submits answered once their input is tokenized
+        self._unanswered: dict[int, tuple[bytes, object]] = {}
         self._closing = False
         self._shutdown_waiters: list[tuple[bytes, object]] = []  # (client, request id)
         # (client, request id, agent id): deletes answered once they are on disk
@@ -124,8 +126,9 @@ class CommandHandler:
 
     @property
     def busy(self) -> bool:
-        """True while the engine has work."""
-        return self.engine.has_work
+        """True while an engine step could make progress now (turns only being tokenized
+        on the encoder's thread do not count: the loop then waits, polling them)."""
+        return self.engine.can_step
 
     def idle_wait(self) -> float:
         """How long the engine thread may block for the next request."""
@@ -133,7 +136,7 @@ class CommandHandler:
         deadlines += [
             c.answered + c.interval for c in self._clients.values() if c.parked and c.events
         ]
-        if self._held or self._held_deletes:
+        if self._held or self._held_deletes or self.engine.has_work:  # writes, tokenizing
             return HELD_POLL_S
         if not deadlines:
             return 0.5
@@ -172,6 +175,8 @@ class CommandHandler:
         if self.engine.has_work:
             for event in self.engine.step_once():
                 self._route(event)
+        if self._unanswered:
+            self._answer_submits()
         if self._held:
             self._release_durable()
         if self._held_deletes:
@@ -188,6 +193,12 @@ class CommandHandler:
         finished one not yet known to be durable, with an `internal` error event (what
         became of them is unknown), and answer the steps waiting for them."""
         error = {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+        for uid in list(self._unanswered):  # their submits get the error, not an event
+            self._refuse_submit(uid, "internal", error["message"])
+            try:
+                self.engine.cancel(uid)  # no owner now: its "cancelled" event is not routed
+            except Exception:
+                log.exception("could not cancel request %d", uid)
         for uid, (identity, agent_id) in list(self._owner.items()):
             del self._owner[uid]
             try:
@@ -211,7 +222,7 @@ class CommandHandler:
     def drained(self) -> bool:
         """After `begin_shutdown`: True once no turn runs and every client has collected
         its finished turns' events (or `DRAIN_GRACE_S` passed waiting for it to step)."""
-        if self.busy or self._held or self._held_deletes:
+        if self.engine.has_work or self._held or self._held_deletes or self._unanswered:
             return False
         undelivered = any(c.events and not c.parked for c in self._clients.values())
         if not undelivered:
@@ -263,7 +274,28 @@ class CommandHandler:
         )
         self._owner[uid] = (identity, agent_id)
         self._clients.setdefault(identity, _Client()).running += 1
+        if self.engine.is_encoding(uid):  # tokenized off this thread: answered when done
+            self._unanswered[uid] = (identity, h.get("id"))
+            return None
         return {"uid": uid}
+
+    def _answer_submits(self) -> None:
+        """Answer submits whose input is tokenized now (a failed one was answered with its
+        error when its completion was routed)."""
+        for uid, (identity, rid) in list(self._unanswered.items()):
+            if not self.engine.is_encoding(uid):
+                del self._unanswered[uid]
+                self.send(identity, *protocol.reply(rid, {"uid": uid}))
+
+    def _refuse_submit(self, uid: int, code: str, message: str) -> None:
+        """A submit not answered yet fails: its error goes to the submit, not an event."""
+        identity, rid = self._unanswered.pop(uid)
+        self._owner.pop(uid, None)
+        client = self._clients.get(identity)
+        if client is not None:
+            client.running -= 1
+            client.events.pop(uid, None)
+        self.send(identity, *protocol.error(rid, code, message))
 
     def _step(self, identity: bytes, h: dict) -> None:
         timeout = _seconds(h, "timeout", 1.0, math.inf)
@@ -383,6 +415,10 @@ class CommandHandler:
         owner = self._owner.get(event.uid)
         if owner is None:
             return
+        c = event.completion
+        if event.uid in self._unanswered and c is not None and c.finish_reason == "error":
+            self._refuse_submit(event.uid, _known(c.error_code), c.error)
+            return
         identity = owner[0]
         merged = self._clients[identity].events.setdefault(
             event.uid, _new_event(event.uid, event.agent_id)
@@ -390,10 +426,13 @@ class CommandHandler:
         if event.token is not None:
             merged["token_ids"].append(event.token)
         merged["text"] += event.text
-        c = event.completion
         if c is None:
             return
-        final = {"finish_reason": c.finish_reason, "usage": c.usage.as_dict()}
+        final = {
+            "finish_reason": c.finish_reason,
+            "usage": c.usage.as_dict(),
+            "context_token_ids": c.context_token_ids,
+        }
         if c.error is not None:
             final["error"] = {"code": _known(c.error_code), "message": c.error}
         del self._owner[event.uid]
@@ -482,7 +521,8 @@ def _take_events(events: dict[int, dict]) -> list[dict]:
     for uid in list(events):
         ev = events[uid]
         # msgpack: <= 5 bytes per token id, <= 4 per character, a few hundred for the rest
-        cost = 512 + 5 * len(ev["token_ids"]) + 4 * len(ev["text"])
+        ids = len(ev["token_ids"]) + len(ev.get("context_token_ids", ()))
+        cost = 512 + 5 * ids + 4 * len(ev["text"])
         if out and size + cost > STEP_REPLY_BYTES:
             break
         out.append(events.pop(uid))

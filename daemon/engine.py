@@ -36,12 +36,12 @@ from .errors import (
 )
 from .kv_cache_manager import Admission, KVCacheManager
 from .prompts import (
+    EncodeJob,
+    PromptEncoder,
     check_agent_id,
+    check_messages,
+    check_text,
     check_tokens,
-    encode_turn,
-    fewest_tokens,
-    max_token_bytes,
-    render_messages,
 )
 from .requests import Completion, SamplingParams, StepEvent, Usage, check_max_tokens
 from .sampling import make_request_sampler
@@ -75,8 +75,12 @@ class _Request:
     stop: tuple[str, ...] = ()
     held: str = ""  # text held back while it could be the start of a stop string
     # A text prompt encoded as a later turn (no BOS) while earlier turns were queued: if
-    # they are cancelled or fail, it is the agent's first turn after all (see _admit).
-    text_prompt: str | None = None
+    # they are cancelled or fail, it is the agent's first turn after all, and this (its
+    # encoding as a first turn) is used instead (see _admit).
+    first_tokens: list[int] | None = None
+    job: EncodeJob | None = None  # its input is being tokenized on the encoder's thread
+    fewest: int = 0  # a lower bound on its input's tokens (what is known while encoding)
+    chat: bool = False  # its input is a whole chat (replaces the context)
 
 
 @dataclass(slots=True)
@@ -91,9 +95,16 @@ class AgentInfo:
         shared_blocks: of those, blocks other agents reference too.
         busy: a turn of this agent is in the batch.
         pending: turns waiting behind it.
-        in_store: the store holds its state (restored at its next turn if not in memory).
+        in_store: the store holds its current context (or has it queued for writing): its
+            cache is restored from there at its next turn if not in memory.
         disk_blocks: full blocks of it the store holds (or has queued for writing).
         last_used: wall-clock time of its last finished turn (0.0: none yet).
+        in_memory: the pool holds its cache.
+        saving: a write of it to the store is queued.
+        state: one word for all that: "running" (a turn in the batch), "queued" (turns
+            waiting), "in memory", "on disk" (only the store holds its cache), or "no cache"
+            (recomputed from its tokens at its next turn); ", saving" while a write is
+            queued, ", unsaved" when its latest write failed.
     """
 
     agent_id: str
@@ -106,6 +117,9 @@ class AgentInfo:
     in_store: bool = False
     disk_blocks: int = 0
     last_used: float = 0.0
+    in_memory: bool = False
+    saving: bool = False
+    state: str = "no cache"
 
 
 class BlockPoolBatchEngine:
@@ -176,7 +190,8 @@ class BlockPoolBatchEngine:
         self._next_uid = 0
         self._clock = 0
         self._closed = False
-        self._token_bytes: int | None = None  # see _refuse_oversized
+        self._encoder = PromptEncoder(self.tokenizer)
+        self._encoding: dict[int, _Request] = {}  # uid -> request whose input is tokenizing
         self._owner: int | None = None
         self.counters = {
             "completed": 0,
@@ -221,6 +236,13 @@ class BlockPoolBatchEngine:
         `conversation` (the whole context as token ids). The whole-context forms reuse the
         longest common token prefix with the agent's context and recompute the rest.
 
+        Text or a chat that could never fit in the pool is refused from its size before it
+        is tokenized. Text over `prompts.INLINE_ENCODE_BYTES` (and chats of that size) is
+        tokenized on a worker thread: submit returns at once, the turn keeps its place in
+        its agent's order, and what tokenizing finds (no tokens, a template refusal, more
+        tokens than the pool holds) ends the turn with finish_reason "error" and that
+        error's code; `is_encoding(uid)` is True until then.
+
         Raises:
             InvalidRequestError: bad agent id, empty prompt, max_tokens <= 0, bad sampling.
             PoolExhaustedError: the turn could never fit in the pool.
@@ -240,17 +262,23 @@ class BlockPoolBatchEngine:
         )
         agent = self._agents.get(agent_id) or self._stored_agent(agent_id) or AgentContext(agent_id)
         self._set_input(req, agent, prompt, messages, conversation)
-        self._check_fits(req, agent)
+        if req.job is None:
+            self._check_fits(req, agent)
         self._next_uid += 1
         self._agents[agent_id] = agent
         agent.pending.append(req.uid)
         self._requests[req.uid] = req
-        self._waiting.append(req.uid)
+        if req.job is None:
+            self._waiting.append(req.uid)
+        else:
+            self._encoding[req.uid] = req
         return req.uid
 
     def step(self) -> Iterator[Completion]:
         """Drive the batch until idle, yielding each completion as it finishes."""
         while self.has_work:
+            if not self.can_step:  # only tokenizing: wait for the oldest job
+                next(iter(self._encoding.values())).job.done.wait(0.05)
             for event in self.step_once():
                 if event.completion is not None:
                     yield event.completion
@@ -266,6 +294,8 @@ class BlockPoolBatchEngine:
         events, self._events = self._events, []
         if self._closed:
             return events
+        if self._encoding:
+            self._collect_encoded(events)
         self._admit_waiting(events)
         if self._active:
             self._run_batch(events)
@@ -273,8 +303,20 @@ class BlockPoolBatchEngine:
 
     @property
     def has_work(self) -> bool:
-        """True while turns wait, run, or have events not yet returned."""
-        return bool(self._waiting or self._active or self._events)
+        """True while turns are tokenized, wait, run, or have events not yet returned."""
+        return bool(self._encoding or self._waiting or self._active or self._events)
+
+    @property
+    def can_step(self) -> bool:
+        """True when a step could make progress now (`has_work`, less turns that only
+        wait for their tokenizing): a caller with nothing else to do may sleep otherwise."""
+        if self._waiting or self._active or self._events:
+            return True
+        return any(r.job.done.is_set() for r in self._encoding.values())
+
+    def is_encoding(self, uid: int) -> bool:
+        """True while the turn's input is being tokenized (see `submit`)."""
+        return uid in self._encoding
 
     def cancel(self, uid: int) -> bool:
         """Cancel a waiting or running turn; the agent's context stays as before it.
@@ -287,7 +329,11 @@ class BlockPoolBatchEngine:
         if req is None:
             return False
         agent = self._agents[req.agent_id]
-        if req.admission is None:
+        if req.job is not None:
+            req.job.cancelled = True  # skipped if not started; its result is dropped
+            del self._encoding[uid]
+            agent.pending.remove(uid)
+        elif req.admission is None:
             self._waiting.remove(uid)
             agent.pending.remove(uid)
         else:
@@ -319,6 +365,7 @@ class BlockPoolBatchEngine:
         for agent in self._agents.values():
             self._manager.drop(agent)
         self._gen.close()
+        self._encoder.close()
         self._closed = True
         if self.store is not None:
             self.store.close()
@@ -366,6 +413,16 @@ class BlockPoolBatchEngine:
 
     def _info(self, agent: AgentContext) -> AgentInfo:
         held = agent.held_blocks()
+        store, aid = self.store, agent.agent_id
+        unsaved = store is not None and store.unsaved(aid, self.spec.fingerprint) is not None
+        in_store = store is not None and (agent.in_store or agent.saved) and not unsaved
+        in_memory = agent.cached_len > 0
+        saving = store is not None and not store.is_settled(aid)
+        if agent.busy or agent.pending:
+            state = "running" if agent.busy else "queued"
+        else:
+            state = "in memory" if in_memory else "on disk" if in_store else "no cache"
+        state += ", saving" if saving else ", unsaved" if unsaved else ""
         return AgentInfo(
             agent_id=agent.agent_id,
             tokens=len(agent.tokens),
@@ -374,9 +431,12 @@ class BlockPoolBatchEngine:
             shared_blocks=sum(1 for b in held if b.ref_cnt > 1),
             busy=agent.busy,
             pending=len(agent.pending),
-            in_store=agent.in_store or (self.store is not None and agent.cached_len > 0),
-            disk_blocks=agent.disk_blocks if self.store is not None else 0,
+            in_store=in_store,
+            disk_blocks=agent.disk_blocks if store is not None else 0,
             last_used=agent.last_turn,
+            in_memory=in_memory,
+            saving=saving,
+            state=state,
         )
 
     def fork_agent(self, agent_id: str, new_agent_id: str) -> None:
@@ -492,17 +552,70 @@ class BlockPoolBatchEngine:
         given = [x is not None for x in (prompt, messages, conversation)]
         if sum(given) != 1:
             raise InvalidRequestError("give exactly one of prompt, messages or conversation")
-        self._refuse_oversized(req, agent, prompt, messages)
-        if messages is not None:
-            req.full_tokens = render_messages(self.tokenizer, messages)
-        elif conversation is not None:
+        if conversation is not None:
+            if isinstance(conversation, Sequence):  # too long: refused before it is checked
+                self._require_room(len(conversation) + req.max_tokens)
             req.full_tokens = check_tokens(conversation, self.spec.vocab_size, "conversation")
+        elif messages is not None:
+            self._refuse_oversized(req, agent, None, messages)  # first: one cheap pass
+            messages = check_messages(self.tokenizer, messages)
+            req.chat = True
+            self._encode(req, lambda: self._encoder.render(messages), messages=messages)
         elif isinstance(prompt, str):
-            first = not (agent.tokens or agent.pending or agent.busy)
-            req.new_tokens = encode_turn(self.tokenizer, prompt, first_turn=first)
-            req.text_prompt = None if first or agent.tokens else prompt
+            check_text(prompt)
+            self._refuse_oversized(req, agent, prompt, None)
+            self._encode_text(req, agent, prompt)
         else:
+            if isinstance(prompt, Sequence):
+                base = self._projected_len(agent, before=req.uid)
+                self._require_room(base + len(prompt) + req.max_tokens)
             req.new_tokens = check_tokens(prompt, self.spec.vocab_size, "prompt")
+
+    def _encode_text(self, req: _Request, agent: AgentContext, prompt: str) -> None:
+        first = not (agent.tokens or agent.pending or agent.busy)
+        # Turns queued before it may yet leave nothing: then this is the first turn after all.
+        maybe_first = not first and not agent.tokens
+
+        def encode():
+            ids = self._encoder.encode_turn(prompt, first_turn=first)
+            alt = self._encoder.encode_turn(prompt, first_turn=True) if maybe_first else None
+            return ids, alt
+
+        self._encode(req, encode, prompt=prompt)
+
+    def _encode(self, req: _Request, encode, *, prompt=None, messages=None) -> None:
+        """Run `encode` now if the input is small, else on the encoder's worker thread."""
+        if self._encoder.is_large(prompt, messages):
+            req.job = self._encoder.start(encode)
+        else:
+            self._take_encoded(req, encode())
+
+    def _take_encoded(self, req: _Request, result) -> None:
+        if isinstance(result, tuple):  # a text prompt: its ids, and as a first turn
+            req.new_tokens, req.first_tokens = result
+        else:
+            req.full_tokens = result
+
+    def _collect_encoded(self, events: list[StepEvent]) -> None:
+        """Turns whose input the worker finished tokenizing join the waiting queue (their
+        agent's order is kept by `agent.pending`), or fail if it could not be used."""
+        for uid, req in list(self._encoding.items()):
+            job = req.job
+            if not job.done.is_set():
+                continue
+            del self._encoding[uid]
+            req.job = None
+            agent = self._agents[req.agent_id]
+            try:
+                if job.error is not None:
+                    raise job.error
+                self._take_encoded(req, job.result)
+                self._check_fits(req, agent)
+            except Exception as exc:  # the request's own fault (or its template's)
+                agent.pending.remove(uid)
+                events.append(self._fail(req, exc))
+                continue
+            self._waiting.append(uid)
 
     def _stored_agent(self, agent_id: str) -> AgentContext | None:
         """An agent known only to the store: its tokens now, its cache at admission."""
@@ -522,14 +635,14 @@ class BlockPoolBatchEngine:
             in_store=True,
             disk_blocks=len(stored.block_hashes),
             last_turn=stored.last_used,
+            saved=True,
         )
 
     def _check_fits(self, req: _Request, agent: AgentContext) -> None:
         """Refuse a turn that could never fit in the pool, even alone."""
-        length = self._projected_len(agent)
-        length = (
-            length + len(req.new_tokens) if req.new_tokens is not None else len(req.full_tokens)
-        )
+        length = len(req.full_tokens) if req.new_tokens is None else len(req.new_tokens)
+        if req.new_tokens is not None:
+            length += self._projected_len(agent, before=req.uid)
         self._require_room(length + req.max_tokens)
 
     def _require_room(self, tokens: int) -> None:
@@ -542,24 +655,28 @@ class BlockPoolBatchEngine:
 
     def _refuse_oversized(self, req: _Request, agent: AgentContext, prompt, messages) -> None:
         """Refuse, before tokenizing, text that cannot fit in the pool whatever it encodes
-        to: tokenizing megabytes here, on the engine thread, would stall every other turn."""
-        if self._token_bytes is None:
-            self._token_bytes = max_token_bytes(self.tokenizer)
-        fewest = fewest_tokens(prompt, messages, self._token_bytes)
-        if fewest == 0:
-            return
-        base = self._projected_len(agent) if messages is None else 0
-        self._require_room(base + fewest + req.max_tokens)
+        to (see `PromptEncoder.fewest`): tokenizing megabytes only to refuse them would
+        keep a core busy for seconds."""
+        req.fewest = self._encoder.fewest(prompt, messages)
+        base = self._projected_len(agent, before=req.uid) if messages is None else 0
+        self._require_room(base + req.fewest + req.max_tokens)
 
-    def _projected_len(self, agent: AgentContext) -> int:
-        """Longest the agent's context can be once its queued turns have run."""
+    def _projected_len(self, agent: AgentContext, before: int) -> int:
+        """Longest the agent's context can be once its turns queued before uid `before`
+        have run (a turn still tokenizing counts its lower bound)."""
         n = len(agent.tokens)
         queued = ([agent.active] if agent.active is not None else []) + list(agent.pending)
         for uid in queued:
+            if uid >= before:
+                break
             r = self._requests[uid]
-            n = (
-                n + len(r.new_tokens) if r.new_tokens is not None else len(r.full_tokens)
-            ) + r.max_tokens
+            if r.new_tokens is not None:
+                n += len(r.new_tokens)
+            elif r.full_tokens is not None:
+                n = len(r.full_tokens)
+            else:  # still tokenizing
+                n = r.fewest if r.chat else n + r.fewest
+            n += r.max_tokens
         return n
 
     # -- admission -------------------------------------------------------------------------
@@ -595,10 +712,10 @@ class BlockPoolBatchEngine:
         events.append(self._fail(req, exc))
 
     def _admit(self, req: _Request, agent: AgentContext, events: list[StepEvent]) -> bool:
-        if req.text_prompt is not None and not agent.tokens:
-            # The turns queued before it left nothing: encode it as the first turn is.
-            req.new_tokens = encode_turn(self.tokenizer, req.text_prompt, first_turn=True)
-            req.text_prompt = None
+        if req.first_tokens is not None and not agent.tokens:
+            # The turns queued before it left nothing: encoded as the first turn is.
+            req.new_tokens = req.first_tokens
+        req.first_tokens = None
         full = req.full_tokens if req.full_tokens is not None else agent.tokens + req.new_tokens
         tic = time.perf_counter()
         if agent.cached_len == 0 and agent.in_store:
@@ -761,6 +878,7 @@ class BlockPoolBatchEngine:
         self.counters["completed"] += 1
         completion = self._finish(req, reason)
         completion.usage.generated_tokens = len(tokens) - len(adm.full_tokens)
+        completion.context_token_ids = list(tokens[len(adm.full_tokens) :])
         return StepEvent(req.uid, req.agent_id, token, delta, completion)
 
     def _resave_unsaved(self) -> None:
@@ -779,10 +897,12 @@ class BlockPoolBatchEngine:
     def _write_back(self, agent: AgentContext) -> None:
         if self.store is None:
             return
+        agent.saved = False
         try:
             record = persistence.turn_record(self.spec, self.store, agent, self._layout)
             self.store.save_turn(record)
             agent.disk_blocks = len(record.blocks)
+            agent.saved = True
         except Exception as exc:  # the turn is done and kept in memory either way
             log.error("agent %r: write-back not queued: %s", agent.agent_id, exc)
 

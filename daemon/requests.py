@@ -98,6 +98,9 @@ class Completion:
         usage: token counts and timings.
         error: message when finish_reason is "error".
         error_code: the error's stable code (see `agentkv.daemon.errors`).
+        context_token_ids: the generated ids exactly as appended to the agent's context: a
+            final EOS included when the turn ended on one (whichever of the model's EOS ids
+            it was); empty when the context did not change (cancelled, error).
     """
 
     uid: int
@@ -108,6 +111,7 @@ class Completion:
     usage: Usage = field(default_factory=Usage)
     error: str | None = None
     error_code: str | None = None
+    context_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)

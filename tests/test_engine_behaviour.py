@@ -449,24 +449,117 @@ def test_a_chat_template_that_refuses_the_messages_is_an_invalid_request(model_d
     assert run_all(engine)[uid].finish_reason != "error"
 
 
+def _no_tokenizing(engine, monkeypatch) -> None:
+    def tokenized(*args, **kwargs):
+        raise AssertionError("tokenized")
+
+    for name in ("encode_turn", "render", "start"):
+        monkeypatch.setattr(engine._encoder, name, tokenized)
+
+
 def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(llama, monkeypatch):
-    """Megabytes of text for a small pool: refused with PoolExhaustedError from its byte
-    count alone (no token holds more than the longest vocabulary entry), so the engine
-    thread never spends seconds tokenizing it while other turns wait."""
-    from agentkv.daemon import engine as engine_module
+    """Text for a small pool: refused with PoolExhaustedError from its byte count alone
+    (no byte-level token covers more bytes than its longest vocabulary entry), so no core
+    spends seconds tokenizing it. The bound is the tokenizer's own: 12 bytes here (it was
+    4 bytes per character, 48, which let 4x too much text through to the tokenizer)."""
     from agentkv.daemon.prompts import max_token_bytes
 
     model, tokenizer = llama
+    longest = max(len(t) for t in tokenizer.get_vocab())
+    assert max_token_bytes(tokenizer) == longest == 12
     engine = make_engine(model, tokenizer, block_size=16, total_blocks=8)  # 128 tokens
-    huge = "word " * (129 * max_token_bytes(tokenizer))
-
-    def no_tokenizing(*args, **kwargs):
-        raise AssertionError("tokenized")
-
-    monkeypatch.setattr(engine_module, "encode_turn", no_tokenizing)
-    monkeypatch.setattr(engine_module, "render_messages", no_tokenizing)
-    with pytest.raises(PoolExhaustedError):
-        engine.submit("big", huge, max_tokens=1)
-    many = [{"role": "user", "content": "x"}] * 200
+    _no_tokenizing(engine, monkeypatch)
+    with pytest.raises(PoolExhaustedError):  # >= 129 tokens whatever it is; 4x less than 48
+        engine.submit("big", "word " * (129 * 12 // 5 + 1), max_tokens=1)
+    many = [{"role": "user", "content": "x"}] * 50  # >= 3 tokens each in this template
     with pytest.raises(PoolExhaustedError):
         engine.submit("big", messages=many, max_tokens=1)
+    assert engine.agent_ids() == [] and not engine.has_work
+
+
+def test_the_size_bounds_are_lower_bounds(llama):
+    """What the pre-check assumes never exceeds what tokenizing gives: texts of long
+    tokens, special-token strings and multi-byte characters; chats of empty messages."""
+    from agentkv.daemon.prompts import PromptEncoder, render_messages
+
+    _, tokenizer = llama
+    enc = PromptEncoder(tokenizer)
+    longest = max(tokenizer.get_vocab(), key=len).replace("\u0120", " ")
+    for text in (longest * 50, "<|im_start|>" * 40, "ü😀" * 99, " grandmother" * 30):
+        assert enc.fewest(text, None) <= len(tokenizer.encode(text, add_special_tokens=False))
+    for n in (1, 2, 7):
+        for content in ("", "x", "<|im_end|>" * 3):
+            chat = [{"role": ("user", "assistant")[i % 2], "content": content} for i in range(n)]
+            assert 0 < enc.fewest(None, chat) <= len(render_messages(tokenizer, chat))
+
+
+def test_large_text_is_tokenized_off_the_engine_thread_in_agent_order(llama):
+    """A prompt over the encoder's inline size is tokenized on its thread: submit returns
+    at once, other agents' turns go on meanwhile, and a later turn of the same agent waits
+    for it. The result is what tokenizing inline gives, token for token. (The inline size
+    is lowered here: prefilling a real large prompt takes minutes on a CPU.)"""
+    from agentkv.daemon.prompts import render_messages
+
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer, total_blocks=256)
+    engine._encoder.inline_bytes = 64
+    text = "the cat sat on a mat, " * 12
+    other = engine.submit("other", [5, 6, 7], max_tokens=40)
+    big = engine.submit("big", text, max_tokens=3)
+    after = engine.submit("big", [9, 10], max_tokens=3)
+    assert engine.is_encoding(big) and not engine.is_encoding(after)
+    order = [c.uid for c in engine.step()]
+    assert order.index(big) < order.index(after)
+    want = tokenizer.encode(text)  # its first turn: BOS added as mlx-lm adds it
+    context = engine.agent_tokens("big")
+    assert context[: len(want)] == want and other in order
+    chat = [{"role": "user", "content": "where is the cat? " * 8}]
+    uid = engine.submit("chat", messages=chat, max_tokens=2)  # rendered on the worker too
+    assert engine.is_encoding(uid) and run_all(engine)[uid].finish_reason != "error"
+    rendered = render_messages(tokenizer, chat)
+    assert engine.agent_tokens("chat")[: len(rendered)] == rendered
+
+
+def test_a_large_turn_that_does_not_fit_after_tokenizing_fails_typed(llama):
+    """The exact check after tokenizing off-thread: the turn ends with an error event,
+    code pool_exhausted; cancelling one being tokenized drops it; the agent is unchanged."""
+    from agentkv.daemon.prompts import INLINE_ENCODE_BYTES
+
+    model, tokenizer = llama
+    engine = make_engine(model, tokenizer, block_size=16, total_blocks=128)  # 2048 tokens
+    text = "ab " * (INLINE_ENCODE_BYTES // 3 + 100)  # >= 1400 tokens by size; ~11K in fact
+    uid = engine.submit("a", text, max_tokens=2)
+    (done,) = engine.step()
+    assert (done.uid, done.finish_reason, done.error_code) == (uid, "error", "pool_exhausted")
+    uid = engine.submit("a", text, max_tokens=2)
+    assert engine.is_encoding(uid) and engine.cancel(uid)
+    (done,) = engine.step()
+    assert done.finish_reason == "cancelled" and engine.agent_tokens("a") == []
+
+
+def test_tokenizers_that_may_fold_input_get_no_size_bound():
+    """The byte bound is only taken where it holds: a word-piece tokenizer (a whole unknown
+    word is one token) or one whose pre-tokenizer drops whitespace gets none (such input
+    is tokenized, off the engine thread, and checked exactly); a sentencepiece-style BPE
+    with byte fallback and a space-replacing normalizer gets its longest entry in UTF-8."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from agentkv.daemon.prompts import max_token_bytes
+
+    def wrap(tk):
+        return PreTrainedTokenizerFast(tokenizer_object=tk)
+
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    assert max_token_bytes(wrap(wordpiece)) is None
+    dropping = Tokenizer(models.BPE({"a": 0, "b": 1}, [], byte_fallback=True))
+    dropping.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert max_token_bytes(wrap(dropping)) is None
+    vocab = {"<0x20>": 0, "\u2581": 1, "a": 2, "\u2581aaaa": 3}
+    spm = Tokenizer(models.BPE(vocab, [], byte_fallback=True))
+    spm.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    assert max_token_bytes(wrap(spm)) == len("\u2581aaaa".encode())  # 7: covers " aaaa"
+    spm.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Strip()])
+    assert max_token_bytes(wrap(spm)) is None
