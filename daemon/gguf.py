@@ -5,9 +5,9 @@
 like any other model. What the conversion does:
 
 - reads the file with ``mx.load`` (Q4_0, Q4_1 and Q8_0 tensors arrive as MLX affine
-  quantized triples with group size 32; F32, F16 and BF16 as plain arrays), after this
-  module's own header check has proven the file complete (mlx reads a truncated file
-  past its end);
+  quantized triples with group size 32; F32 and F16 as plain arrays; BF16 tensors, which
+  mlx narrows to float16, are read here instead), after this module's own header check
+  has proven the file complete;
 - renames llama.cpp tensors to mlx-lm's names (``blk.N.attn_q`` ->
   ``model.layers.N.self_attn.q_proj`` ...) and writes a per-module quantization config
   (bits inferred from shapes: e.g. 4-bit layers beside an 8-bit embedding);
@@ -71,6 +71,7 @@ _GGML_SIZES = {
 # Types mlx loads natively; others it would dequantize to float16 through its gguf reader,
 # untested here, so they are refused.
 _LOADABLE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
+_BF16 = 30
 
 # GGUF metadata value types: id -> struct format (scalars); 8 string, 9 array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q"}
@@ -277,6 +278,9 @@ def convert(path: Path, directory: Path, header: GGUFHeader) -> None:
         tensors, _ = mx.load(str(path), return_metadata=True)
     except Exception as exc:
         raise ModelNotFoundError(f"cannot read the tensors of {path}: {exc}") from exc
+    for t in header.tensors:
+        if t.ggml_type == _BF16:  # mlx reads these as float16: lossy, inf past 65504
+            tensors[t.name] = _read_bf16(path, t)
     meta = header.metadata
     config = model_config(meta, tensors)
     weights = map_weights(tensors, config, permuted=meta["general.architecture"] in _PERMUTED)
@@ -285,6 +289,17 @@ def convert(path: Path, directory: Path, header: GGUFHeader) -> None:
     write_model_files(directory, config, weights, lambda d: save_tokenizer(meta, d))
     source = {"gguf": str(path.resolve()), "size": header.size, "converter": CONVERTER_VERSION}
     (directory / "gguf_source.json").write_text(json.dumps(source, indent=2) + "\n")
+
+
+def _read_bf16(path: Path, t: TensorInfo) -> mx.array:
+    """A BF16 tensor read from the file, widened to float32 exactly."""
+    import mlx.core as mx
+    import numpy as np
+
+    with open(path, "rb") as f:
+        f.seek(t.start)
+        raw = np.frombuffer(f.read(t.stop - t.start), dtype="<u2")
+    return mx.array((raw.astype(np.uint32) << 16).view(np.float32).reshape(t.shape))
 
 
 def model_config(meta: dict[str, Any], tensors: dict[str, mx.array]) -> dict[str, Any]:

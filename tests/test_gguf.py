@@ -194,12 +194,13 @@ def prompt_ids(loaded_models):
         (Q.F32, False, 0.0),
         (Q.F32, True, 0.0),
         (Q.F16, False, 0.0),
+        (Q.BF16, False, 0.0),
         (Q.Q8_0, False, 2e-4),
         (Q.Q4_0, False, 2e-4),
         (Q.Q4_0, True, 2e-4),
         (Q.Q4_1, False, 2e-4),
     ],
-    ids=["f32", "f32-tied", "f16", "q8_0", "q4_0", "q4_0-tied", "q4_1"],
+    ids=["f32", "f32-tied", "f16", "bf16", "q8_0", "q4_0", "q4_0-tied", "q4_1"],
 )
 def test_gguf_model_computes_what_the_file_holds(
     tmp_path, source, chat_template, prompt_ids, qtype, tied, atol
@@ -215,7 +216,7 @@ def test_gguf_model_computes_what_the_file_holds(
     else:  # quantized: quantized_matmul vs a dense matmul of the same values
         np.testing.assert_allclose(got, expected, atol=atol * np.abs(expected).max(), rtol=0)
         assert (got.argmax(-1) == expected.argmax(-1)).mean() > 0.9
-    quantized = qtype not in (Q.F32, Q.F16)
+    quantized = qtype not in (Q.F32, Q.F16, Q.BF16)
     params = dict(tree_flatten(model.parameters()))
     assert ("model.layers.0.self_attn.q_proj.scales" in params) == quantized
     # Kept float32 on the CPU: float16 scales would make the activations float16 (slow).
@@ -234,21 +235,25 @@ def test_unpermuting_is_what_makes_it_right(tmp_path, source, chat_template, pro
     assert np.abs(_logits(model, prompt_ids) - expected).max() > 1e-2
 
 
-def test_qwen3_gguf_is_not_permuted(tmp_path, chat_template, prompt_ids):
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_gguf_is_not_permuted(tmp_path, chat_template, prompt_ids, arch):
+    """llama.cpp writes qwen2/qwen3 q/k rows as they are (qwen2 with q/k/v biases, qwen3
+    with q/k norms)."""
     config = {
         **model_config("llama"),
-        "model_type": "qwen3",
-        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": arch,
+        "architectures": ["Qwen3ForCausalLM" if arch == "qwen3" else "Qwen2ForCausalLM"],
         "head_dim": 32,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
     }
-    src = tmp_path / "qwen3"
+    src = tmp_path / arch
     save_model_dir(src, config, _init_weights(config, 1, 3.0), _trained_tokenizer_json())
-    path = tmp_path / "q3.gguf"
-    held = write_gguf(path, src, Q.F32, arch="qwen3", chat_template=chat_template)
+    path = tmp_path / f"{arch}.gguf"
+    held = write_gguf(path, src, Q.F32, arch=arch, chat_template=chat_template)
     model, _ = load_model(path)
-    assert "q_norm" in str(dict(tree_flatten(model.parameters())).keys())
+    extra = "self_attn.q_norm.weight" if arch == "qwen3" else "self_attn.q_proj.bias"
+    assert f"model.layers.0.{extra}" in dict(tree_flatten(model.parameters()))
     np.testing.assert_array_equal(
         _logits(model, prompt_ids), _logits(_reference(config, held, False), prompt_ids)
     )
