@@ -282,10 +282,14 @@ def convert(path: Path, directory: Path, header: GGUFHeader) -> None:
         if t.ggml_type == _BF16:  # mlx reads these as float16: lossy, inf past 65504
             tensors[t.name] = _read_bf16(path, t)
     meta = header.metadata
-    config = model_config(meta, tensors)
-    weights = map_weights(tensors, config, permuted=meta["general.architecture"] in _PERMUTED)
-    if quantization := quantization_config(weights):
-        config["quantization"] = quantization
+    try:
+        config = model_config(meta, tensors)
+        weights = map_weights(tensors, config, permuted=meta["general.architecture"] in _PERMUTED)
+        if quantization := quantization_config(weights):
+            config["quantization"] = quantization
+    except (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError) as exc:
+        # metadata that contradicts the tensors (head counts vs shapes, ...)
+        raise ModelNotFoundError(f"{path}: inconsistent GGUF model: {exc!r}") from exc
     write_model_files(directory, config, weights, lambda d: save_tokenizer(meta, d))
     source = {"gguf": str(path.resolve()), "size": header.size, "converter": CONVERTER_VERSION}
     (directory / "gguf_source.json").write_text(json.dumps(source, indent=2) + "\n")
@@ -315,8 +319,11 @@ def model_config(meta: dict[str, Any], tensors: dict[str, mx.array]) -> dict[str
     heads = int(key("attention.head_count"))
     hidden = int(key("embedding_length"))
     head_dim = int(key("attention.key_length", hidden // heads))
-    if int(key("rope.dimension_count", head_dim)) != head_dim:
-        raise UnsupportedModelError("partial rotary embeddings are not supported for GGUF files")
+    if (rope_dims := int(key("rope.dimension_count", head_dim))) != head_dim:
+        raise UnsupportedModelError(
+            f"RoPE on {rope_dims} of {head_dim} head dimensions (partial rotary) is not "
+            "supported for GGUF files"
+        )
     config: dict[str, Any] = {
         "model_type": arch,
         "hidden_size": hidden,

@@ -326,6 +326,27 @@ def test_unsupported_gguf_is_refused(tmp_path, source, chat_template, meta, matc
         load_model(path)
 
 
+def test_unsupported_tensor_type_is_refused(tmp_path, source, chat_template):
+    path = tmp_path / "q5.gguf"
+    write_gguf(path, source, Q.Q5_0, chat_template=chat_template)
+    with pytest.raises(UnsupportedModelError, match=r"ggml type 6; supported tensor types"):
+        load_model(path)
+
+
+def test_metadata_that_contradicts_the_tensors_is_refused(tmp_path, source, chat_template):
+    """A KV head count that does not divide the k rows: a typed error, not a reshape
+    traceback."""
+    path = tmp_path / "heads.gguf"
+    write_gguf(path, source, Q.F32, chat_template=chat_template)
+    data = bytearray(path.read_bytes())
+    key = b"llama.attention.head_count_kv"
+    at = data.index(key) + len(key) + 4  # past the key and its value type (uint32)
+    data[at : at + 4] = (3).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelNotFoundError, match="inconsistent GGUF model"):
+        load_model(path)
+
+
 def test_corrupt_or_truncated_gguf_is_refused(tmp_path, source, chat_template):
     good = tmp_path / "g.gguf"
     write_gguf(good, source, Q.Q4_0, chat_template=chat_template)
