@@ -8,6 +8,11 @@ seeds' cases verbatim (20, 50 and 3 x 100 tokens) run with AGENTKV_FULL=1.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 from mlx_lm import generate
 from refs import FULL, make_engine, run_all
@@ -105,3 +110,19 @@ def test_exp005_verbatim_solo_batched_resumed_restarted(smollm2, tmp_path):
 
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_lab02_slot_rows_are_byte_equal(tmp_path):
+    """Lab 02 (scripts/lab02_slots.py): the "I" slot of "Yesterday I", kept in the cache
+    through one decode step vs recomputed with the extended text: same bytes, every layer
+    and head."""
+    script = Path(__file__).parents[1] / "scripts" / "lab02_slots.py"
+    cmd = [sys.executable, str(script), "--model", str(SMOLLM2), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    slots = np.load(tmp_path / "slots.npz")
+    assert slots["k_cached"].shape == (30, 3, 64)  # SmolLM2-135M: 30 layers, 3 KV heads x 64
+    for kv in "kv":
+        assert slots[f"{kv}_cached"].tobytes() == slots[f"{kv}_recomputed"].tobytes()
+        assert np.abs(slots[f"{kv}_cached"]).max() > 0  # real rows, not an empty cache
+    assert "byte-equal" in (tmp_path / "report.md").read_text()
