@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         arrays |= {f"k_{kind}_next": k, f"v_{kind}_next": v}
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez(args.out / "slots.npz", **arrays)
-    report = _report(name or "default", tokenizer, ids, token, arrays)
+    label = Path(name).name if name and Path(name).exists() else (name or "default")
+    report = _report(label, tokenizer, ids, token, arrays)
     (args.out / "report.md").write_text(report)
     print(report)
     return 0 if _equal(arrays, "") else 1
