@@ -237,7 +237,11 @@ def gguf_model_dir(path: str | os.PathLike[str]) -> Path:
     check_supported(header, path)
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:60]
     name = f"gguf-{stem}-{gguf_fingerprint(path, header)[:16]}-{CONVERTER_VERSION}"
-    return build_cached(models_cache_dir() / name, lambda d: convert(path, d, header))
+    target = models_cache_dir() / name
+    try:
+        return build_cached(target, lambda d: convert(path, d, header))
+    except OSError as exc:  # a read-only or full cache directory, ...
+        raise ModelNotFoundError(f"cannot convert {path} into {target}: {exc}") from exc
 
 
 def check_supported(header: GGUFHeader, path: Path) -> None:

@@ -367,6 +367,16 @@ def test_corrupt_or_truncated_gguf_is_refused(tmp_path, source, chat_template):
         load_model(tmp_path / "truncated.gguf")
 
 
+def test_unwritable_models_cache_is_a_typed_error(tmp_path, source, chat_template, monkeypatch):
+    path = tmp_path / "w.gguf"
+    write_gguf(path, source, Q.F32, chat_template=chat_template)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "models").write_text("a file where the cache directory goes")
+    monkeypatch.setenv("AGENTKV_HOME", str(tmp_path / "home"))
+    with pytest.raises(ModelNotFoundError, match="cannot convert"):
+        load_model(path)
+
+
 def test_daemonctl_start_refuses_a_truncated_gguf_with_a_message(tmp_path, source, chat_template):
     good = tmp_path / "g.gguf"
     write_gguf(good, source, Q.F32, chat_template=chat_template)
