@@ -269,6 +269,8 @@ def check_supported(header: GGUFHeader, path: Path) -> None:
     if scaling not in ("none", "linear") or rope_freqs:
         raise UnsupportedModelError(f"{path}: RoPE scaling {scaling!r} is not supported")
     check_tokenizer(header.metadata, path)
+    for t in header.tensors:  # e.g. MoE experts (ffn_gate_exps): no place in these models
+        mlx_name(t.name)
 
 
 def convert(path: Path, directory: Path, header: GGUFHeader) -> None:
@@ -339,7 +341,8 @@ def model_config(meta: dict[str, Any], tensors: dict[str, mx.array]) -> dict[str
         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(key("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(key("context_length", 4096)),
-        "vocab_size": len(meta["tokenizer.ggml.tokens"]),
+        # The embedding's rows: a vocabulary padded past its last token is common.
+        "vocab_size": int(tensors["token_embd.weight"].shape[0]),
         "tie_word_embeddings": "output.weight" not in tensors,
         "torch_dtype": "float32",
     }

@@ -32,6 +32,7 @@ from agentkv.daemon.model_factory import (
     _trained_tokenizer_json,
     load_model,
     model_config,
+    models_cache_dir,
     save_model_dir,
     smollm2_gguf,
 )
@@ -109,6 +110,7 @@ def write_gguf(
     weights = {k: np.array(v) for k, v in mx.load(str(source / "model.safetensors")).items()}
     if tied:
         weights.pop("lm_head.weight")
+    extra = meta.pop("extra_tensor", None)
     writer = gguf.GGUFWriter(str(path), meta.pop("architecture", arch))
     _write_metadata(writer, config, arch, meta)
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
@@ -121,6 +123,8 @@ def write_gguf(
             data = _permute(data, heads[proj])
         raw = kind if kind not in (Q.F32, Q.F16) else None
         writer.add_tensor(_gguf_name(name), data, raw_dtype=raw)
+    if extra:
+        writer.add_tensor(extra, np.zeros((4, 32), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -324,6 +328,16 @@ def test_unsupported_gguf_is_refused(tmp_path, source, chat_template, meta, matc
     write_gguf(path, source, Q.F32, chat_template=chat_template, **meta)
     with pytest.raises(UnsupportedModelError, match=match):
         load_model(path)
+
+
+def test_a_tensor_without_a_place_is_refused(tmp_path, source, chat_template):
+    path = tmp_path / "moe.gguf"
+    write_gguf(
+        path, source, Q.F32, chat_template=chat_template, extra_tensor="blk.0.ffn_gate_exps.weight"
+    )
+    with pytest.raises(UnsupportedModelError, match="ffn_gate_exps"):
+        load_model(path)
+    assert not any(models_cache_dir().glob("gguf-moe-*"))  # nothing half-converted left
 
 
 def test_unsupported_tensor_type_is_refused(tmp_path, source, chat_template):
