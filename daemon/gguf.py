@@ -351,9 +351,13 @@ def model_config(meta: dict[str, Any], tensors: dict[str, mx.array]) -> dict[str
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
-    for name, tok in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
-        if (value := meta.get(f"tokenizer.ggml.{tok}_token_id")) is not None:
-            config[name] = int(value)
+    if (bos := meta.get("tokenizer.ggml.bos_token_id")) is not None:
+        config["bos_token_id"] = int(bos)
+    # End of turn as well as end of text (llama3's <|eot_id|>): generation stops at any.
+    ends = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    ends = list(dict.fromkeys(int(e) for e in ends if e is not None))
+    if ends:
+        config["eos_token_id"] = ends[0] if len(ends) == 1 else ends
     return config
 
 

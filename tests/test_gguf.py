@@ -155,6 +155,7 @@ def _write_metadata(writer, config: dict, arch: str, meta: dict) -> None:
     writer.add_token_merges([" ".join(m) for m in tok["model"]["merges"]])
     writer.add_bos_token_id(tok["model"]["vocab"]["<s>"])
     writer.add_eos_token_id(tok["model"]["vocab"]["</s>"])
+    writer.add_eot_token_id(tok["model"]["vocab"]["<|im_end|>"])  # as llama3 files have
     writer.add_add_bos_token(True)
     writer.add_chat_template(meta.pop("chat_template"))
     assert not meta, meta
@@ -273,7 +274,7 @@ def test_tokenizer_from_metadata_matches_the_source(tmp_path, source, chat_templ
         assert ids == want.encode(text), text
         assert got.decode(ids[1:]) == text  # after the bos, every byte comes back
     assert got.bos_token == "<s>" and got.encode("x")[0] == got.bos_token_id
-    assert got.eos_token_ids == want.eos_token_ids or got.eos_token_id in want.eos_token_ids
+    assert set(got.eos_token_ids) == set(want.eos_token_ids)  # </s> and <|im_end|> (eot)
     messages = [{"role": "user", "content": "Hi 42 🎉"}, {"role": "assistant", "content": "ok"}]
     assert got.apply_chat_template(messages, add_generation_prompt=True) == (
         want.apply_chat_template(messages, add_generation_prompt=True)
