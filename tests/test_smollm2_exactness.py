@@ -59,8 +59,7 @@ def test_resume_continues_like_mlx_lm_on_the_whole_context(smollm2):
     """EXP-005 test 3: "Hello, how are you?" then " I'm doing well, thanks!" on its cache."""
     model, tokenizer = smollm2
     engine = _engine(model, tokenizer)
-    first = _one(engine, "a", "Hello, how are you?", max_tokens=8)
-    assert first.text == generate(model, tokenizer, "Hello, how are you?", max_tokens=8)
+    _one(engine, "a", "Hello, how are you?", max_tokens=8)  # first turns: test_gguf.py
     context = engine.agent_tokens("a")
     second = _one(engine, "a", " I'm doing well, thanks!", max_tokens=8)
     whole = context + tokenizer.encode(" I'm doing well, thanks!", add_special_tokens=False)
