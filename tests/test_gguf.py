@@ -517,3 +517,20 @@ def test_smollm2_helper_finds_a_file_or_none():
     assert path is None or (path.is_file() and path.name == "SmolLM2-135M-Instruct.Q4_1.gguf")
     if path is not None:
         assert subprocess.run(["head", "-c", "4", str(path)], capture_output=True).stdout == b"GGUF"
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_every_known_pre_tokenizer_builds_and_round_trips(pre):
+    from agentkv.daemon.gguf_tokenizer import build_tokenizer
+
+    tok = json.loads(_trained_tokenizer_json())
+    meta = {
+        "general.architecture": "llama",
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": sorted(tok["model"]["vocab"], key=tok["model"]["vocab"].get),
+        "tokenizer.ggml.merges": [" ".join(m) for m in tok["model"]["merges"]],
+    }
+    tokenizer = build_tokenizer(meta)
+    for text in TEXTS:
+        assert tokenizer.decode(tokenizer.encode(text).ids) == text
