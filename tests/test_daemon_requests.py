@@ -60,8 +60,10 @@ def test_stream_deltas_make_generate_text(client):
     """stream() yields text deltas that join to exactly what generate() returns for the same
     context; its first turn of text is encoded with a BOS, as mlx-lm does."""
     prompt = "The quick brown fox jumps over the lazy dog."
-    deltas = list(client.stream("streamer", prompt, max_tokens=24, interval=0))
-    whole = client.generate("generator", prompt, max_tokens=24)
+    # Enough tokens that the turn outlasts one round trip on a loaded machine (24 tokens of
+    # the tiny model took ~10 ms: all of them could be done before the first step came).
+    deltas = list(client.stream("streamer", prompt, max_tokens=200, interval=0))
+    whole = client.generate("generator", prompt, max_tokens=200)
     assert len(deltas) > 1
     assert "".join(deltas) == whole.text
     streamed = client.inspect("streamer")["token_ids"]
