@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from agentkv.client import protocol
 from agentkv.client.protocol import MAX_TOKENS_PER_MESSAGE, MessageType, ProtocolError
 
+from .admission import MAX_REPLY_BYTES
 from .errors import AgentKVError, UnknownAgentError
 
 log = logging.getLogger("agentkv.commands")
@@ -37,7 +38,10 @@ DRAIN_GRACE_S = 2.0  # on shutdown, how long finished turns' events wait for the
 CLIENT_TTL_S = 300.0  # a silent client with nothing running is forgotten after this
 EXPIRY_EVERY_S = 1.0
 STORE_STATS_EVERY_S = 0.5  # store totals (COUNT/SUM over the index) at most this often
-STEP_REPLY_BYTES = protocol.MAX_MESSAGE_BYTES // 2  # events one step reply carries at most
+# Replies stay under admission.MAX_REPLY_BYTES: what a client that does not read can make
+# the daemon hold is counted in replies of at most that size.
+STEP_REPLY_BYTES = MAX_REPLY_BYTES - 64 * 1024  # events one step reply carries at most
+INSPECT_PAGE_TOKENS = 128 * 1024  # token ids of one inspect reply at most (<= 5 bytes each)
 # Stored-only agents cost an index read each: bounded per request.
 AGENTS_PAGE = protocol.MAX_AGENTS_PER_PAGE
 SUBMIT_FIELDS = {
@@ -55,6 +59,7 @@ SUBMIT_FIELDS = {
     "id",
     "nonce",
     "ts",
+    "session",
 }
 
 
@@ -297,10 +302,12 @@ class CommandHandler:
         return {"agents": rows, "next": ids[i - 1] if i < len(ids) else None}
 
     def _inspect(self, identity: bytes, h: dict) -> dict:
-        """One agent; `token_ids` holds `token_limit` ids from `token_offset` on."""
+        """One agent; `token_ids` holds up to `token_limit` ids (at most INSPECT_PAGE_TOKENS)
+        from `token_offset` on."""
         agent_id = protocol.check_agent_id(h.get("agent_id"))
         offset = _count(h, "token_offset", 0, None, lo=0)
         limit = _count(h, "token_limit", MAX_TOKENS_PER_MESSAGE, MAX_TOKENS_PER_MESSAGE)
+        limit = min(limit, INSPECT_PAGE_TOKENS)  # the client pages on by `tokens`
         info, tokens = self.engine.agent_snapshot(agent_id)
         out = _info_dict(info)
         out["token_offset"] = offset
