@@ -252,10 +252,8 @@ def peek_id(frames: list[bytes]):
     try:
         unpacker.feed(frames[2])
         for _ in range(unpacker.read_map_header()):
-            if _small_key(frames[2], unpacker.tell()):
-                key = unpacker.unpack()
-            else:
-                key = unpacker.skip()
+            small = _small_key(frames[2], unpacker.tell())
+            key = unpacker.unpack() if small else unpacker.skip()
             if key != "id":
                 unpacker.skip()  # its value
                 continue
