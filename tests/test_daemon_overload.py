@@ -94,7 +94,8 @@ def test_oversized_fields_are_refused_by_size(daemon):
             [MAGIC, b"submit", msgpack.packb({"id": 2, "agent_id": junk, "tokens": [1]})]
         )
         replies = [protocol.decode(_recv(sock)) for _ in range(2)]
-        assert [r.header["error"]["code"] for r in replies] == ["too_large", "invalid_request"]
+        codes = [r.header["error"]["code"] if not r.header["ok"] else "ok" for r in replies]
+        assert codes == ["too_large", "invalid_request"], codes
         before = _rss(daemon.pid)
         frames = [MAGIC, b"stats", msgpack.packb({"id": 3, "agent_id": junk})]
         for _ in range(300):
@@ -188,7 +189,7 @@ def _soak(
     ended = time.monotonic()
     assert child.returncode == 0, child.stderr
     with d.client(timeout=60.0) as c:
-        admission = c.stats()["admission"]
+        admission = c.stats().get("admission", {})
     time.sleep(1.0)
     stop.set()
     os.kill(d.pid, 9)  # kill -9 at the end, streamers still decoding
@@ -205,7 +206,7 @@ def _soak(
         f"alone: {_describe(calm_gaps)}; misbehaving: {_describe(gaps)}"
     )
     assert all(s.error is None for s in streamers), [s.error for s in streamers]
-    assert admission["refused"] > 0 and admission["dropped_replies"] > 0, admission
+    assert admission.get("refused", 0) > 0 and admission["dropped_replies"] > 0, admission
     assert peak - base < RSS_GROWTH_BOUND, (base, peak)
     assert len(gaps) > 50 * clients, len(gaps)
     assert worst <= gap_ratio * median, (median, worst)
