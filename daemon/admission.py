@@ -61,8 +61,10 @@ class Ledger:
         """Count a request in, or raise ProtocolError (`overloaded`, or `invalid_request`
         for a request id already in flight) without keeping anything."""
         peer = self.peers.get(identity)
-        if peer is None:
-            peer = self._new_peer(identity)
+        if peer is None:  # kept only once admitted: a refused newcomer leaves nothing
+            if len(self.peers) >= MAX_PEERS and not self._evict_one():
+                self._refuse(f"{MAX_PEERS} clients have requests in flight")
+            peer = Peer()
         peer.seen = time.monotonic()
         if peer.stalled:
             self._refuse(f"replies to this client are not read ({peer.dropped} dropped)")
@@ -79,6 +81,8 @@ class Ledger:
         peer.pending[rid] = nbytes
         peer.nbytes += nbytes
         self.total_bytes += nbytes
+        if self.peers.setdefault(identity, peer) is peer:
+            self.counters["clients_in_flight"] = len(self.peers)
 
     def release(self, identity: bytes, rid) -> None:
         """The reply to `rid` left the engine: its request no longer counts."""
@@ -122,13 +126,6 @@ class Ledger:
         """The I/O thread took a reply of `nbytes` off the outbox (thread-safe)."""
         with self._outbox_lock:
             self._outbox_bytes -= nbytes
-
-    def _new_peer(self, identity: bytes) -> Peer:
-        if len(self.peers) >= MAX_PEERS and not self._evict_one():
-            self._refuse(f"{MAX_PEERS} clients have requests in flight")
-        peer = self.peers[identity] = Peer()
-        self.counters["clients_in_flight"] = len(self.peers)
-        return peer
 
     def _evict_one(self) -> bool:
         """Forget the stalled client with nothing in flight seen longest ago, if any."""

@@ -116,7 +116,9 @@ class DaemonServer:
         router.setsockopt(zmq.SNDHWM, admission.ROUTER_SNDHWM)
         router.setsockopt(zmq.RCVHWM, admission.ROUTER_RCVHWM)
         outbox = self._ctx.socket(zmq.PULL)
-        outbox.setsockopt(zmq.RCVHWM, 0)  # 0: no limit, so the engine's sends never block
+        # No limit at the socket, so the engine's sends never block: what it holds is bounded
+        # by admission (one reply per admitted request, each under MAX_REPLY_BYTES).
+        outbox.setsockopt(zmq.RCVHWM, 0)
         outbox.bind(OUTBOX)
         engine_thread = threading.Thread(target=self._engine_main, name="agentkv-engine")
         engine_thread.start()
@@ -284,7 +286,7 @@ class DaemonServer:
 
     def _engine_main(self) -> None:
         outbox = self._ctx.socket(zmq.PUSH)
-        outbox.setsockopt(zmq.SNDHWM, 0)  # unbounded: replies queue, the engine never blocks
+        outbox.setsockopt(zmq.SNDHWM, 0)  # the engine never blocks (bounded by admission)
         outbox.connect(OUTBOX)
         engine = None
         try:
