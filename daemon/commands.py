@@ -42,6 +42,12 @@ STORE_STATS_EVERY_S = 0.5  # store totals (COUNT/SUM over the index) at most thi
 # the daemon hold is counted in replies of at most that size.
 STEP_REPLY_BYTES = MAX_REPLY_BYTES - 64 * 1024  # events one step reply carries at most
 INSPECT_PAGE_TOKENS = 128 * 1024  # token ids of one inspect reply at most (<= 5 bytes each)
+# Turns submitted and not finished (queued or running): bounded per client and in total,
+# in number and in request bytes (the prompt each holds until it is admitted).
+MAX_TURNS_PER_CLIENT = 256
+MAX_TURNS = 4096
+MAX_TURN_BYTES_PER_CLIENT = 32 * 2**20
+MAX_TURN_BYTES = 256 * 2**20
 # Stored-only agents cost an index read each: bounded per request.
 AGENTS_PAGE = protocol.MAX_AGENTS_PER_PAGE
 SUBMIT_FIELDS = {
@@ -70,6 +76,8 @@ class _Client:
     interval: float = 0.0  # its step's `interval`: least seconds between answers
     answered: float = 0.0  # when its last step was answered (monotonic)
     running: int = 0  # this client's requests not finished yet
+    turns: int = 0  # its turns the engine still runs (finished ones may await write-back)
+    turn_bytes: int = 0  # their requests' bytes
     seen: float = field(default_factory=time.monotonic)  # its last request
 
 
@@ -103,6 +111,8 @@ class CommandHandler:
         self.started = time.time()
         self._clients: dict[bytes, _Client] = {}
         self._owner: dict[int, tuple[bytes, str]] = {}  # uid -> (client, agent id)
+        self._turn_bytes: dict[int, int] = {}  # uid -> its submit's bytes, while it runs
+        self._turn_total = 0
         # (client, uid, agent id, final fields): finished turns waiting to be durable
         self._held: list[tuple[bytes, int, str, dict]] = []
         self._closing = False
@@ -140,8 +150,9 @@ class CommandHandler:
             return 0.5
         return max(0.001, min(0.5, min(deadlines) - time.monotonic()))
 
-    def handle(self, identity: bytes, msg) -> bool:
-        """Run one request; returns True if it asked the daemon to shut down."""
+    def handle(self, identity: bytes, msg, nbytes: int = 0) -> bool:
+        """Run one request (`nbytes`: its size on the wire); returns True if it asked the
+        daemon to shut down."""
         rid = msg.header.get("id")
         client = self._clients.get(identity)
         if client is not None:
@@ -152,7 +163,10 @@ class CommandHandler:
                 cancel = self.cancel_on_shutdown or bool(msg.header.get("cancel"))
                 self.begin_shutdown(cancel=cancel)
                 return True
-            result = self._handlers[msg.type](identity, msg.header)
+            if msg.type is MessageType.SUBMIT:
+                result = self._submit(identity, msg.header, nbytes)
+            else:
+                result = self._handlers[msg.type](identity, msg.header)
         except ProtocolError as exc:
             self.send(identity, *protocol.error(rid, exc.code, str(exc)))
         except AgentKVError as exc:
@@ -185,7 +199,7 @@ class CommandHandler:
         became of them is unknown), and answer the steps waiting for them."""
         error = {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}
         for uid, (identity, agent_id) in list(self._owner.items()):
-            del self._owner[uid]
+            self._forget_turn(uid)
             try:
                 self.engine.cancel(uid)  # its "cancelled" event is not routed: no owner
             except Exception:  # the engine may be what is broken
@@ -231,9 +245,10 @@ class CommandHandler:
 
     # -- requests --------------------------------------------------------------------------
 
-    def _submit(self, identity: bytes, h: dict) -> dict:
+    def _submit(self, identity: bytes, h: dict, nbytes: int = 0) -> dict:
         if self._closing:
             raise ProtocolError("engine_closed", "the daemon is shutting down")
+        self._check_room(identity, nbytes)
         unknown = set(h) - SUBMIT_FIELDS
         if unknown:
             raise ProtocolError("invalid_request", f"unknown field(s): {sorted(unknown)}")
@@ -252,8 +267,36 @@ class CommandHandler:
             stop=h.get("stop"),
         )
         self._owner[uid] = (identity, agent_id)
-        self._clients.setdefault(identity, _Client()).running += 1
+        client = self._clients.setdefault(identity, _Client())
+        client.running += 1
+        client.turns += 1
+        client.turn_bytes += nbytes
+        self._turn_bytes[uid] = nbytes
+        self._turn_total += nbytes
         return {"uid": uid}
+
+    def _check_room(self, identity: bytes, nbytes: int) -> None:
+        """Refuse (`overloaded`) a turn past the bounds on turns not finished yet."""
+        client = self._clients.get(identity) or _Client()
+        if client.turns >= MAX_TURNS_PER_CLIENT or len(self._owner) >= MAX_TURNS:
+            why = f"{client.turns} turns of this client, {len(self._owner)} in all, not finished"
+        elif client.turn_bytes + nbytes > MAX_TURN_BYTES_PER_CLIENT:
+            why = f"{client.turn_bytes} bytes of this client's turns not finished"
+        elif self._turn_total + nbytes > MAX_TURN_BYTES:
+            why = f"{self._turn_total} bytes of turns not finished"
+        else:
+            return
+        raise ProtocolError("overloaded", f"daemon overloaded: {why}; retry later")
+
+    def _forget_turn(self, uid: int) -> None:
+        """A turn is over (finished, failed or cancelled): it no longer counts."""
+        identity, _ = self._owner.pop(uid)
+        nbytes = self._turn_bytes.pop(uid, 0)
+        self._turn_total -= nbytes
+        client = self._clients.get(identity)
+        if client is not None:
+            client.turns -= 1
+            client.turn_bytes -= nbytes
 
     def _step(self, identity: bytes, h: dict) -> None:
         timeout = _seconds(h, "timeout", 1.0, math.inf)
@@ -365,7 +408,7 @@ class CommandHandler:
         final = {"finish_reason": c.finish_reason, "usage": c.usage.as_dict()}
         if c.error is not None:
             final["error"] = {"code": _known(c.error_code), "message": c.error}
-        del self._owner[event.uid]
+        self._forget_turn(event.uid)
         self._held.append((identity, event.uid, event.agent_id, final))
         self._release_durable()
 

@@ -232,7 +232,7 @@ class DaemonServer:
             self._ledger.admit(identity, rid, nbytes)
         except ProtocolError as exc:
             raise _Refusal(exc) from None
-        self._inbox.put(identity, msg, 0 if msg.type in CHEAP_TYPES else 1)
+        self._inbox.put(identity, (msg, nbytes), 0 if msg.type in CHEAP_TYPES else 1)
 
     def _check(self, body: list[bytes]):
         """Decode and check a message; raises _Refusal. A refusal is signed unless the
@@ -327,8 +327,8 @@ class DaemonServer:
                     draining = True
                     handler.begin_shutdown(cancel=handler.cancel_on_shutdown)
                     continue
-                identity, msg = item
-                draining |= handler.handle(identity, msg)
+                identity, (msg, nbytes) = item
+                draining |= handler.handle(identity, msg, nbytes)
             failures = self._guarded_step(handler, failures)
             if draining and handler.drained():
                 handler.finish_shutdown()
