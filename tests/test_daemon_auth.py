@@ -2,7 +2,7 @@
 
 - A signed request captured before a restart is refused after it (it names the earlier
   run's session), and its agent is untouched; a Client that lived across the restart says
-  hello again by itself and is served.
+  hello again by itself and is served; a client older than protocol 1.3 is refused.
 - A client with a key and a daemon without one, the reverse, or two different keys: the
   client gets AuthMismatch at once (not DaemonUnavailable after its timeout), and
   `daemonctl status` says "authentication mismatch" and exits 4.
@@ -63,6 +63,10 @@ def test_a_frame_captured_before_a_restart_is_refused_after_it(daemon_factory, k
         assert c.inspect("victim")["token_ids"][:4] == PROMPT  # still there
     assert survivor.stats()["pid"] == d.pid  # hello again after `stale_session`, served
     survivor.close()
+    # A client older than 1.3 would sign no session: refused at its hello.
+    old_hello = protocol.encode(MessageType.HELLO, {"id": 1, "version": [1, 2]}, key)
+    refused = _send_raw(d.socket, old_hello, key)
+    assert refused.header["error"]["code"] == "protocol_mismatch", refused.header
 
 
 @pytest.mark.parametrize(
