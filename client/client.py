@@ -22,10 +22,13 @@ import zmq
 
 from . import protocol
 from .errors import (
+    AuthMismatch,
     DaemonUnavailable,
     GenerationFailed,
     InvalidRequest,
     MessageTooLarge,
+    ProtocolMismatch,
+    StaleSession,
     TurnCancelled,
     error_for,
 )
@@ -123,7 +126,9 @@ class Client:
 
     Raises:
         DaemonUnavailable: no answer to the handshake within `timeout`.
-        ProtocolMismatch: the daemon speaks another major protocol version.
+        ProtocolMismatch: the daemon speaks another major protocol version (or, with an
+            auth key, one that does not bind requests to a session).
+        AuthMismatch: one side has an auth key and the other none, or the keys differ.
         InvalidRequest: a malformed endpoint, or an auth key under 16 bytes.
     """
 
@@ -149,15 +154,28 @@ class Client:
         except zmq.ZMQError as exc:
             self.close()
             raise InvalidRequest(f"bad endpoint {self.endpoint!r}: {exc}") from None
+        self._session: str | None = None
         try:
-            self.info = self._call(MessageType.HELLO, {"version": list(protocol.PROTOCOL_VERSION)})
-            protocol.check_version(self.info.get("version"))
-        except protocol.ProtocolError as exc:
-            self.close()
-            raise error_for(exc.code, str(exc)) from None
+            self._handshake()
         except BaseException:
             self.close()
             raise
+
+    def _handshake(self) -> None:
+        """`hello`: the daemon's facts, its protocol version checked, and (with a key) the
+        session every signed request names."""
+        info = self._call(MessageType.HELLO, {"version": list(protocol.PROTOCOL_VERSION)})
+        try:
+            protocol.check_version(info.get("version"))
+        except protocol.ProtocolError as exc:
+            raise error_for(exc.code, str(exc)) from None
+        session = info.get("session")
+        if self._key is not None and not isinstance(session, str):
+            raise ProtocolMismatch(
+                "the daemon does not bind signed requests to a session (protocol < 1.3): "
+                "a captured request could be replayed after its restart; upgrade the daemon"
+            )
+        self.info, self._session = info, session
 
     # -- turns -----------------------------------------------------------------------------
 
@@ -387,7 +405,20 @@ class Client:
         return mine
 
     def _call(self, kind: MessageType, body: dict, wait: float | None = None):
+        try:
+            return self._call_once(kind, body, wait)
+        except StaleSession:
+            if kind is MessageType.HELLO:
+                raise
+            # The daemon restarted: it refused the request without running it, so saying
+            # hello again and sending it once more is safe.
+            self._handshake()
+            return self._call_once(kind, body, wait)
+
+    def _call_once(self, kind: MessageType, body: dict, wait: float | None):
         rid = next(self._ids)
+        if self._key is not None and kind is not MessageType.HELLO:
+            body = {**body, "session": self._session}
         try:
             frames = protocol.encode(kind, {**body, "id": rid}, self._key)
         except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError included
@@ -431,14 +462,20 @@ class Client:
                 msg = protocol.decode(frames, self._key)
             except protocol.ProtocolError as exc:
                 _raise_if_unreadable(exc, frames, rid)
-                _raise_if_refused(frames, rid)
+                _raise_if_mismatched(frames, rid, self._key is not None)
                 continue  # not for us / unreadable: keep waiting for our reply
             if msg.header.get("id") != rid:
                 self._keep_late(msg)
                 continue
             if msg.type is MessageType.ERROR:
                 err = msg.header.get("error") or {}
-                raise error_for(str(err.get("code")), str(err.get("message")))
+                code, message = str(err.get("code")), str(err.get("message"))
+                if code == "unauthorized" and self._key is None:
+                    raise AuthMismatch(
+                        f"authentication mismatch: the daemon wants an auth key "
+                        f"and this client has none ({message})"
+                    )
+                raise error_for(code, message)
             return msg.header.get("result")
 
     def _keep_late(self, msg: protocol.Message) -> None:
@@ -460,16 +497,27 @@ def _raise_if_unreadable(exc: protocol.ProtocolError, frames: list[bytes], rid: 
         ) from None
 
 
-def _raise_if_refused(frames: list[bytes], rid: int) -> None:
-    """The daemon sends `unauthorized` unsigned (we may lack its key): only that is trusted."""
+def _raise_if_mismatched(frames: list[bytes], rid: int, keyed: bool) -> None:
+    """A reply to us that fails the signature check means the two sides disagree about
+    authentication (a daemon sends `unauthorized` unsigned when our signature was missing
+    or wrong): say so at once instead of timing out. Only a refusal is believed unsigned."""
     try:
         msg = protocol.decode(frames[:3])
     except protocol.ProtocolError:
         return
+    if msg.header.get("id") not in (rid, None):
+        return
     err = msg.header.get("error") or {}
-    refused = msg.type is MessageType.ERROR and err.get("code") == "unauthorized"
-    if refused and msg.header.get("id") in (rid, None):
-        raise error_for("unauthorized", str(err.get("message")))
+    if keyed and len(frames) == 3:
+        why = err.get("message") if msg.type is MessageType.ERROR else "an unsigned reply"
+        raise AuthMismatch(
+            f"authentication mismatch: the daemon does not accept this client's key ({why})"
+        )
+    if not keyed and len(frames) == 4:
+        raise AuthMismatch(
+            "authentication mismatch: the daemon signs its replies (it has an auth key) "
+            "and this client has none"
+        )
 
 
 def _load_key(key: bytes | str | Path | None) -> bytes | None:

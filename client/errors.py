@@ -45,6 +45,27 @@ class Unauthorized(AgentKVClientError):
     code = "unauthorized"
 
 
+class AuthMismatch(Unauthorized):
+    """Client and daemon disagree about authentication: one has an auth key and the other
+    none, or the keys differ."""
+
+    code = "auth_mismatch"
+
+
+class Overloaded(AgentKVClientError):
+    """The daemon holds as much as it will for this client (or for all clients): the
+    request was refused before any work was done; retry later."""
+
+    code = "overloaded"
+
+
+class StaleSession(Unauthorized):
+    """A signed request named another daemon run's session (the daemon restarted); the
+    client says hello again and retries once."""
+
+    code = "stale_session"
+
+
 class UnknownAgent(AgentKVClientError, KeyError):
     """No agent with that id."""
 
@@ -147,6 +168,8 @@ _BY_CODE = {
         ModelNotFound,
         EngineClosed,
         StoreWriteFailed,
+        Overloaded,
+        StaleSession,
     )
 }
 

@@ -8,7 +8,10 @@ A message is a list of frames:
 
 `type` is one ASCII word (see `MessageType`); `header` is a msgpack map. Every request
 header carries `id` (the client's request id, echoed in the reply); authenticated headers
-also carry `nonce` and `ts` so a captured message cannot be replayed. Replies have type
+also carry `nonce` and `ts` so a captured message cannot be replayed, and (every request
+but `hello`) the `session` the daemon's `hello` reply gave: a random id per daemon run,
+so a message captured before a restart is refused after it (the replay window itself is
+kept in memory only). Replies have type
 `reply` (header: `id`, `ok: true`, `result`) or `error` (header: `id`, `ok: false`,
 `error: {code, message}`), the codes from `ERRORS`.
 
@@ -24,6 +27,13 @@ a message's worth of events (the rest come with the next step).
 `last_used`, stats `clients`.
 1.2: `step` takes `interval` (seconds, 0-10): the daemon answers that client's steps at
 most once per interval, except that a finished turn is answered at once.
+1.3: `hello` returns `session`; with an auth key every other request must carry it
+(a daemon with a key refuses the hello of a client older than 1.3, a 1.3 client refuses a
+keyed daemon whose hello gives no session). Error codes `overloaded` (the daemon holds
+as much as it will for this client, or for all: retry later) and `stale_session` (the
+request names an earlier daemon run's session: say hello again). `unauthorized` replies
+are signed when the message's signature was good (replayed, stale, wrong session) and
+unsigned when it was missing or wrong, so a client can tell a key mismatch from a replay.
 """
 
 from __future__ import annotations
@@ -40,12 +50,16 @@ from dataclasses import dataclass
 
 import msgpack
 
-PROTOCOL_VERSION = (1, 2)
+PROTOCOL_VERSION = (1, 3)
+SESSION_VERSION = (1, 3)  # the first version whose signed requests carry `session`
 MAGIC = b"AKV1"
 MAX_MESSAGE_BYTES = 8 * 2**20  # larger requests are refused with `too_large`
 # Token ids one message carries at most (a submit's `tokens`, an inspect page): msgpack
 # takes <= 5 bytes per id, so a full page stays well under MAX_MESSAGE_BYTES.
 MAX_TOKENS_PER_MESSAGE = 1 << 20
+# Every request but `submit` fits in this (agent ids are <= 128 characters): a larger one is
+# refused by size, before its fields are looked at.
+MAX_SMALL_REQUEST_BYTES = 64 * 1024
 MAX_AGENTS_PER_PAGE = 128  # rows of one `agents` reply (its `limit` at most)
 MIN_KEY_BYTES = 16  # shorter HMAC keys are refused (an empty file would mean no secret)
 REPLAY_WINDOW_S = 60.0
@@ -87,6 +101,8 @@ ERRORS = {
     "model_not_found": "the model could not be loaded",
     "engine_closed": "the daemon is shutting down",
     "store_write": "a change could not be written to the store (disk full, read-only): not made",
+    "overloaded": "the daemon holds as much as it will for this client (or in total): retry",
+    "stale_session": "the request names another daemon run's session: say hello again",
     "internal": "an unexpected error in the daemon",
 }
 
@@ -138,6 +154,8 @@ def decode(frames: list[bytes], key: bytes | None = None) -> Message:
     if len(frames) != want or frames[0] != MAGIC:
         if key is not None and len(frames) == 3 and frames[0] == MAGIC:
             raise ProtocolError("unauthorized", "message is not signed")
+        if key is None and len(frames) == 4 and frames[0] == MAGIC:
+            raise ProtocolError("unauthorized", "message is signed, but there is no auth key here")
         raise ProtocolError("malformed", f"expected {want} frames starting with {MAGIC!r}")
     if key is not None and not hmac.compare_digest(frames[3], sign(key, frames[:3])):
         raise ProtocolError("unauthorized", "bad signature")
@@ -212,17 +230,44 @@ def check_key(key: bytes, where: str = "auth key") -> bytes:
     return key
 
 
+def check_size(frames: list[bytes]) -> None:
+    """Refuse by size alone, before decoding: over MAX_MESSAGE_BYTES, or a request other
+    than `submit` over MAX_SMALL_REQUEST_BYTES (nothing legitimate is that big)."""
+    size = sum(len(f) for f in frames)
+    if size > MAX_MESSAGE_BYTES:
+        raise ProtocolError("too_large", f"message exceeds {MAX_MESSAGE_BYTES} bytes")
+    if size > MAX_SMALL_REQUEST_BYTES and len(frames) > 1 and frames[1] != b"submit":
+        raise ProtocolError(
+            "too_large",
+            f"a {frames[1][:16]!r} request is limited to {MAX_SMALL_REQUEST_BYTES} bytes",
+        )
+
+
 def peek_id(frames: list[bytes]):
     """Best effort: the request id in a message's header without checking anything else
-    (an oversized or unsigned message's id, so its error can still be matched)."""
+    (an oversized or unsigned message's id, so its error can still be matched). Other
+    fields are skipped, not decoded: a 2 MB field costs a scan, not a copy."""
     if len(frames) < 3 or frames[0] != MAGIC:
         return None
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(frames[2]))
     try:
-        header = msgpack.unpackb(frames[2], raw=False, strict_map_key=True)
+        unpacker.feed(frames[2])
+        for _ in range(unpacker.read_map_header()):
+            small = _small_key(frames[2], unpacker.tell())
+            key = unpacker.unpack() if small else unpacker.skip()
+            if key != "id":
+                unpacker.skip()  # its value
+                continue
+            rid = unpacker.unpack()
+            return rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
     except Exception:  # msgpack raises several unrelated types on garbage
         return None
-    rid = header.get("id") if isinstance(header, dict) else None
-    return rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
+    return None
+
+
+def _small_key(data: bytes, at: int) -> bool:
+    """The map key at `at` is a fixstr (what "id" is): anything else is skipped unread."""
+    return at < len(data) and 0xA0 <= data[at] <= 0xBF
 
 
 def reply(request_id, result) -> tuple[MessageType, dict]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import click
 
-from agentkv.client import Client, DaemonUnavailable, Unauthorized, protocol
+from agentkv.client import AuthMismatch, Client, DaemonUnavailable, Unauthorized, protocol
 from agentkv.client.errors import AgentKVClientError
 from agentkv.client.paths import default_socket, default_store
 
@@ -258,6 +258,13 @@ def status(socket_, store, as_json, timeout, auth_key) -> None:
             stats = c.stats()
     except DaemonUnavailable:
         _status_unanswering(store, socket_, as_json)
+    except AuthMismatch as exc:  # it runs; one side has a key the other lacks, or another
+        _out(
+            as_json,
+            {"running": True, "reachable": False, "error": "authentication mismatch"},
+            f"agentkv daemon on {socket_}: authentication mismatch ({exc})",
+        )
+        sys.exit(EXIT_UNREACHABLE)
     except Unauthorized as exc:  # it runs, but will not talk to us
         _out(
             as_json,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from agentkv.client import protocol
 from agentkv.client.protocol import MAX_TOKENS_PER_MESSAGE, MessageType, ProtocolError
 
+from .admission import MAX_REPLY_BYTES
 from .errors import AgentKVError, UnknownAgentError
 
 log = logging.getLogger("agentkv.commands")
@@ -37,7 +38,16 @@ DRAIN_GRACE_S = 2.0  # on shutdown, how long finished turns' events wait for the
 CLIENT_TTL_S = 300.0  # a silent client with nothing running is forgotten after this
 EXPIRY_EVERY_S = 1.0
 STORE_STATS_EVERY_S = 0.5  # store totals (COUNT/SUM over the index) at most this often
-STEP_REPLY_BYTES = protocol.MAX_MESSAGE_BYTES // 2  # events one step reply carries at most
+# Replies stay under admission.MAX_REPLY_BYTES: what a client that does not read can make
+# the daemon hold is counted in replies of at most that size.
+STEP_REPLY_BYTES = MAX_REPLY_BYTES - 64 * 1024  # events one step reply carries at most
+INSPECT_PAGE_TOKENS = 128 * 1024  # token ids of one inspect reply at most (<= 5 bytes each)
+# Turns submitted and not finished (queued or running): bounded per client and in total,
+# in number and in request bytes (the prompt each holds until it is admitted).
+MAX_TURNS_PER_CLIENT = 256
+MAX_TURNS = 4096
+MAX_TURN_BYTES_PER_CLIENT = 32 * 2**20
+MAX_TURN_BYTES = 256 * 2**20
 # Stored-only agents cost an index read each: bounded per request.
 AGENTS_PAGE = protocol.MAX_AGENTS_PER_PAGE
 SUBMIT_FIELDS = {
@@ -55,6 +65,7 @@ SUBMIT_FIELDS = {
     "id",
     "nonce",
     "ts",
+    "session",
 }
 
 
@@ -65,6 +76,8 @@ class _Client:
     interval: float = 0.0  # its step's `interval`: least seconds between answers
     answered: float = 0.0  # when its last step was answered (monotonic)
     running: int = 0  # this client's requests not finished yet
+    turns: int = 0  # its turns the engine still runs (finished ones may await write-back)
+    turn_bytes: int = 0  # their requests' bytes
     seen: float = field(default_factory=time.monotonic)  # its last request
 
 
@@ -98,6 +111,8 @@ class CommandHandler:
         self.started = time.time()
         self._clients: dict[bytes, _Client] = {}
         self._owner: dict[int, tuple[bytes, str]] = {}  # uid -> (client, agent id)
+        self._turn_bytes: dict[int, int] = {}  # uid -> its submit's bytes, while it runs
+        self._turn_total = 0
         # (client, uid, agent id, final fields): finished turns waiting to be durable
         self._held: list[tuple[bytes, int, str, dict]] = []
         # uid -> (client, request id): submits answered once their input is tokenized
@@ -142,8 +157,9 @@ class CommandHandler:
             return 0.5
         return max(0.001, min(0.5, min(deadlines) - time.monotonic()))
 
-    def handle(self, identity: bytes, msg) -> bool:
-        """Run one request; returns True if it asked the daemon to shut down."""
+    def handle(self, identity: bytes, msg, nbytes: int = 0) -> bool:
+        """Run one request (`nbytes`: its size on the wire); returns True if it asked the
+        daemon to shut down."""
         rid = msg.header.get("id")
         client = self._clients.get(identity)
         if client is not None:
@@ -157,7 +173,10 @@ class CommandHandler:
                 cancel = self.cancel_on_shutdown or bool(msg.header.get("cancel"))
                 self.begin_shutdown(cancel=cancel)
                 return True
-            result = self._handlers[msg.type](identity, msg.header)
+            if msg.type is MessageType.SUBMIT:
+                result = self._submit(identity, msg.header, nbytes)
+            else:
+                result = self._handlers[msg.type](identity, msg.header)
         except ProtocolError as exc:
             self.send(identity, *protocol.error(rid, exc.code, str(exc)))
         except AgentKVError as exc:
@@ -200,7 +219,7 @@ class CommandHandler:
             except Exception:
                 log.exception("could not cancel request %d", uid)
         for uid, (identity, agent_id) in list(self._owner.items()):
-            del self._owner[uid]
+            self._forget_turn(uid)
             try:
                 self.engine.cancel(uid)  # its "cancelled" event is not routed: no owner
             except Exception:  # the engine may be what is broken
@@ -252,9 +271,10 @@ class CommandHandler:
 
     # -- requests --------------------------------------------------------------------------
 
-    def _submit(self, identity: bytes, h: dict) -> dict:
+    def _submit(self, identity: bytes, h: dict, nbytes: int = 0) -> dict:
         if self._closing:
             raise ProtocolError("engine_closed", "the daemon is shutting down")
+        self._check_room(identity, nbytes)
         unknown = set(h) - SUBMIT_FIELDS
         if unknown:
             raise ProtocolError("invalid_request", f"unknown field(s): {sorted(unknown)}")
@@ -273,7 +293,12 @@ class CommandHandler:
             stop=h.get("stop"),
         )
         self._owner[uid] = (identity, agent_id)
-        self._clients.setdefault(identity, _Client()).running += 1
+        client = self._clients.setdefault(identity, _Client())
+        client.running += 1
+        client.turns += 1
+        client.turn_bytes += nbytes
+        self._turn_bytes[uid] = nbytes
+        self._turn_total += nbytes
         if self.engine.is_encoding(uid):  # tokenized off this thread: answered when done
             self._unanswered[uid] = (identity, h.get("id"))
             return None
@@ -290,12 +315,36 @@ class CommandHandler:
     def _refuse_submit(self, uid: int, code: str, message: str) -> None:
         """A submit not answered yet fails: its error goes to the submit, not an event."""
         identity, rid = self._unanswered.pop(uid)
-        self._owner.pop(uid, None)
+        if uid in self._owner:
+            self._forget_turn(uid)
         client = self._clients.get(identity)
         if client is not None:
             client.running -= 1
             client.events.pop(uid, None)
         self.send(identity, *protocol.error(rid, code, message))
+
+    def _check_room(self, identity: bytes, nbytes: int) -> None:
+        """Refuse (`overloaded`) a turn past the bounds on turns not finished yet."""
+        client = self._clients.get(identity) or _Client()
+        if client.turns >= MAX_TURNS_PER_CLIENT or len(self._owner) >= MAX_TURNS:
+            why = f"{client.turns} turns of this client, {len(self._owner)} in all, not finished"
+        elif client.turn_bytes + nbytes > MAX_TURN_BYTES_PER_CLIENT:
+            why = f"{client.turn_bytes} bytes of this client's turns not finished"
+        elif self._turn_total + nbytes > MAX_TURN_BYTES:
+            why = f"{self._turn_total} bytes of turns not finished"
+        else:
+            return
+        raise ProtocolError("overloaded", f"daemon overloaded: {why}; retry later")
+
+    def _forget_turn(self, uid: int) -> None:
+        """A turn is over (finished, failed or cancelled): it no longer counts."""
+        identity, _ = self._owner.pop(uid)
+        nbytes = self._turn_bytes.pop(uid, 0)
+        self._turn_total -= nbytes
+        client = self._clients.get(identity)
+        if client is not None:
+            client.turns -= 1
+            client.turn_bytes -= nbytes
 
     def _step(self, identity: bytes, h: dict) -> None:
         timeout = _seconds(h, "timeout", 1.0, math.inf)
@@ -344,10 +393,12 @@ class CommandHandler:
         return {"agents": rows, "next": ids[i - 1] if i < len(ids) else None}
 
     def _inspect(self, identity: bytes, h: dict) -> dict:
-        """One agent; `token_ids` holds `token_limit` ids from `token_offset` on."""
+        """One agent; `token_ids` holds up to `token_limit` ids (at most INSPECT_PAGE_TOKENS)
+        from `token_offset` on."""
         agent_id = protocol.check_agent_id(h.get("agent_id"))
         offset = _count(h, "token_offset", 0, None, lo=0)
         limit = _count(h, "token_limit", MAX_TOKENS_PER_MESSAGE, MAX_TOKENS_PER_MESSAGE)
+        limit = min(limit, INSPECT_PAGE_TOKENS)  # the client pages on by `tokens`
         info, tokens = self.engine.agent_snapshot(agent_id)
         out = _info_dict(info)
         out["token_offset"] = offset
@@ -435,7 +486,7 @@ class CommandHandler:
         }
         if c.error is not None:
             final["error"] = {"code": _known(c.error_code), "message": c.error}
-        del self._owner[event.uid]
+        self._forget_turn(event.uid)
         self._held.append((identity, event.uid, event.agent_id, final))
         self._release_durable()
 

@@ -147,19 +147,20 @@ def test_replayed_stale_tampered_or_missigned_frames_are_refused(keyed):
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(d.socket)
     try:
-        frames = protocol.encode(MessageType.STATS, {"id": 1}, key)
+        session = _session(sock, key)
+        frames = protocol.encode(MessageType.STATS, {"id": 1, "session": session}, key)
         sock.send_multipart(frames)
         first = _reply(sock, key)
         assert first.type is MessageType.REPLY and first.header["result"]["pid"] == d.pid
 
         sock.send_multipart(frames)  # the same signed frames again
-        assert _refusal(sock) == "replayed message"
+        assert _refusal(sock, signed=True) == "replayed message"
 
         stale = {"id": 2, "nonce": os.urandom(12).hex(), "ts": time.time() - 3600}
-        sock.send_multipart(_signed(MessageType.STATS, stale, key))
-        assert "replay window" in _refusal(sock)
+        sock.send_multipart(_signed(MessageType.STATS, {**stale, "session": session}, key))
+        assert "replay window" in _refusal(sock, signed=True)
 
-        fresh = protocol.encode(MessageType.STATS, {"id": 3}, key)
+        fresh = protocol.encode(MessageType.STATS, {"id": 3, "session": session}, key)
         tampered = [*fresh[:2], msgpack.packb({"id": 3, "nonce": "x", "ts": time.time()}), fresh[3]]
         sock.send_multipart(tampered)
         assert _refusal(sock) == "bad signature"
@@ -171,7 +172,9 @@ def test_replayed_stale_tampered_or_missigned_frames_are_refused(keyed):
         sock.send_multipart(protocol.encode(MessageType.STATS, {"id": 5}))  # unsigned
         assert _refusal(sock) == "message is not signed"
 
-        sock.send_multipart(protocol.encode(MessageType.STATS, {"id": 6}, key))
+        sock.send_multipart(protocol.encode(MessageType.STATS, {"id": 6}, key))  # no session
+        assert _error(sock, key) == "stale_session"
+        sock.send_multipart(protocol.encode(MessageType.STATS, {"id": 7, "session": session}, key))
         assert _reply(sock, key).header["result"]["pid"] == d.pid  # still served
     finally:
         sock.close(linger=0)
@@ -285,12 +288,28 @@ def _reply(sock, key: bytes) -> protocol.Message:
     return protocol.decode(sock.recv_multipart(), key)
 
 
-def _refusal(sock) -> str:
-    """The message of an `unauthorized` reply (sent unsigned, so anyone can read it)."""
+def _refusal(sock, signed: bool = False) -> str:
+    """The message of an `unauthorized` reply: unsigned when the message's signature was
+    missing or wrong (anyone can read it), signed when it was good (a replay)."""
     assert sock.poll(10_000), "no reply"
-    msg = protocol.decode(sock.recv_multipart())
+    frames = sock.recv_multipart()
+    assert len(frames) == (4 if signed else 3), frames
+    msg = protocol.decode(frames[:3])
     assert msg.type is MessageType.ERROR and msg.header["error"]["code"] == "unauthorized"
     return msg.header["error"]["message"]
+
+
+def _session(sock, key: bytes) -> str:
+    """The daemon run's session id, from a signed `hello` (as Client does)."""
+    hello = {"id": 0, "version": list(protocol.PROTOCOL_VERSION)}
+    sock.send_multipart(protocol.encode(MessageType.HELLO, hello, key))
+    return _reply(sock, key).header["result"]["session"]
+
+
+def _error(sock, key: bytes) -> str:
+    msg = _reply(sock, key)
+    assert msg.type is MessageType.ERROR, msg
+    return msg.header["error"]["code"]
 
 
 # -- gc decides nothing about models it was not told of ------------------------------------

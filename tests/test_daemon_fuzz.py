@@ -131,8 +131,8 @@ def test_oversized_messages_are_refused_with_their_id(daemon, dealer):
 
 
 def test_a_message_over_the_socket_limit_drops_that_peer_only(daemon):
-    """Beyond what the socket accepts at all (4x the protocol's limit) the daemon cannot
-    answer: it drops that connection and serves everyone else."""
+    """Beyond what the socket accepts at all (a frame a little over the protocol's limit)
+    the daemon cannot answer: it drops that connection and serves everyone else."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, -1)  # once dropped, stay dropped
