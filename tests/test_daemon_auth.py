@@ -50,7 +50,7 @@ def test_a_frame_captured_before_a_restart_is_refused_after_it(daemon_factory, k
             key,
         )
     reply = _send_raw(d.socket, captured, key)
-    assert reply.type is MessageType.REPLY and reply.header["result"] == {"deleted": True}
+    assert reply.type is MessageType.REPLY and reply.header["result"]["deleted"] is True
 
     assert d.ctl("stop", "--auth-key", str(key_file)).returncode == 0
     assert d.wait_exit(10)
