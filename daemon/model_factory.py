@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentkv.daemon.errors import ModelNotFoundError
 from agentkv.daemon.gguf import gguf_model_dir, is_gguf
+from agentkv.storage.tensor_files import fsync_path
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -444,8 +445,8 @@ def write_model_files(
     write_tokenizer(directory)
     for file in directory.iterdir():
         if file.is_file():
-            _fsync(file)
-    _fsync(directory)
+            fsync_path(file)
+    fsync_path(directory)
 
 
 def _init_weights(config: dict[str, Any], seed: int, scale: float) -> dict[str, mx.array]:
@@ -486,7 +487,7 @@ def _install(staging: Path, target: Path, *, overwrite: bool) -> None:
         except OSError:
             if not _is_complete(target):
                 raise
-    _fsync(target.parent)
+    fsync_path(target.parent)
 
 
 def _save_tokenizer(directory: Path, tokenizer_json: str) -> None:
@@ -563,14 +564,6 @@ def _tokenizer_ids() -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # A few KB of plain English for the tokenizer: enough merges for a ~768-token vocabulary.

@@ -33,7 +33,7 @@ from .paths import STATE_FILE, Containment, agent_key, block_rel, is_block_hash
 from .records import RebuildReport, context_digest, context_of, pack_tokens
 from .schema import has_cache_files, index_gone, lists_nothing, open_index
 from .store import FORMAT_VERSION
-from .tensor_files import read_tensor_file, read_tensor_meta
+from .tensor_files import fsync_path, read_tensor_file, read_tensor_meta
 
 log = logging.getLogger("agentkv.storage")
 
@@ -272,7 +272,7 @@ def _write_index(root: Path, models: dict, blocks: dict[str, _Block], agents: li
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             db.conn.close()  # the last connection: its WAL is checkpointed and removed
-        _fsync_file(tmp)
+        fsync_path(tmp)
         return _swap_in(root, tmp)
     finally:
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
@@ -334,22 +334,10 @@ def _swap_in(root: Path, tmp: Path) -> str | None:
         except OSError:
             shutil.copy2(old, kept)
     os.replace(tmp, old)
-    _fsync_dir(root)
-    _fsync_dir(aside)
+    fsync_path(root)
+    fsync_path(aside)
     log.info("store %s: index rebuilt from its files (old index kept as %s)", root, kept)
     return None if kept is None else str(kept)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_file(path)  # a directory opens read-only too
 
 
 def _expect_format(path: Path, meta: dict, kind: str) -> None:

@@ -119,11 +119,7 @@ class FileOps:
 
     def fsync_dir(self, path: Path) -> None:
         """Make a directory entry change durable."""
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
 
     def is_read_only(self, path: Path) -> bool:
         """True if `path` is on a file system mounted read-only."""
@@ -464,3 +460,12 @@ def _tensor(path: Path, name: str, info, data: memoryview) -> HostTensor:
         raise CorruptFileError(path, f"bad tensor {name!r}: {exc}") from exc
     mlx_name = next(k for k, v in TAGS.items() if v == tag)
     return HostTensor(mlx_name, array)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to stable storage (both open read-only)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
