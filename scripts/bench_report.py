@@ -56,7 +56,8 @@ VARIANTS = {
         "f32+openblas",
     ),
 }
-# Where Debian/Ubuntu (libopenblas0-pthread) and Fedora (openblas-pthreads) put OpenBLAS.
+# Where Debian/Ubuntu (libopenblas0-pthread; tried) and Fedora (openblas-pthreads; not
+# tried here) put OpenBLAS.
 OPENBLAS = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
@@ -319,6 +320,12 @@ def real_model_section(b: dict[str, Bench], plots: Plots) -> str:
             f"the end {fmt(meta.get('loadavg'))}:\n",
             ttft_table(data),
         ]
+    if "ttft-smollm2-openblas" in b:
+        text.append(
+            "\nThe OpenBLAS rows are a speed reference: under OpenBLAS a cached K/V row and "
+            "the same row recomputed differ in the last bits (Lab 02), so agentkv's "
+            "bit-exactness guarantee holds with the bundled BLAS only (README, CPU speed)."
+        )
     if "restore-smollm2" in b:
         text.append(restore_text(b["restore-smollm2"].data, plots, plot=False))
     return "\n".join(text).lstrip()
