@@ -92,7 +92,7 @@ REAL = Cast(
     speed=(
         "on 2 CPU cores with mlx[cpu]'s reference BLAS this model prefills ~9 tok/s and\n        "
         "decodes ~6.5 tok/s: a turn takes a few seconds, each daemon start ~10-30 s (its\n"
-        "        load-time batching check), the whole demo ~2 minutes (--tiny: ~15 s)"
+        "        load-time batching check), the whole demo ~1-2 minutes (--tiny: ~15 s)"
     ),
 )
 
