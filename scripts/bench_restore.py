@@ -51,7 +51,12 @@ Targets: ours <= 1.5x (a) and ours <= 1.2x (b), i.e. per-block files must not ma
 slower than one file per agent. The prefill ratio is reported. If ours misses a target, a
 cProfile run splits its time (read, checksum, conversion to mx.array, rebuild).
 
-Usage: python scripts/bench_restore.py [--quick] [--tokens 8000] [--out bench/restore.json]
+With `--model PATH` (a model dir or GGUF file, e.g. SmolLM2-135M-Instruct: 30 layers, 3 KV
+heads of dim 64, 45 KiB of float32 K+V per token) the agent has that model's cache shapes
+instead, and (c) prefills that model.
+
+Usage: python scripts/bench_restore.py [--quick] [--tokens 8000] [--model PATH]
+    [--out bench/restore.json]
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import xxhash
-from mlx.utils import tree_flatten
+from bench_ttft import model_size  # a sibling script: scripts/ is on sys.path
 from mlx_lm.models.cache import KVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.utils import _get_classes
 
@@ -89,7 +94,7 @@ from agentkv.daemon.block_pool import BlockPool
 from agentkv.daemon.host_fill import host_view, new_unzeroed
 from agentkv.daemon.kv_blocks import rebuild_caches
 from agentkv.daemon.kv_cache_manager import KVCacheManager
-from agentkv.daemon.model_factory import model_config
+from agentkv.daemon.model_factory import load_model, model_config
 from agentkv.daemon.spec import ModelCacheSpec
 from agentkv.storage import CacheStore, StoredAgent
 
@@ -108,10 +113,10 @@ MODEL = {
 FULL = {"repeats": 9, "prefill": [512, 1024], "prefill_repeats": 2, "prefill_full": True}
 QUICK = {"repeats": 3, "prefill": [256, 512], "prefill_repeats": 1, "prefill_full": False}
 OURS = "ours: restore + rebuild_caches"
-READ = "(a) plain read, the same 32 files"
+READ = "(a) plain read, the same block files"  # 32 files for the default 8,000 tokens
 READ_ONE = "(a1) plain read, mlx-lm's 1 file"
 MLXLM = "(b) mlx-lm load_prompt_cache"
-MXLOAD = "(e) mx.load of the 32 files only"
+MXLOAD = "(e) mx.load of the block files only"
 MLXLM_CHECKED = "(b2) (b) + xxh3 of its bytes"
 BARE = "(f) bare scatter reads of the blocks"
 BARE_HASHED = "(f2) (f) + xxh3 of the rows"
@@ -630,7 +635,8 @@ def describe_model(model, spec: ModelCacheSpec) -> dict:
         "layers": args.num_hidden_layers,
         "kv_heads": layer.n_kv_heads,
         "head_dim": layer.k_head_dim,
-        "params_m": round(sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6, 1),
+        "params_m": round(model_size(model)[0] / 1e6, 1),
+        "dtype": model_size(model)[1],
         "bytes_per_token": spec.bytes_per_token,
     }
 
@@ -735,6 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--quick", action="store_true", help="3 runs; (c) extrapolated from short prefills"
     )
     parser.add_argument("--tokens", type=int, default=8000, help="the agent's context")
+    parser.add_argument("--model", type=Path, help="a model dir or GGUF file for the shapes")
     parser.add_argument("--repeats", type=int, help="interleaved runs per case and regime")
     parser.add_argument("--no-prefill", action="store_true", help="skip (c)")
     parser.add_argument("--profile-runs", type=int, default=3, help="cProfiled runs of ours")
@@ -749,7 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     loadavg = [os.getloadavg()]
-    model = bench_model(args.seed)
+    model = bench_model(args.seed) if args.model is None else load_model(args.model)[0]
     spec = ModelCacheSpec.from_model(model, block_size=BLOCK_SIZE)
     tokens = np.random.default_rng(args.seed).integers(8, 768, size=args.tokens).tolist()
     with tempfile.TemporaryDirectory(prefix="bench-restore-", dir=args.dir) as tmp:
@@ -762,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefill = bench_prefill(model, plan["prefill"], reps, args.tokens, args.seed, full)
     loadavg.append(os.getloadavg())
     meta = machine() | {
-        "model": describe_model(model, spec),
+        "model": describe_model(model, spec) | {"path": str(args.model or "built in memory")},
         "tokens": args.tokens,
         "blocks": args.tokens // BLOCK_SIZE,
         "tail": args.tokens % BLOCK_SIZE,

@@ -223,17 +223,39 @@ def machine() -> dict[str, object]:
     }
 
 
+def model_size(model) -> tuple[int, str]:
+    """The model's real parameter count and a word for its weights' types.
+
+    A quantized layer's packed uint32 `weight` holds 32 / bits values per element; its
+    `scales` and `biases` are quantization metadata, not parameters.
+    """
+    bits = {name: m.bits for name, m in model.named_modules() if hasattr(m, "bits")}
+    count, kinds = 0, set()
+    for name, v in tree_flatten(model.parameters()):
+        module, _, leaf = name.rpartition(".")
+        if module not in bits:
+            count += v.size
+            kinds.add(str(v.dtype).split(".")[-1])
+        elif leaf == "weight":
+            count += v.size * 32 // bits[module]
+            kinds.add(f"{bits[module]}-bit")
+    return count, "+".join(sorted(kinds, key=lambda k: (not k.endswith("-bit"), k)))
+
+
 def describe_model(model, path: Path) -> dict[str, object]:
     """The model's size and shape, for the report."""
     args = model.args
-    weights = [v for _, v in tree_flatten(model.parameters())]
+    params, dtype = model_size(model)
     return {
         "path": str(path),
         "model_type": args.model_type,
         "hidden_size": args.hidden_size,
         "layers": args.num_hidden_layers,
-        "params_m": round(sum(v.size for v in weights) / 1e6, 2),
-        "dtype": str(weights[0].dtype).split(".")[-1],
+        "kv_heads": args.num_key_value_heads,
+        "head_dim": args.hidden_size // args.num_attention_heads,
+        "params_m": round(params / 1e6, 2),
+        "dtype": dtype,
+        "blas": os.environ.get("LD_PRELOAD") or "bundled (mlx[cpu] reference BLAS)",
     }
 
 
