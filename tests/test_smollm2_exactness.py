@@ -8,6 +8,7 @@ seeds' cases verbatim (20, 50 and 3 x 100 tokens) run with AGENTKV_FULL=1.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,40 @@ def test_exp005_verbatim_solo_batched_resumed_restarted(smollm2, tmp_path):
         assert c.text == generate(model, tokenizer, whole, max_tokens=12) == live[agent].text
         assert c.usage.cached_tokens == len(context), agent  # rebuilt from the store
     restarted.close()
+
+
+@pytest.mark.skipif(not FULL, reason="~700 tokens of CPU decode; AGENTKV_FULL=1 runs it")
+def test_exp005_verbatim_through_a_daemon_restart(smollm2):
+    """The seeds' cases through `daemonctl start` and the client: each first turn is
+    `mlx_lm.generate`'s text; after `daemonctl stop` and a new start on the same store,
+    each agent's next turn comes back from disk and is `mlx_lm.generate`'s text on the
+    whole context."""
+    from conftest import Daemon
+
+    model, tokenizer = smollm2
+    d = Daemon(SMOLLM2, args=("--pool-blocks", "64", "--block-size", "16"))
+    follow = " Tell me more."
+    try:
+        d.start()
+        contexts = {}
+        with d.client(timeout=300.0) as c:
+            for i, (prompt, n) in enumerate(SEED_CASES):
+                first = c.generate(f"agent{i}", prompt, max_tokens=n)
+                assert first.text == generate(model, tokenizer, prompt, max_tokens=n), prompt
+                assert first.durable is True
+                contexts[f"agent{i}"] = c.inspect(f"agent{i}")["token_ids"]
+        assert d.ctl("stop").returncode == 0
+        d.start()
+        with d.client(timeout=300.0) as c:
+            for agent, context in contexts.items():
+                again = c.generate(agent, follow, max_tokens=12)
+                whole = context + _ids(tokenizer, follow)
+                assert again.text == generate(model, tokenizer, whole, max_tokens=12), agent
+                assert again.usage["restored_tokens"] == len(context), agent  # all from disk
+                assert again.usage["cached_tokens"] == len(context), agent
+    finally:
+        d.kill()
+        shutil.rmtree(d.root, ignore_errors=True)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
