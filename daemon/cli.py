@@ -12,6 +12,7 @@ daemon package's MLX parts load on first use, so status/stop/agents/inspect/dele
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -213,7 +214,7 @@ def stop(socket_, store, as_json, timeout, auth_key, cancel) -> None:
         _stop_unanswering(store, timeout, as_json)
         return
     lock = _daemon_lock(info, store)  # proven before it starts shutting down
-    pid = _local_pid(info, store, socket_) if lock is not None else None
+    pid = _local_pid(info, lock, store, socket_)
     reply = None
     try:
         with Client(socket_, timeout=min(timeout, 5.0), auth_key=auth_key) as c:
@@ -431,7 +432,7 @@ def rebuild_index(socket_, store, as_json, timeout, auth_key, dry_run, force) ->
         r = rebuild(path, dry_run=dry_run, force=force, progress=_progress(as_json))
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
-    _out(as_json, _rebuild_data(r), _rebuild_text(r))
+    _out(as_json, dataclasses.asdict(r), _rebuild_text(r))
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -649,14 +650,14 @@ def _daemon_lock(info: dict, store: Path) -> Path | None:
     return None
 
 
-def _local_pid(info: dict, store: Path, endpoint: str) -> int | None:
-    """The pid from a daemon's `hello`, if that daemon runs on this machine: --store's
-    pidfile names it, or the endpoint is ipc/loopback and it reports this host. Else None
-    (a tcp daemon elsewhere, or a tunnel to one: its pid means nothing here)."""
+def _local_pid(info: dict, lock: Path | None, store: Path, endpoint: str) -> int | None:
+    """The pid from a daemon's `hello`, if that daemon runs on this machine: it holds
+    `lock` (`_daemon_lock`), and --store's pidfile names it, or the endpoint is
+    ipc/loopback and it reports this host. Else None (a tcp daemon elsewhere, or a
+    tunnel to one: its pid means nothing here)."""
     pid = info.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return None
-    lock = _daemon_lock(info, store)
     if lock is None or not holds_lock(pid, lock):  # not provably that daemon
         return None
     if read_pid(store) == pid:
@@ -998,20 +999,6 @@ def _index_damage_line(store: Path, report) -> str:
         f"index damaged: {report.index_error}; {affected}; "
         f"rebuild it from the files: daemonctl rebuild-index --store {store}"
     )
-
-
-def _rebuild_data(r) -> dict:
-    return {
-        "dry_run": r.dry_run,
-        "models": r.models,
-        "blocks": r.blocks,
-        "agents": r.agents,
-        "restored_tokens": r.restored_tokens,
-        "cut_agents": r.cut_agents,
-        "lost_agents": r.lost_agents,
-        "bad_files": r.bad_files,
-        "old_index": r.old_index,
-    }
 
 
 def _rebuild_text(r) -> str:
