@@ -1,87 +1,23 @@
-"""agentkv daemon: the model, the block pool and the engine.
+"""agentkv daemon: `engine/` (everything that touches MLX) and `service/` (the process,
+the I/O loop, the request layer, `daemonctl`), sharing `errors`.
 
-from agentkv.daemon import BlockPoolBatchEngine, BlockPool, ModelCacheSpec
+The engine's public names are also reachable from here, loaded on first use (PEP 562) so
+that importing `agentkv.daemon.service` never pulls in MLX:
 
-The names below load on first use (PEP 562): `daemonctl status`, `stop` and the other
-commands that only talk to a daemon never import MLX, mlx-lm or transformers.
+    from agentkv.daemon import BlockPoolBatchEngine   # same as agentkv.daemon.engine
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
-
-# public name -> the submodule that defines it
-_EXPORTS = {
-    "BlockPool": "block_pool",
-    "AgentInfo": "engine",
-    "BlockPoolBatchEngine": "engine",
-    "AgentExistsError": "errors",
-    "AgentKVError": "errors",
-    "CacheReconstructionError": "errors",
-    "EngineClosedError": "errors",
-    "InvalidRequestError": "errors",
-    "ModelNotFoundError": "errors",
-    "PoolExhaustedError": "errors",
-    "UnknownAgentError": "errors",
-    "UnsupportedModelError": "errors",
-    "Completion": "requests",
-    "SamplingParams": "requests",
-    "StepEvent": "requests",
-    "Usage": "requests",
-    "LayerKind": "spec",
-    "LayerSpec": "spec",
-    "ModelCacheSpec": "spec",
-}
-
-__all__ = [
-    "AgentExistsError",
-    "AgentInfo",
-    "AgentKVError",
-    "BlockPool",
-    "BlockPoolBatchEngine",
-    "CacheReconstructionError",
-    "Completion",
-    "EngineClosedError",
-    "InvalidRequestError",
-    "LayerKind",
-    "LayerSpec",
-    "ModelCacheSpec",
-    "ModelNotFoundError",
-    "PoolExhaustedError",
-    "SamplingParams",
-    "StepEvent",
-    "UnknownAgentError",
-    "UnsupportedModelError",
-    "Usage",
-]
-
-if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ resolves them
-    from .block_pool import BlockPool
-    from .engine import AgentInfo, BlockPoolBatchEngine
-    from .errors import (
-        AgentExistsError,
-        AgentKVError,
-        CacheReconstructionError,
-        EngineClosedError,
-        InvalidRequestError,
-        ModelNotFoundError,
-        PoolExhaustedError,
-        UnknownAgentError,
-        UnsupportedModelError,
-    )
-    from .requests import Completion, SamplingParams, StepEvent, Usage
-    from .spec import LayerKind, LayerSpec, ModelCacheSpec
 
 
 def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:  # lets `from agentkv.daemon import persistence` import the submodule
+    if name.startswith("_"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    engine = importlib.import_module(".engine", __name__)
+    if name not in engine.__all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(engine, name)
     globals()[name] = value  # later lookups skip __getattr__
     return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})

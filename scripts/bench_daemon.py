@@ -72,8 +72,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from agentkv.client import Client
 from agentkv.client.client import STREAM_INTERVAL_S
-from agentkv.daemon.model_factory import ensure_random_model
-from agentkv.daemon.process import DaemonOptions, _make_engine
+from agentkv.daemon.engine.model_factory import ensure_random_model
+from agentkv.daemon.service.process import DaemonOptions, _make_engine
 
 TARGET = 0.90
 GAP_SLACK = 1.25
@@ -541,7 +541,7 @@ class Daemon:
 
     def ctl(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
         """`daemonctl ARGS --socket S --store D` as a subprocess."""
-        cmd = [sys.executable, "-m", "agentkv.daemon.cli", *args]
+        cmd = [sys.executable, "-m", "agentkv.daemon.service.cli", *args]
         cmd += ["--socket", self.endpoint, "--store", str(self.store)]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 

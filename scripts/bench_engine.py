@@ -45,10 +45,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
 
-from agentkv.daemon.block_pool import BlockPool
-from agentkv.daemon.engine import BlockPoolBatchEngine
-from agentkv.daemon.model_factory import ensure_random_model, load_model
-from agentkv.daemon.spec import ModelCacheSpec
+from agentkv.daemon.engine.batch_engine import BlockPoolBatchEngine
+from agentkv.daemon.engine.block_pool import BlockPool
+from agentkv.daemon.engine.model_factory import ensure_random_model, load_model
+from agentkv.daemon.engine.spec import ModelCacheSpec
 
 TARGET = 0.95
 COMPLETION_BATCH = 32

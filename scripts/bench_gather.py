@@ -46,8 +46,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from agentkv.daemon.kv_blocks import BlockKV, rebuild_caches
-from agentkv.daemon.spec import LayerKind, LayerSpec, ModelCacheSpec
+from agentkv.daemon.engine.kv_blocks import BlockKV, rebuild_caches
+from agentkv.daemon.engine.spec import LayerKind, LayerSpec, ModelCacheSpec
 
 TARGET_RATIO = 0.7
 FULL = {"contexts": [2048, 4096, 8192], "repeats": 8, "warmup": 1}

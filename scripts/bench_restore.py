@@ -89,13 +89,13 @@ from mlx_lm.models.cache import KVCache, load_prompt_cache, make_prompt_cache, s
 from mlx_lm.utils import _get_classes
 
 from agentkv.daemon import persistence
-from agentkv.daemon.agents import AgentContext
-from agentkv.daemon.block_pool import BlockPool
-from agentkv.daemon.host_fill import host_view, new_unzeroed
-from agentkv.daemon.kv_blocks import rebuild_caches
-from agentkv.daemon.kv_cache_manager import KVCacheManager
-from agentkv.daemon.model_factory import load_model, model_config
-from agentkv.daemon.spec import ModelCacheSpec
+from agentkv.daemon.engine.agents import AgentContext
+from agentkv.daemon.engine.block_pool import BlockPool
+from agentkv.daemon.engine.host_fill import host_view, new_unzeroed
+from agentkv.daemon.engine.kv_blocks import rebuild_caches
+from agentkv.daemon.engine.kv_cache_manager import KVCacheManager
+from agentkv.daemon.engine.model_factory import load_model, model_config
+from agentkv.daemon.engine.spec import ModelCacheSpec
 from agentkv.storage import CacheStore, StoredAgent
 
 TARGET_READ = 1.5

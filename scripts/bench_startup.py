@@ -51,9 +51,9 @@ import mlx.core as mx
 import numpy as np
 
 from agentkv.daemon import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
-from agentkv.daemon.fingerprint import model_fingerprint
-from agentkv.daemon.model_factory import build_model_dir, load_model
-from agentkv.daemon.process import DaemonOptions
+from agentkv.daemon.engine.fingerprint import model_fingerprint
+from agentkv.daemon.engine.model_factory import build_model_dir, load_model
+from agentkv.daemon.service.process import DaemonOptions
 from agentkv.storage import CacheStore
 from agentkv.storage.records import pack_tokens
 from agentkv.storage.schema import open_index

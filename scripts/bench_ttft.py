@@ -47,8 +47,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from agentkv.daemon.model_factory import ensure_random_model
-from agentkv.daemon.process import DaemonOptions, _make_engine
+from agentkv.daemon.engine.model_factory import ensure_random_model
+from agentkv.daemon.service.process import DaemonOptions, _make_engine
 
 TURN_TOKENS = 16
 MAX_TOKENS = 2

@@ -42,10 +42,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from agentkv.daemon.block_pool import BlockPool
-from agentkv.daemon.engine import BlockPoolBatchEngine
-from agentkv.daemon.model_factory import ensure_random_model, load_model
-from agentkv.daemon.spec import ModelCacheSpec
+from agentkv.daemon.engine.batch_engine import BlockPoolBatchEngine
+from agentkv.daemon.engine.block_pool import BlockPool
+from agentkv.daemon.engine.model_factory import ensure_random_model, load_model
+from agentkv.daemon.engine.spec import ModelCacheSpec
 from agentkv.storage import CacheStore
 
 TARGET = 0.97

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
+CLI_MODULE = "agentkv.daemon.service.cli"  # daemonctl, when the console script is absent
+
 BLOCK_SIZE = 16
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,7 +123,7 @@ class Daemon:
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
         script = Path(sys.executable).with_name("daemonctl")
-        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "agentkv.daemon.cli"]
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", CLI_MODULE]
         cmd += [*args, "--store", str(self.store), "--socket", self.socket]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
@@ -192,7 +194,7 @@ def parse_args():
 def pick_cast(parser, args) -> Cast:
     """SmolLM2 when installed (or asked for), else the tiny model; `--model` keeps the tiny
     model's sentence prompts on another model."""
-    from agentkv.daemon.model_factory import smollm2_gguf
+    from agentkv.daemon.engine.model_factory import smollm2_gguf
 
     if args.model:
         return replace(TINY, model=args.model, label=args.model, speed="")
@@ -375,7 +377,7 @@ def uninterrupted(args) -> dict[tuple[str, int], list[int]]:
     """The demo's turns in one in-process engine: turn 1 one agent at a time (as the demo
     runs it, so the shared prompt is computed once), turns 2 and 3 batched."""
     from agentkv.daemon import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
-    from agentkv.daemon.model_factory import load_model
+    from agentkv.daemon.engine.model_factory import load_model
 
     cast = args.cast
     model, tokenizer = load_model(cast.model)
@@ -396,7 +398,7 @@ def uninterrupted(args) -> dict[tuple[str, int], list[int]]:
 
 
 def smollm2_installed() -> bool:
-    from agentkv.daemon.model_factory import smollm2_gguf
+    from agentkv.daemon.engine.model_factory import smollm2_gguf
 
     return smollm2_gguf() is not None
 

@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from agentkv.daemon.model_factory import load_model, smollm2_gguf
+from agentkv.daemon.engine.model_factory import load_model, smollm2_gguf
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from agentkv.daemon.demo_model import SHIPPED_MODEL_DIR, TrainSettings, train_demo_model
+from agentkv.daemon.engine.demo_model import SHIPPED_MODEL_DIR, TrainSettings, train_demo_model
 
 SAMPLE_PROMPTS = ("Yesterday I", "Every day she", "Tomorrow the children", "Right now Tom")
 

@@ -30,8 +30,10 @@ from typing import Any
 
 import pytest
 
-from agentkv.daemon.model_factory import ARCHITECTURES, build_model_dir, load_model
-from agentkv.daemon.process import pid_alive
+from agentkv.daemon.engine.model_factory import ARCHITECTURES, build_model_dir, load_model
+from agentkv.daemon.service.process import pid_alive
+
+CLI_MODULE = "agentkv.daemon.service.cli"  # daemonctl, when the console script is absent
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -182,7 +184,7 @@ class Daemon:
 def daemonctl_command() -> list[str]:
     """The `daemonctl` console script next to this Python, else `python -m` its module."""
     script = Path(sys.executable).with_name("daemonctl")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "agentkv.daemon.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", CLI_MODULE]
 
 
 @pytest.fixture(scope="module")

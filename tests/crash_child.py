@@ -22,7 +22,7 @@ import sys
 import numpy as np
 from refs import make_engine, random_tokens
 
-from agentkv.daemon.model_factory import load_model
+from agentkv.daemon.engine.model_factory import load_model
 from agentkv.storage import CacheStore
 
 AGENTS = 6

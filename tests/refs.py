@@ -11,7 +11,7 @@ from mlx_lm import stream_generate
 from mlx_lm.generate import generate_step
 
 from agentkv.daemon import BlockPool, BlockPoolBatchEngine, ModelCacheSpec, SamplingParams
-from agentkv.daemon.sampling import make_request_sampler
+from agentkv.daemon.engine.sampling import make_request_sampler
 from agentkv.storage.records import BlockRecord, TurnRecord
 from agentkv.storage.tensor_files import HostTensor
 

@@ -10,7 +10,7 @@ import pytest
 from agentkv.client import protocol
 from agentkv.client.protocol import MAGIC, ProtocolError
 from agentkv.daemon import admission
-from agentkv.daemon.admission import FairInbox, Ledger
+from agentkv.daemon.service.admission import FairInbox, Ledger
 
 
 def _refused(fn, *args) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlx.nn as nn
 
-from agentkv.daemon.model_factory import load_model
+from agentkv.daemon.engine.model_factory import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))

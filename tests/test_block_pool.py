@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from agentkv.daemon.block_pool import (
+from agentkv.daemon.engine.block_pool import (
     BlockHash,
     BlockPool,
     FreeBlockQueue,

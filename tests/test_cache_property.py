@@ -15,7 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from refs import FULL, eos_ids, make_engine, random_tokens, run_all, scratch_tokens
 
 from agentkv.daemon import LayerKind, SamplingParams
-from agentkv.daemon.model_factory import ARCHITECTURES
+from agentkv.daemon.engine.model_factory import ARCHITECTURES
 
 N_PROMPTS = 50 if FULL else 10
 

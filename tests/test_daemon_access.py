@@ -34,7 +34,7 @@ from test_daemon_client import Peer
 
 from agentkv.client import Client, Unauthorized, protocol
 from agentkv.client.protocol import MAGIC, MessageType
-from agentkv.daemon.cli import _serving_fingerprint, main
+from agentkv.daemon.service.cli import _serving_fingerprint, main
 from agentkv.storage import CacheStore
 
 ARGS = ("--block-size", "16", "--pool-blocks", "32")

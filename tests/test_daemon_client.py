@@ -7,7 +7,7 @@ socket in the test answers as the test says), and what importing it loads.
 - A step reply that arrives after its call timed out keeps its events for the next step.
 - A malformed endpoint or a short auth key is InvalidRequest; nothing listening is
   DaemonUnavailable.
-- `import agentkv.client` and `import agentkv.daemon.cli` load no MLX.
+- `import agentkv.client` and `import agentkv.daemon.service.cli` load no MLX.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def test_a_short_auth_key_is_refused(key, tmp_path):
             Client(f"ipc://{tmp_path}/d.sock", timeout=0.5, auth_key=given)
 
 
-@pytest.mark.parametrize("module", ["agentkv.client", "agentkv.daemon.cli"])
+@pytest.mark.parametrize("module", ["agentkv.client", "agentkv.daemon.service.cli"])
 def test_importing_loads_no_mlx(module):
     """The client never needs MLX; daemonctl's commands that only talk to a daemon (and
     --help) must not pay for loading it either."""

@@ -18,8 +18,8 @@ import pytest
 from refs import eos_ids, random_tokens, scratch_tokens
 
 from agentkv.client import Client, protocol
-from agentkv.daemon.process import DaemonOptions, _make_engine
-from agentkv.daemon.server import DaemonServer
+from agentkv.daemon.service.process import DaemonOptions, _make_engine
+from agentkv.daemon.service.server import DaemonServer
 from agentkv.storage import CacheStore
 
 VOCAB = 768

@@ -406,7 +406,7 @@ def test_status_and_stop_with_only_the_store_find_its_daemon(daemon_factory):
 def test_a_pool_larger_than_the_machine_is_refused_at_start():
     """--pool-blocks or --memory-budget past the machine's memory: a StartError naming
     both sizes, before any pool is built (its bookkeeping alone could exhaust memory)."""
-    from agentkv.daemon.process import DaemonOptions, StartError, _check_pool_fits
+    from agentkv.daemon.service.process import DaemonOptions, StartError, _check_pool_fits
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     for opts in (

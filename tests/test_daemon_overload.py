@@ -96,7 +96,7 @@ def test_requests_past_a_clients_bounds_are_refused_at_once(daemon):
 def test_turns_not_finished_are_bounded_per_client(daemon):
     """Turns queued on one agent: past MAX_TURNS_PER_CLIENT not finished the next submit is
     refused with Overloaded; once they are cancelled, turns are accepted again."""
-    from agentkv.daemon.commands import MAX_TURNS_PER_CLIENT
+    from agentkv.daemon.service.commands import MAX_TURNS_PER_CLIENT
 
     with daemon.client() as c:
         uids = [c.submit("queue", [5, 6, 7], max_tokens=4000)]

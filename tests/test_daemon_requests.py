@@ -31,7 +31,7 @@ from agentkv.client import (
     UnknownRequest,
     protocol,
 )
-from agentkv.daemon.prompts import common_prefix_len, render_messages
+from agentkv.daemon.engine.prompts import common_prefix_len, render_messages
 
 VOCAB = 768
 BLOCK = 16

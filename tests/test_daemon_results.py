@@ -12,7 +12,7 @@ import time
 import pytest
 
 from agentkv.client import TurnCancelled
-from agentkv.daemon.model_factory import load_model
+from agentkv.daemon.engine.model_factory import load_model
 
 BLOCK = 16
 PROMPT = [5, 6, 7, 8, 9, 10]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from refs import FULL
 
-from agentkv.daemon.demo_model import corpus_words
-from agentkv.daemon.model_factory import smollm2_gguf
+from agentkv.daemon.engine.demo_model import corpus_words
+from agentkv.daemon.engine.model_factory import smollm2_gguf
 
 DEMO = Path(__file__).resolve().parent.parent / "scripts" / "demo.py"
 

@@ -16,14 +16,14 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
-from agentkv.daemon.demo_model import (
+from agentkv.daemon.engine.demo_model import (
     TRAINING_RECORD,
     TrainSettings,
     corpus_paragraphs,
     corpus_words,
     train_demo_model,
 )
-from agentkv.daemon.model_factory import default_model_dir, ensure_default_model, load_model
+from agentkv.daemon.engine.model_factory import default_model_dir, ensure_default_model, load_model
 
 SENTENCE = re.compile(r"[A-Z][^.]*\.")
 

@@ -430,7 +430,7 @@ def test_a_chat_template_that_refuses_the_messages_is_an_invalid_request(model_d
     import json
     import shutil
 
-    from agentkv.daemon.model_factory import load_model
+    from agentkv.daemon.engine.model_factory import load_model
 
     copy = tmp_path / "strict"
     shutil.copytree(model_dirs["llama"], copy)
@@ -462,7 +462,7 @@ def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(llama, monkeypat
     (no byte-level token covers more bytes than its longest vocabulary entry), so no core
     spends seconds tokenizing it. The bound is the tokenizer's own: 12 bytes here (it was
     4 bytes per character, 48, which let 4x too much text through to the tokenizer)."""
-    from agentkv.daemon.prompts import max_token_bytes
+    from agentkv.daemon.engine.prompts import max_token_bytes
 
     model, tokenizer = llama
     longest = max(len(t) for t in tokenizer.get_vocab())
@@ -480,7 +480,7 @@ def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(llama, monkeypat
 def test_the_size_bounds_are_lower_bounds(llama):
     """What the pre-check assumes never exceeds what tokenizing gives: texts of long
     tokens, special-token strings and multi-byte characters; chats of empty messages."""
-    from agentkv.daemon.prompts import PromptEncoder, render_messages
+    from agentkv.daemon.engine.prompts import PromptEncoder, render_messages
 
     _, tokenizer = llama
     enc = PromptEncoder(tokenizer)
@@ -498,7 +498,7 @@ def test_large_text_is_tokenized_off_the_engine_thread_in_agent_order(llama):
     at once, other agents' turns go on meanwhile, and a later turn of the same agent waits
     for it. The result is what tokenizing inline gives, token for token. (The inline size
     is lowered here: prefilling a real large prompt takes minutes on a CPU.)"""
-    from agentkv.daemon.prompts import render_messages
+    from agentkv.daemon.engine.prompts import render_messages
 
     model, tokenizer = llama
     engine = make_engine(model, tokenizer, total_blocks=256)
@@ -523,7 +523,7 @@ def test_large_text_is_tokenized_off_the_engine_thread_in_agent_order(llama):
 def test_a_large_turn_that_does_not_fit_after_tokenizing_fails_typed(llama):
     """The exact check after tokenizing off-thread: the turn ends with an error event,
     code pool_exhausted; cancelling one being tokenized drops it; the agent is unchanged."""
-    from agentkv.daemon.prompts import INLINE_ENCODE_BYTES
+    from agentkv.daemon.engine.prompts import INLINE_ENCODE_BYTES
 
     model, tokenizer = llama
     engine = make_engine(model, tokenizer, block_size=16, total_blocks=128)  # 2048 tokens
@@ -545,7 +545,7 @@ def test_tokenizers_that_may_fold_input_get_no_size_bound():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from agentkv.daemon.prompts import max_token_bytes
+    from agentkv.daemon.engine.prompts import max_token_bytes
 
     def wrap(tk):
         return PreTrainedTokenizerFast(tokenizer_object=tk)

@@ -24,10 +24,9 @@ from mlx_lm import generate
 from mlx_lm.utils import _get_classes
 from refs import make_engine, run_all
 
-from agentkv.daemon.errors import ModelNotFoundError, UnsupportedModelError
-from agentkv.daemon.fingerprint import gguf_fingerprint
-from agentkv.daemon.gguf import gguf_model_dir
-from agentkv.daemon.model_factory import (
+from agentkv.daemon.engine.fingerprint import gguf_fingerprint
+from agentkv.daemon.engine.gguf import gguf_model_dir
+from agentkv.daemon.engine.model_factory import (
     _init_weights,
     _trained_tokenizer_json,
     load_model,
@@ -36,6 +35,7 @@ from agentkv.daemon.model_factory import (
     save_model_dir,
     smollm2_gguf,
 )
+from agentkv.daemon.errors import ModelNotFoundError, UnsupportedModelError
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (pip install -e '.[test]')")
 Q = gguf.GGMLQuantizationType
@@ -303,7 +303,7 @@ def test_fingerprint_sees_a_changed_tensor(tmp_path, source, chat_template):
     path = tmp_path / "f.gguf"
     write_gguf(path, source, Q.F32, chat_template=chat_template)
     before = gguf_fingerprint(path)
-    from agentkv.daemon.gguf import read_header
+    from agentkv.daemon.engine.gguf import read_header
 
     tensor = next(t for t in read_header(path).tensors if t.name == "blk.1.ffn_up.weight")
     data = bytearray(path.read_bytes())
@@ -521,7 +521,7 @@ def test_smollm2_helper_finds_a_file_or_none():
 
 @pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
 def test_every_known_pre_tokenizer_builds_and_round_trips(pre):
-    from agentkv.daemon.gguf_tokenizer import build_tokenizer
+    from agentkv.daemon.engine.gguf_tokenizer import build_tokenizer
 
     tok = json.loads(_trained_tokenizer_json())
     meta = {

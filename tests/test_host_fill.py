@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from agentkv.daemon.host_fill import HUGE_PAGE, _UnzeroedStream, host_view, new_unzeroed
+from agentkv.daemon.engine.host_fill import HUGE_PAGE, _UnzeroedStream, host_view, new_unzeroed
 
 
 def pattern(n: int) -> np.ndarray:

@@ -17,14 +17,14 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 
-from agentkv.daemon.errors import ModelNotFoundError
-from agentkv.daemon.model_factory import (
+from agentkv.daemon.engine.model_factory import (
     ARCHITECTURES,
     build_model_dir,
     ensure_random_model,
     load_model,
     models_cache_dir,
 )
+from agentkv.daemon.errors import ModelNotFoundError
 
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
@@ -91,7 +91,7 @@ def test_same_seed_gives_identical_files_across_processes(model_dirs, tmp_path):
     # A fresh process has fresh hash seeds, so this also catches unordered-dict output.
     script = (
         "import sys\n"
-        "from agentkv.daemon.model_factory import ARCHITECTURES, build_model_dir\n"
+        "from agentkv.daemon.engine.model_factory import ARCHITECTURES, build_model_dir\n"
         "for arch in ARCHITECTURES:\n"
         "    build_model_dir(f'{sys.argv[1]}/{arch}', arch, seed=0)\n"
     )

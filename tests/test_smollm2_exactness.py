@@ -18,7 +18,7 @@ import pytest
 from mlx_lm import generate
 from refs import FULL, make_engine, run_all
 
-from agentkv.daemon.model_factory import load_model, smollm2_gguf
+from agentkv.daemon.engine.model_factory import load_model, smollm2_gguf
 from agentkv.storage import CacheStore
 
 SMOLLM2 = smollm2_gguf()

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from agentkv.daemon import CacheReconstructionError, LayerKind, ModelCacheSpec
+from agentkv.daemon.engine.kv_blocks import BlockKV, block_payload, rebuild_caches
+from agentkv.daemon.engine.model_factory import load_model
+from agentkv.daemon.engine.spec import LayerSpec
 from agentkv.daemon.errors import UnsupportedModelError
-from agentkv.daemon.kv_blocks import BlockKV, block_payload, rebuild_caches
-from agentkv.daemon.model_factory import load_model
-from agentkv.daemon.spec import LayerSpec
 
 KINDS = {
     "llama": [LayerKind.FULL] * 4,
@@ -42,7 +42,7 @@ def test_spec_layers(loaded_models, arch):
 
 
 def test_fingerprint_tells_models_apart(loaded_models, model_dirs, tmp_path):
-    from agentkv.daemon.model_factory import build_model_dir, load_model
+    from agentkv.daemon.engine.model_factory import build_model_dir, load_model
 
     model, _ = loaded_models["llama"]
     again = ModelCacheSpec.from_model(load_model(model_dirs["llama"])[0])
@@ -109,8 +109,8 @@ def test_rebuild_refuses_inconsistent_pieces():
 def test_model_fingerprint_from_files(model_dirs, tmp_path):
     import shutil
 
-    from agentkv.daemon.fingerprint import model_fingerprint
-    from agentkv.daemon.model_factory import build_model_dir
+    from agentkv.daemon.engine.fingerprint import model_fingerprint
+    from agentkv.daemon.engine.model_factory import build_model_dir
 
     src = model_dirs["llama"]
     copy = tmp_path / "copy"
@@ -130,7 +130,7 @@ def test_model_fingerprint_sees_a_fine_tune_of_one_middle_tensor(model_dirs, tmp
     import shutil
     import struct
 
-    from agentkv.daemon.fingerprint import model_fingerprint
+    from agentkv.daemon.engine.fingerprint import model_fingerprint
 
     src = model_dirs["llama"]
     copy = tmp_path / "tuned"
@@ -152,7 +152,7 @@ def test_model_fingerprint_sees_a_fine_tune_of_one_middle_tensor(model_dirs, tmp
 def test_weights_fingerprint_samples_each_tensor_beyond_its_first_values(model_dirs):
     from mlx.utils import tree_flatten
 
-    from agentkv.daemon.fingerprint import weights_fingerprint
+    from agentkv.daemon.engine.fingerprint import weights_fingerprint
 
     model, _ = load_model(model_dirs["llama"])
     before = weights_fingerprint(model)

@@ -38,7 +38,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from refs import FULL, eos_ids, make_engine, run_all, scratch_tokens
 
 from agentkv.daemon import ModelCacheSpec
-from agentkv.daemon.spec import LayerKind
+from agentkv.daemon.engine.spec import LayerKind
 from agentkv.storage import CacheStore, CorruptFileError
 from agentkv.storage.records import unpack_tokens
 from agentkv.storage.tensor_files import read_tensor_file

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from refs import eos_ids, make_engine, random_tokens, run_all, scratch_tokens
 
-from agentkv.daemon.model_factory import ARCHITECTURES, load_model
-from agentkv.daemon.spec import ModelCacheSpec
+from agentkv.daemon.engine.model_factory import ARCHITECTURES, load_model
+from agentkv.daemon.engine.spec import ModelCacheSpec
 from agentkv.storage import CacheStore
 from agentkv.storage.tensor_files import (
     CHECKSUM_PLACEHOLDER,

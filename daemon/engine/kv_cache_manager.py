@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from ..errors import CacheReconstructionError, PoolExhaustedError
 from .agents import AgentContext
 from .block_pool import BlockPool, KVBlock, chain_hashes, hash_block
-from .errors import CacheReconstructionError, PoolExhaustedError
 from .kv_blocks import block_payload, rebuild_caches, snapshot_states, snapshot_windows
 from .prompts import common_prefix_len
 from .spec import ModelCacheSpec

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 # Batches of prompts of different lengths: sizes 2, 3 and 4, so that a batch size equal
 # to the model's KV-head count (where a misaligned mask broadcasts silently) is covered.

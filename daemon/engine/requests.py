@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 MAX_SEED = 2**63 - 1
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from agentkv.client import protocol
 from agentkv.client.protocol import MAX_TOKENS_PER_MESSAGE, MessageType, ProtocolError
 
+from ..errors import AgentKVError, UnknownAgentError
 from .admission import MAX_REPLY_BYTES
-from .errors import AgentKVError, UnknownAgentError
 
 log = logging.getLogger("agentkv.commands")
 

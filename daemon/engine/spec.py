@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache, make_prompt_cache
 
+from ..errors import UnsupportedModelError
 from .batch_probe import check_batching
-from .errors import UnsupportedModelError
 from .fingerprint import weights_fingerprint
 
 DEFAULT_BLOCK_SIZE = 256

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from agentkv.client.protocol import AGENT_ID_RE
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 
 def check_agent_id(agent_id: object) -> str:

@@ -506,7 +506,7 @@ def _child_args(opts: DaemonOptions) -> list[str]:
     args = [
         sys.executable,
         "-m",
-        "agentkv.daemon.cli",
+        "agentkv.daemon.service.cli",
         "start",
         "--foreground",
         "--detached",

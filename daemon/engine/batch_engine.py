@@ -22,10 +22,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from agentkv.storage import CacheStore, StorageError, StoreWriteError
 
-from . import persistence
-from .agents import AgentContext
-from .block_pool import BlockPool
-from .errors import (
+from ..errors import (
     AgentExistsError,
     AgentKVError,
     CacheReconstructionError,
@@ -34,6 +31,9 @@ from .errors import (
     PoolExhaustedError,
     UnknownAgentError,
 )
+from . import persistence
+from .agents import AgentContext
+from .block_pool import BlockPool
 from .kv_cache_manager import Admission, KVCacheManager
 from .prompts import (
     EncodeJob,

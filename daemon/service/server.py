@@ -30,10 +30,10 @@ import zmq
 from agentkv.client import protocol
 from agentkv.client.protocol import MessageType, ProtocolError
 
+from ..errors import AgentKVError
 from . import admission
 from .admission import FairInbox, Ledger
 from .commands import CLIENT_TTL_S, CommandHandler
-from .errors import AgentKVError
 
 log = logging.getLogger("agentkv.server")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 
-from .errors import CacheReconstructionError
+from ..errors import CacheReconstructionError
 from .spec import LayerKind, ModelCacheSpec
 
 _values_stream = None

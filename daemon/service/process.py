@@ -264,9 +264,9 @@ def _make_engine(opts: DaemonOptions, info: dict, make_store=None):
     """
     from agentkv.storage import CacheStore
 
-    from . import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
-    from .fingerprint import model_fingerprint
-    from .model_factory import default_model_dir, ensure_default_model, load_model
+    from ..engine import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+    from ..engine.fingerprint import model_fingerprint
+    from ..engine.model_factory import default_model_dir, ensure_default_model, load_model
 
     tic = time.perf_counter()
     model, tokenizer = load_model(opts.model or ensure_default_model())

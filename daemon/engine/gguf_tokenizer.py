@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 # llama.cpp's token types.
 _CONTROL = 3
