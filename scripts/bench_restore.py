@@ -88,7 +88,7 @@ from bench_ttft import model_size  # a sibling script: scripts/ is on sys.path
 from mlx_lm.models.cache import KVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.utils import _get_classes
 
-from agentkv.daemon import persistence
+from agentkv.daemon.engine import persistence
 from agentkv.daemon.engine.agents import AgentContext
 from agentkv.daemon.engine.block_pool import BlockPool
 from agentkv.daemon.engine.host_fill import host_view, new_unzeroed

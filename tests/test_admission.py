@@ -9,7 +9,7 @@ import pytest
 
 from agentkv.client import protocol
 from agentkv.client.protocol import MAGIC, ProtocolError
-from agentkv.daemon import admission
+from agentkv.daemon.service import admission
 from agentkv.daemon.service.admission import FairInbox, Ledger
 
 
