@@ -45,6 +45,7 @@ import math
 import operator
 import os
 import re
+import reprlib
 import time
 from dataclasses import dataclass
 
@@ -60,6 +61,11 @@ MAX_TOKENS_PER_MESSAGE = 1 << 20
 # Every request but `submit` fits in this (agent ids are <= 128 characters): a larger one is
 # refused by size, before its fields are looked at.
 MAX_SMALL_REQUEST_BYTES = 64 * 1024
+PEEK_BYTES = 1024  # at most what peek_id decodes: the id's own bytes
+PEEK_ITEMS = 256  # header items peek_id steps over before giving up
+_SHORT_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 48
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = 4
 MAX_AGENTS_PER_PAGE = 128  # rows of one `agents` reply (its `limit` at most)
 MIN_KEY_BYTES = 16  # shorter HMAC keys are refused (an empty file would mean no secret)
 REPLAY_WINDOW_S = 60.0
@@ -246,28 +252,68 @@ def check_size(frames: list[bytes]) -> None:
 def peek_id(frames: list[bytes]):
     """Best effort: the request id in a message's header without checking anything else
     (an oversized or unsigned message's id, so its error can still be matched). Other
-    fields are skipped, not decoded: a 2 MB field costs a scan, not a copy."""
+    fields are stepped over by their length headers, never read or copied: the cost of a
+    refusal does not grow with the message."""
     if len(frames) < 3 or frames[0] != MAGIC:
         return None
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(frames[2]))
+    data = memoryview(frames[2])
     try:
-        unpacker.feed(frames[2])
-        for _ in range(unpacker.read_map_header()):
-            small = _small_key(frames[2], unpacker.tell())
-            key = unpacker.unpack() if small else unpacker.skip()
-            if key != "id":
-                unpacker.skip()  # its value
-                continue
-            rid = unpacker.unpack()
-            return rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
-    except Exception:  # msgpack raises several unrelated types on garbage
-        return None
+        count, pos = _container(data, 0, _MAPS)
+        for _ in range(min(count, PEEK_ITEMS)):
+            if data[pos : pos + 3] == b"\xa2id":  # the fixstr "id"
+                unpacker = msgpack.Unpacker(raw=False, max_buffer_size=PEEK_BYTES)
+                unpacker.feed(data[pos + 3 : pos + 3 + PEEK_BYTES])
+                rid = unpacker.unpack()
+                return rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
+            pos = _skip(data, _skip(data, pos, [PEEK_ITEMS]), [PEEK_ITEMS])
+    except (IndexError, ValueError, msgpack.OutOfData, msgpack.UnpackException):
+        return None  # garbage, or an id not where a peek can find it cheaply
     return None
 
 
-def _small_key(data: bytes, at: int) -> bool:
-    """The map key at `at` is a fixstr (what "id" is): anything else is skipped unread."""
-    return at < len(data) and 0xA0 <= data[at] <= 0xBF
+# msgpack type byte -> (bytes of its length field, bytes before the payload, item multiplier)
+_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}  # bin, str
+_EXT = {0xC7: 1, 0xC8: 2, 0xC9: 4}  # ext: length, then a type byte
+_FIXED = {0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
+_FIXED |= {0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9, 0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18}
+_MAPS = (0x80, 0xDE, 0xDF, 2)
+_ARRAYS = (0x90, 0xDC, 0xDD, 1)
+
+
+def _container(data: memoryview, pos: int, kind: tuple) -> tuple[int, int]:
+    """(items, position of the first) of a map or array at `pos`; ValueError if not one."""
+    fix, b16, b32, per = kind
+    t = data[pos]
+    if fix <= t <= fix + 0x0F:
+        return (t & 0x0F) * per, pos + 1
+    width = 2 if t == b16 else 4 if t == b32 else 0
+    if not width:
+        raise ValueError("not a container")
+    return int.from_bytes(data[pos + 1 : pos + 1 + width], "big") * per, pos + 1 + width
+
+
+def _skip(data: memoryview, pos: int, budget: list[int]) -> int:
+    """The position after the msgpack value at `pos`: strings and binaries are stepped over
+    by their length; containers item by item, at most `budget` items in all."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError("too many items to peek through")
+    t = data[pos]
+    if t <= 0x7F or t >= 0xE0:
+        return pos + 1
+    if 0xA0 <= t <= 0xBF:
+        return pos + 1 + (t & 0x1F)
+    if t in _FIXED:
+        return pos + _FIXED[t]
+    for table, extra in ((_SIZED, 0), (_EXT, 1)):
+        if t in table:
+            w = table[t]
+            return pos + 1 + w + extra + int.from_bytes(data[pos + 1 : pos + 1 + w], "big")
+    kind = _MAPS if t in (0xDE, 0xDF) or 0x80 <= t <= 0x8F else _ARRAYS
+    count, pos = _container(data, pos, kind)
+    for _ in range(count):
+        pos = _skip(data, pos, budget)
+    return pos
 
 
 def reply(request_id, result) -> tuple[MessageType, dict]:
@@ -284,13 +330,23 @@ def error(request_id, code: str, message: str) -> tuple[MessageType, dict]:
     }
 
 
+def shown(value: object, limit: int = 64) -> str:
+    """A peer-supplied value for an error message: a repr whose cost and size are bounded
+    (reprlib cuts long strings and containers: a 2 MB field must not cost a 2 MB repr and a
+    2 MB error reply)."""
+    if isinstance(value, int) and value.bit_length() > 64:  # repr is quadratic in digits
+        return f"<int of {value.bit_length()} bits>"
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def check_agent_id(agent_id) -> str:
     """Validate an agent id at the boundary: 1-128 chars of A-Z a-z 0-9 . _ : @ + -,
     starting with a letter or digit."""
     if not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id):
         raise ProtocolError(
             "invalid_request",
-            f"invalid agent id {agent_id!r}: 1-128 characters from A-Z a-z 0-9 . _ : @ + -, "
+            f"invalid agent id {shown(agent_id)}: 1-128 characters from A-Z a-z 0-9 . _ : @ + -, "
             "starting with a letter or digit",
         )
     return agent_id
@@ -303,7 +359,7 @@ def check_version(version) -> None:
         or len(version) != 2
         or not all(isinstance(v, int) for v in version)
     ):
-        raise ProtocolError("malformed", f"bad protocol version {version!r}")
+        raise ProtocolError("malformed", f"bad protocol version {shown(version)}")
     if version[0] != PROTOCOL_VERSION[0]:
         raise ProtocolError(
             "protocol_mismatch",

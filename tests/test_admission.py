@@ -89,6 +89,10 @@ def test_the_inbox_serves_clients_round_robin_and_steps_first():
 def test_peek_id_skips_large_fields():
     header = msgpack.packb({"agent_id": "x" * (2 * 2**20), 7: 1, "id": 77})
     assert protocol.peek_id([MAGIC, b"stats", header]) == 77
+    first = msgpack.packb({"id": "r5", "agent_id": "x" * (2 * 2**20)})
+    assert protocol.peek_id([MAGIC, b"stats", first]) == "r5"
+    nested = msgpack.packb({"a": [1.5, None, {"b": b"z" * 70_000}], "e": -(2**40), "id": 9})
+    assert protocol.peek_id([MAGIC, b"stats", nested]) == 9
     assert protocol.peek_id([MAGIC, b"stats", msgpack.packb({"id": True})]) is None
     assert protocol.peek_id([MAGIC, b"stats", b"\x91" * 5000]) is None
 
@@ -97,3 +101,21 @@ def test_requests_other_than_submit_are_refused_over_64_kib():
     small = [MAGIC, b"stats", b"x" * (protocol.MAX_SMALL_REQUEST_BYTES + 1)]
     assert _refused(protocol.check_size, small) == "too_large"
     protocol.check_size([MAGIC, b"submit", b"x" * (protocol.MAX_SMALL_REQUEST_BYTES + 1)])
+
+
+def test_peer_values_in_error_messages_are_bounded():
+    """What a peer sent shows in an error message cut short, whatever its size or type."""
+    huge = [
+        "x" * 2_000_000,
+        b"\x00" * 2_000_000,
+        list(range(100_000)),
+        {"role": "b" * 1_000_000},
+        10**5000,
+    ]
+    for value in huge:
+        assert len(protocol.shown(value)) <= 80, type(value)
+    assert protocol.shown("agent-7") == "'agent-7'"
+    assert protocol.shown(42) == "42"
+    with pytest.raises(protocol.ProtocolError) as err:
+        protocol.check_agent_id("y" * 2_000_000)
+    assert len(str(err.value)) < 300

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from agentkv.client.protocol import AGENT_ID_RE
+from agentkv.client.protocol import AGENT_ID_RE, shown
 
 from ..errors import InvalidRequestError
 
@@ -21,8 +21,8 @@ def check_agent_id(agent_id: object) -> str:
     of the punctuation marks. Ids are never used as file paths; this keeps logs and CLIs sane."""
     if not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id):
         raise InvalidRequestError(
-            f"invalid agent id {agent_id!r}: use 1-128 characters from A-Z a-z 0-9 . _ : @ + -, "
-            "starting with a letter or digit"
+            f"invalid agent id {shown(agent_id)}: use 1-128 characters from "
+            "A-Z a-z 0-9 . _ : @ + -, starting with a letter or digit"
         )
     return agent_id
 
@@ -255,7 +255,7 @@ def check_tokens(tokens: object, vocab_size: int, what: str = "tokens") -> list[
             or t < 0
             or (vocab_size and t >= vocab_size)
         ):
-            raise InvalidRequestError(f"{what}: {t!r} is not a token id in [0, {vocab_size})")
+            raise InvalidRequestError(f"{what}: {shown(t)} is not a token id in [0, {vocab_size})")
         out.append(int(t))
     return out
 
@@ -268,7 +268,7 @@ def check_messages(tokenizer, messages: object) -> list[dict]:
     for m in messages:
         ok = isinstance(m, dict) and isinstance(m.get("role"), str)
         if not ok or not isinstance(m.get("content"), str):
-            raise InvalidRequestError(f"bad message {m!r}: needs string 'role' and 'content'")
+            raise InvalidRequestError(f"bad message {shown(m)}: needs string 'role' and 'content'")
         _check_unicode(m["content"], "message content")
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequestError("this model's tokenizer has no chat template; send a prompt")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from agentkv.client.protocol import shown
+
 from ..errors import InvalidRequestError
 
 MAX_SEED = 2**63 - 1
@@ -34,9 +36,11 @@ class SamplingParams:
         _check_number("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         _check_number("min_p", self.min_p, lo=0.0, hi=1.0, hi_open=True)
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise InvalidRequestError(f"top_k must be an integer >= 0, got {shown(self.top_k)}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            raise InvalidRequestError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+            raise InvalidRequestError(
+                f"seed must be an integer in [0, 2**63), got {shown(self.seed)}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -136,7 +140,7 @@ class StepEvent:
 def check_max_tokens(max_tokens: object) -> int:
     """Validate max_tokens: a positive integer."""
     if not _is_int(max_tokens) or max_tokens <= 0:
-        raise InvalidRequestError(f"max_tokens must be an integer > 0, got {max_tokens!r}")
+        raise InvalidRequestError(f"max_tokens must be an integer > 0, got {shown(max_tokens)}")
     return int(max_tokens)
 
 
@@ -159,5 +163,5 @@ def _check_number(
     if not ok:
         lo_b, hi_b = "(" if lo_open else "[", ")" if hi_open else "]"
         raise InvalidRequestError(
-            f"{name} must be a number in {lo_b}{lo}, {hi}{hi_b}, got {value!r}"
+            f"{name} must be a number in {lo_b}{lo}, {hi}{hi_b}, got {shown(value)}"
         )

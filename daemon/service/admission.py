@@ -69,7 +69,9 @@ class Ledger:
         if peer.stalled:
             self._refuse(f"replies to this client are not read ({peer.dropped} dropped)")
         if rid in peer.pending:
-            raise ProtocolError("invalid_request", f"request id {rid!r} is still in flight")
+            raise ProtocolError(
+                "invalid_request", f"request id {protocol.shown(rid)} is still in flight"
+            )
         if len(peer.pending) >= PEER_MAX_PENDING:
             self._refuse(f"this client has {PEER_MAX_PENDING} requests in flight")
         if peer.nbytes + nbytes > PEER_MAX_BYTES:

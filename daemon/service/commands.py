@@ -366,7 +366,9 @@ class CommandHandler:
         if owner is None or owner[0] != identity:
             if _is_int(uid) and self._finished_uncollected(identity, uid):
                 return {"cancelled": False}  # it finished first: the race cancel() documents
-            raise ProtocolError("unknown_request", f"no running request {uid!r} of this client")
+            raise ProtocolError(
+                "unknown_request", f"no running request {protocol.shown(uid)} of this client"
+            )
         return {"cancelled": self.engine.cancel(uid)}
 
     def _finished_uncollected(self, identity: bytes, uid: int) -> bool:
