@@ -22,6 +22,9 @@ from agentkv.client.protocol import (
 def test_defaults_are_the_documented_ones():
     assert TurnOptions(256, 0.0, 1.0, 0, 0.0, None, ()) == SUBMIT_DEFAULTS
     assert not SUBMIT_FIELDS & ENVELOPE_FIELDS
+    # The engine passes its submit arguments in this order (requests.turn_options).
+    order = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop")
+    assert TurnOptions.__slots__ == order
 
 
 def test_a_body_round_trips_through_msgpack():

@@ -252,15 +252,7 @@ class BlockPoolBatchEngine:
         self._check_thread()
         self._check_open()
         check_agent_id(agent_id)
-        options = turn_options(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            seed=seed,
-            stop=stop,
-        )
+        options = turn_options(max_tokens, temperature, top_p, top_k, min_p, seed, stop)
         req = _Request(
             uid=self._next_uid,
             agent_id=agent_id,

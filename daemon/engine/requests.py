@@ -138,13 +138,13 @@ class StepEvent:
     completion: Completion | None = None
 
 
-def turn_options(**options) -> TurnOptions:
-    """A turn's options (max_tokens, sampling, stop) checked by the protocol's schema.
+def turn_options(*args, **kwargs) -> TurnOptions:
+    """A turn's options (TurnOptions' fields, in its order) checked by the protocol's schema.
 
     Raises:
         InvalidRequestError: the first bad option.
     """
     try:
-        return TurnOptions(**options)
+        return TurnOptions(*args, **kwargs)
     except ProtocolError as exc:
         raise InvalidRequestError(str(exc)) from None

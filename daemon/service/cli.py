@@ -29,9 +29,7 @@ from . import cli_stop, cli_store  # noqa: F401 - registers their commands on `m
 from .cli_common import (  # noqa: F401 - parse_size, absolute_endpoint: public here
     EXIT_DEAD_PIDFILE,
     EXIT_NOT_RUNNING,
-    EXIT_STORE_IN_USE,
     EXIT_UNREACHABLE,
-    EXIT_USAGE,
     _hello,
     _out,
     absolute_endpoint,
@@ -42,10 +40,11 @@ from .cli_common import (  # noqa: F401 - parse_size, absolute_endpoint: public 
 from .cli_format import _status_text, _unsaved_text
 from .cli_store import _serving_fingerprint  # noqa: F401 - tests import it from here
 from .process import (
+    EXIT_STORE_IN_USE,
+    EXIT_USAGE,
     BadOptionError,
     DaemonOptions,
     StartError,
-    StoreInUseError,
     check_endpoint,
     listening,
     run_daemon,
@@ -86,7 +85,6 @@ from .runfiles import (
     metavar="SECONDS",
     help="forget a client silent this long with nothing running (and its uncollected events)",
 )
-@click.option("--detached", is_flag=True, hidden=True)  # set by start for its child
 def start(
     socket_,
     store,
@@ -101,7 +99,6 @@ def start(
     block_size,
     cancel_on_shutdown,
     client_ttl,
-    detached,
 ) -> None:
     """Start the daemon (returns once it answers the handshake)."""
     opts = DaemonOptions(
@@ -126,7 +123,7 @@ def start(
         _already(as_json, info, socket_)
         return
     if foreground:
-        _run_foreground(opts, detached=detached)
+        _run_foreground(opts)
         return
     stale = remove_stale(store)  # a daemon killed with -9 left its pidfile
     if stale is not None:
@@ -192,18 +189,12 @@ def _status_unanswering(store: Path, endpoint: str, as_json: bool) -> None:
     sys.exit(EXIT_NOT_RUNNING)
 
 
-def _run_foreground(opts: DaemonOptions, *, detached: bool) -> None:
+def _run_foreground(opts: DaemonOptions) -> None:
     import logging
 
-    if not detached:  # a detached daemon's stderr is its log file already
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         report = run_daemon(opts)
-    except StoreInUseError as exc:
-        if detached:  # the `start` that spawned us waits for the other daemon instead
-            click.echo(f"agentkv: {exc}", err=True)
-            sys.exit(EXIT_STORE_IN_USE)
-        raise click.ClickException(str(exc)) from None
     except BadOptionError as exc:
         raise click.UsageError(str(exc)) from None
     except StartError as exc:
@@ -225,7 +216,7 @@ def _spawn(opts: DaemonOptions, timeout: float, as_json: bool) -> None:
         raise click.ClickException(f"cannot prepare store {opts.store}: {exc}") from None
     with log:
         proc = subprocess.Popen(
-            _child_args(opts),
+            [sys.executable, "-m", "agentkv.daemon.service.process", opts.to_json()],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -254,38 +245,6 @@ def _spawn(opts: DaemonOptions, timeout: float, as_json: bool) -> None:
         time.sleep(0.2)
     proc.kill()
     raise click.ClickException(f"daemon did not answer within {timeout:.0f} s\n{_tail(log_path)}")
-
-
-def _child_args(opts: DaemonOptions) -> list[str]:
-    args = [
-        sys.executable,
-        "-m",
-        "agentkv.daemon.service.cli",
-        "start",
-        "--foreground",
-        "--detached",
-        "--socket",
-        opts.socket,
-        "--store",
-        str(opts.store),
-        "--memory-budget",
-        str(opts.memory_budget),
-        "--block-size",
-        str(opts.block_size),
-        "--client-ttl",
-        str(opts.client_ttl),
-    ]
-    for flag, value in (
-        ("--model", opts.model),
-        ("--disk-budget", opts.disk_budget),
-        ("--pool-blocks", opts.pool_blocks),
-        ("--auth-key", opts.auth_key),
-    ):
-        if value is not None:
-            args += [flag, str(value)]
-    if opts.cancel_on_shutdown:
-        args.append("--cancel-on-shutdown")
-    return args
 
 
 def _other_daemon(store: Path, proc: subprocess.Popen) -> int | None:

@@ -23,8 +23,6 @@ from .runfiles import read_pid, read_state, store_path
 EXIT_DEAD_PIDFILE = 1  # LSB: program is dead and a pidfile exists
 EXIT_NOT_RUNNING = 3
 EXIT_UNREACHABLE = 4
-EXIT_USAGE = 2
-EXIT_STORE_IN_USE = 75  # a detached child tells `start`: another daemon has the store
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
