@@ -42,6 +42,7 @@ unsigned when it was missing or wrong, so a client can tell a key mismatch from 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -505,7 +506,8 @@ class SubmitRequest:
                 _invalid(f"prompt must be text or token ids, got {type(prompt).__name__}")
             prompt = None
         if messages is not None and not isinstance(messages, (str, bytes, dict)):
-            messages = list(messages)
+            with contextlib.suppress(TypeError):  # not iterable: refused as not a list
+                messages = list(messages)
         return cls(agent_id, prompt, tokens, messages, TurnOptions(**options))
 
     @classmethod

@@ -92,3 +92,5 @@ def test_a_prompt_that_is_neither_text_nor_ids_is_refused():
         SubmitRequest.for_turn("a", 5)
     with pytest.raises(ProtocolError, match="messages must be a list"):
         SubmitRequest.for_turn("a", messages={"role": "user", "content": "x"})
+    with pytest.raises(ProtocolError, match="messages must be a list"):
+        SubmitRequest.for_turn("a", messages=7)
