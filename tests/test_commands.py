@@ -25,7 +25,7 @@ from agentkv.daemon.errors import (
     UnknownAgentError,
     UnsupportedModelError,
 )
-from agentkv.daemon.service import commands
+from agentkv.daemon.service import commands, queries
 from agentkv.daemon.service.commands import CommandHandler
 from agentkv.daemon.service.engine_api import Engine
 
@@ -360,7 +360,7 @@ def test_agents_are_paged_by_id(h):
     rest = h.ok(A, MessageType.AGENTS, {"after": page["next"], "limit": 10})
     assert [r["agent_id"] for r in rest["agents"]] == [f"ag{i:02d}" for i in range(4, 10)]
     assert rest["next"] is None
-    for bad in ({"after": 3}, {"limit": 0}, {"limit": commands.AGENTS_PAGE + 1}):
+    for bad in ({"after": 3}, {"limit": 0}, {"limit": queries.AGENTS_PAGE + 1}):
         assert h.code(A, MessageType.AGENTS, bad) == "invalid_request"
 
 
@@ -372,7 +372,7 @@ def test_an_agent_gone_while_listed_is_skipped(h, monkeypatch):
 
 
 def test_inspect_pages_token_ids(h, monkeypatch):
-    monkeypatch.setattr(commands, "INSPECT_PAGE_TOKENS", 4)
+    monkeypatch.setattr(queries, "INSPECT_PAGE_TOKENS", 4)
     h.engine.contexts["a1"] = list(range(10))
     first = h.ok(A, MessageType.INSPECT, {"agent_id": "a1"})
     assert (first["tokens"], first["token_ids"], first["token_offset"]) == (10, [0, 1, 2, 3], 0)

@@ -8,15 +8,12 @@ with nothing to report is parked until something arrives or its timeout passes. 
 that stays silent for `client_ttl` with nothing running is forgotten, with any events it
 never collected.
 
-Per-request work stays small, since it delays every running turn: `agents` is paged (each
-agent only on disk costs an index read), `inspect` reads one agent, and `stats` recounts
-the store's totals at most every STORE_STATS_EVERY_S.
+Per-request work stays small, since it delays every running turn: the requests that
+only read (`agents`, `inspect`, the store's totals) are in `queries`.
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import logging
 import math
 import time
@@ -24,16 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agentkv.client import protocol
-from agentkv.client.protocol import (
-    MAX_TOKENS_PER_MESSAGE,
-    MessageType,
-    ProtocolError,
-    SubmitRequest,
-)
+from agentkv.client.protocol import MessageType, ProtocolError, SubmitRequest
 
-from ..errors import AgentKVError, UnknownAgentError
+from ..errors import AgentKVError
 from .admission import MAX_REPLY_BYTES
 from .engine_api import Engine
+from .queries import StoreTotals, agents_page, info_dict, inspect_page, is_int
 
 log = logging.getLogger("agentkv.commands")
 
@@ -43,19 +36,15 @@ HELD_POLL_S = 0.002  # how often finished turns waiting for their write-back are
 DRAIN_GRACE_S = 2.0  # on shutdown, how long finished turns' events wait for their client
 CLIENT_TTL_S = 300.0  # a silent client with nothing running is forgotten after this
 EXPIRY_EVERY_S = 1.0
-STORE_STATS_EVERY_S = 0.5  # store totals (COUNT/SUM over the index) at most this often
 # Replies stay under admission.MAX_REPLY_BYTES: what a client that does not read can make
 # the daemon hold is counted in replies of at most that size.
 STEP_REPLY_BYTES = MAX_REPLY_BYTES - 64 * 1024  # events one step reply carries at most
-INSPECT_PAGE_TOKENS = 128 * 1024  # token ids of one inspect reply at most (<= 5 bytes each)
 # Turns submitted and not finished (queued or running): bounded per client and in total,
 # in number and in request bytes (the prompt each holds until it is admitted).
 MAX_TURNS_PER_CLIENT = 256
 MAX_TURNS = 4096
 MAX_TURN_BYTES_PER_CLIENT = 32 * 2**20
 MAX_TURN_BYTES = 256 * 2**20
-# Stored-only agents cost an index read each: bounded per request.
-AGENTS_PAGE = protocol.MAX_AGENTS_PER_PAGE
 
 
 @dataclass(slots=True)
@@ -115,9 +104,7 @@ class CommandHandler:
         self._grace_until: float | None = None
         self._next_expiry = time.monotonic() + EXPIRY_EVERY_S
         self._expired = 0
-        self._store_stats: dict | None = None
-        self._store_key: tuple | None = None
-        self._store_at = 0.0
+        self._store_totals = StoreTotals()
         self._handlers = {
             MessageType.SUBMIT: self._submit,
             MessageType.STEP: self._step,
@@ -341,9 +328,9 @@ class CommandHandler:
 
     def _cancel(self, identity: bytes, rid, h: dict) -> dict:
         uid = h.get("uid")
-        owner = self._owner.get(uid) if _is_int(uid) else None
+        owner = self._owner.get(uid) if is_int(uid) else None
         if owner is None or owner[0] != identity:
-            if _is_int(uid) and self._finished_uncollected(identity, uid):
+            if is_int(uid) and self._finished_uncollected(identity, uid):
                 return {"cancelled": False}  # it finished first: the race cancel() documents
             raise ProtocolError("unknown_request", f"no running request {uid!r} of this client")
         return {"cancelled": self.engine.cancel(uid)}
@@ -356,40 +343,17 @@ class CommandHandler:
         return any(i == identity and u == uid for i, u, _, _ in self._held)
 
     def _agents(self, identity: bytes, rid, h: dict) -> dict:
-        """One page of agents, by id; `next` is the `after` of the next page (None: done)."""
-        after = h.get("after")
-        if after is not None and not isinstance(after, str):
-            raise ProtocolError("invalid_request", "after must be an agent id")
-        limit = _count(h, "limit", AGENTS_PAGE, AGENTS_PAGE)
-        ids = sorted(self.engine.agent_ids())
-        i = bisect.bisect_right(ids, after) if after is not None else 0
-        rows = []
-        while i < len(ids) and len(rows) < limit:
-            # UnknownAgentError: listed by the store's index while its delete is queued
-            with contextlib.suppress(UnknownAgentError):
-                rows.append(_info_dict(self.engine.agent_info(ids[i])))
-            i += 1
-        return {"agents": rows, "next": ids[i - 1] if i < len(ids) else None}
+        return agents_page(self.engine, h)
 
     def _inspect(self, identity: bytes, rid, h: dict) -> dict:
-        """One agent; `token_ids` holds up to `token_limit` ids (at most INSPECT_PAGE_TOKENS)
-        from `token_offset` on."""
-        agent_id = protocol.check_agent_id(h.get("agent_id"))
-        offset = _count(h, "token_offset", 0, None, lo=0)
-        limit = _count(h, "token_limit", MAX_TOKENS_PER_MESSAGE, MAX_TOKENS_PER_MESSAGE)
-        limit = min(limit, INSPECT_PAGE_TOKENS)  # the client pages on by `tokens`
-        info, tokens = self.engine.agent_snapshot(agent_id)
-        out = _info_dict(info)
-        out["token_offset"] = offset
-        out["token_ids"] = tokens[offset : offset + limit]
-        return out
+        return inspect_page(self.engine, h)
 
     def _delete(self, identity: bytes, rid, h: dict) -> dict | None:
         """Forget an agent; with a store, answered once the delete is on disk (or failed:
         then an error, and the agent is still stored)."""
         agent_id = protocol.check_agent_id(h.get("agent_id"))
         self.engine.delete_agent(agent_id)
-        self._store_key = None  # the store's totals change once the delete lands
+        self._store_totals.invalidate()  # the store's totals change once the delete lands
         if self.engine.store is None:
             return {"deleted": True, "durable": False}
         self._held_deletes.append((identity, rid, agent_id))
@@ -415,29 +379,16 @@ class CommandHandler:
         src = protocol.check_agent_id(h.get("agent_id"))
         dst = protocol.check_agent_id(h.get("new_agent_id"))
         self.engine.fork_agent(src, dst)
-        return _info_dict(self.engine.agent_info(dst))
+        return info_dict(self.engine.agent_info(dst))
 
     def _stats(self, identity: bytes, rid, h: dict) -> dict:
         stats = self.engine.stats()
         if self.engine.store is not None:
-            stats["store"] = self._cached_store_stats()
+            stats["store"] = self._store_totals.read(self.engine.store)
             stats["unsaved"] = self.engine.unsaved_report()
         stats["clients"] = len(self._clients)
         stats["expired_clients"] = self._expired
         return {**self.info, "uptime_s": round(time.time() - self.started, 3), **stats}
-
-    def _cached_store_stats(self) -> dict:
-        """The store's totals, recounted at most every STORE_STATS_EVERY_S and only when
-        something was written or deleted since (or writes were pending); its counters are
-        always current."""
-        store = self.engine.store
-        key = tuple(store.counters.values())
-        now = time.monotonic()
-        cached = self._store_stats
-        changed = cached is None or key != self._store_key or cached.get("pending")
-        if changed and (cached is None or now - self._store_at >= STORE_STATS_EVERY_S):
-            self._store_stats, self._store_key, self._store_at = store.stats(), key, now
-        return {**self._store_stats, **store.counters}
 
     # -- events ----------------------------------------------------------------------------
 
@@ -567,22 +518,6 @@ def _seconds(h: dict, name: str, default: float, most: float) -> float:
 
 def _new_event(uid: int, agent_id: str) -> dict:
     return {"uid": uid, "agent_id": agent_id, "token_ids": [], "text": ""}
-
-
-def _info_dict(info) -> dict:
-    return {k: getattr(info, k) for k in info.__slots__}
-
-
-def _count(h: dict, name: str, default: int, most: int | None, lo: int = 1) -> int:
-    value = h.get(name, default)
-    if not _is_int(value) or value < lo or (most is not None and value > most):
-        bounds = f"in [{lo}, {most}]" if most is not None else f">= {lo}"
-        raise ProtocolError("invalid_request", f"{name} must be an integer {bounds}")
-    return value
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _code(exc: AgentKVError) -> str:
