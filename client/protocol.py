@@ -52,6 +52,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 import msgpack
 
@@ -411,7 +412,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _invalid(message: str):
+def _invalid(message: str) -> NoReturn:
     raise ProtocolError("invalid_request", message)
 
 
