@@ -33,7 +33,7 @@ from .errors import (
     error_for,
 )
 from .paths import default_socket
-from .protocol import MessageType
+from .protocol import SUBMIT_DEFAULTS, MessageType
 
 MAX_LATE_STEPS = 64  # timed-out steps whose late replies are still taken in
 # Least seconds between step replies: `stream` text in ~20 ms pieces (one round trip per
@@ -185,38 +185,40 @@ class Client:
         prompt: str | Sequence[int] | None = None,
         *,
         messages: Sequence[dict] | None = None,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        seed: int | None = None,
+        max_tokens: int = SUBMIT_DEFAULTS.max_tokens,
+        temperature: float = SUBMIT_DEFAULTS.temperature,
+        top_p: float = SUBMIT_DEFAULTS.top_p,
+        top_k: int = SUBMIT_DEFAULTS.top_k,
+        min_p: float = SUBMIT_DEFAULTS.min_p,
+        seed: int | None = SUBMIT_DEFAULTS.seed,
         stop: str | Sequence[str] | None = None,
     ) -> int:
         """Queue a turn; returns its request id at once.
 
         `prompt` (text, or a list of token ids) is appended to the agent's context;
         `messages` is the whole chat, rendered with the model's chat template (the longest
-        common token prefix with the agent's context is reused).
+        common token prefix with the agent's context is reused). `stop` is one stop string
+        or several. The request is checked here first (`protocol.SubmitRequest`).
+
+        Raises:
+            InvalidRequest: a bad agent id, input or option (here, or by the daemon).
         """
-        body: dict = {
-            "agent_id": agent_id,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "min_p": min_p,
-            "seed": seed,
-        }
-        if isinstance(prompt, str):
-            body["prompt"] = prompt
-        elif prompt is not None:
-            body["tokens"] = list(prompt)
-        if messages is not None:
-            body["messages"] = list(messages)
-        if stop is not None:  # one string is one stop string, not its characters
-            body["stop"] = [stop] if isinstance(stop, str) else list(stop)
-        return self._call(MessageType.SUBMIT, body)["uid"]
+        try:
+            request = protocol.SubmitRequest.for_turn(
+                agent_id,
+                prompt,
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                min_p=min_p,
+                seed=seed,
+                stop=stop,
+            )
+        except protocol.ProtocolError as exc:
+            raise InvalidRequest(str(exc)) from None
+        return self._call(MessageType.SUBMIT, request.to_body())["uid"]
 
     def step(self, timeout: float = 1.0, interval: float = 0.0) -> list[Event]:
         """Events of this client's requests since its last step, waiting up to `timeout`.
@@ -417,10 +419,10 @@ class Client:
 
     def _call_once(self, kind: MessageType, body: dict, wait: float | None):
         rid = next(self._ids)
-        if self._key is not None and kind is not MessageType.HELLO:
-            body = {**body, "session": self._session}
+        session = self._session if self._key is not None and kind is not MessageType.HELLO else None
         try:
-            frames = protocol.encode(kind, {**body, "id": rid}, self._key)
+            header = protocol.request_header(rid, body, session)
+            frames = protocol.encode(kind, header, self._key)
         except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError included
             raise InvalidRequest(f"cannot send this request: {exc}") from None
         size = sum(len(f) for f in frames)

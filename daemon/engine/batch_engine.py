@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from agentkv.client.protocol import SUBMIT_DEFAULTS
 from agentkv.storage import CacheStore, StorageError, StoreWriteError
 
 from ..errors import (
@@ -43,7 +44,7 @@ from .prompts import (
     check_text,
     check_tokens,
 )
-from .requests import Completion, SamplingParams, StepEvent, Usage, check_max_tokens
+from .requests import Completion, SamplingParams, StepEvent, Usage, turn_options
 from .sampling import make_request_sampler
 from .spec import ModelCacheSpec
 
@@ -217,15 +218,15 @@ class BlockPoolBatchEngine:
         self,
         agent_id: str,
         prompt: str | Sequence[int] | None = None,
-        max_tokens: int = 256,
+        max_tokens: int = SUBMIT_DEFAULTS.max_tokens,
         *,
         messages: Sequence[dict] | None = None,
         conversation: Sequence[int] | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        seed: int | None = None,
+        temperature: float = SUBMIT_DEFAULTS.temperature,
+        top_p: float = SUBMIT_DEFAULTS.top_p,
+        top_k: int = SUBMIT_DEFAULTS.top_k,
+        min_p: float = SUBMIT_DEFAULTS.min_p,
+        seed: int | None = SUBMIT_DEFAULTS.seed,
         logits_processors: Sequence[LogitsProcessor] | None = None,
         stop: Sequence[str] | None = None,
     ) -> int:
@@ -251,14 +252,15 @@ class BlockPoolBatchEngine:
         self._check_thread()
         self._check_open()
         check_agent_id(agent_id)
+        options = turn_options(max_tokens, temperature, top_p, top_k, min_p, seed, stop)
         req = _Request(
             uid=self._next_uid,
             agent_id=agent_id,
-            max_tokens=check_max_tokens(max_tokens),
-            params=SamplingParams(temperature, top_p, top_k, min_p, seed),
+            max_tokens=options.max_tokens,
+            params=SamplingParams.of(options),
             processors=_check_processors(logits_processors),
             submitted=time.perf_counter(),
-            stop=_check_stop(stop),
+            stop=options.stop,
         )
         agent = self._agents.get(agent_id) or self._stored_agent(agent_id) or AgentContext(agent_id)
         self._set_input(req, agent, prompt, messages, conversation)
@@ -1030,17 +1032,6 @@ def _apply_stop(req: _Request, delta: str, *, final: bool) -> tuple[str, bool]:
     keep = max((k for s in req.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
     req.held = text[len(text) - keep :]
     return text[: len(text) - keep], False
-
-
-def _check_stop(stop) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    ok = isinstance(stop, Sequence) and len(stop) <= 16
-    if not ok or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop):
-        raise InvalidRequestError("stop must be up to 16 non-empty strings of <= 256 chars")
-    return tuple(stop)
 
 
 def _check_processors(processors) -> list:

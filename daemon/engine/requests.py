@@ -1,15 +1,16 @@
-"""The engine's records: sampling parameters, usage, completions and per-step events."""
+"""The engine's records: sampling parameters, usage, completions and per-step events.
+
+A turn's defaults, limits and checks are the protocol's (`agentkv.client.protocol.
+TurnOptions`): the engine checks its `submit` arguments with them, so a direct caller and
+a client over the wire meet the same rules."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
-from agentkv.client.protocol import shown
+from agentkv.client.protocol import SUBMIT_DEFAULTS, ProtocolError, TurnOptions, check_sampling
 
 from ..errors import InvalidRequestError
-
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(slots=True, frozen=True)
@@ -25,22 +26,22 @@ class SamplingParams:
             not change it); None draws a fresh seed.
     """
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
+    temperature: float = SUBMIT_DEFAULTS.temperature
+    top_p: float = SUBMIT_DEFAULTS.top_p
+    top_k: int = SUBMIT_DEFAULTS.top_k
+    min_p: float = SUBMIT_DEFAULTS.min_p
+    seed: int | None = SUBMIT_DEFAULTS.seed
 
     def __post_init__(self) -> None:
-        _check_number("temperature", self.temperature, lo=0.0)
-        _check_number("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
-        _check_number("min_p", self.min_p, lo=0.0, hi=1.0, hi_open=True)
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be an integer >= 0, got {shown(self.top_k)}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            raise InvalidRequestError(
-                f"seed must be an integer in [0, 2**63), got {shown(self.seed)}"
-            )
+        try:
+            check_sampling(self.temperature, self.top_p, self.top_k, self.min_p, self.seed)
+        except ProtocolError as exc:
+            raise InvalidRequestError(str(exc)) from None
+
+    @classmethod
+    def of(cls, options: TurnOptions) -> SamplingParams:
+        """A turn's sampling parameters from its (checked) options."""
+        return cls(options.temperature, options.top_p, options.top_k, options.min_p, options.seed)
 
     @property
     def greedy(self) -> bool:
@@ -137,31 +138,13 @@ class StepEvent:
     completion: Completion | None = None
 
 
-def check_max_tokens(max_tokens: object) -> int:
-    """Validate max_tokens: a positive integer."""
-    if not _is_int(max_tokens) or max_tokens <= 0:
-        raise InvalidRequestError(f"max_tokens must be an integer > 0, got {shown(max_tokens)}")
-    return int(max_tokens)
+def turn_options(*args, **kwargs) -> TurnOptions:
+    """A turn's options (TurnOptions' fields, in its order) checked by the protocol's schema.
 
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_number(
-    name: str,
-    value: object,
-    *,
-    lo: float,
-    hi: float = math.inf,
-    lo_open: bool = False,
-    hi_open: bool = False,
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        lo_b, hi_b = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise InvalidRequestError(
-            f"{name} must be a number in {lo_b}{lo}, {hi}{hi_b}, got {shown(value)}"
-        )
+    Raises:
+        InvalidRequestError: the first bad option.
+    """
+    try:
+        return TurnOptions(*args, **kwargs)
+    except ProtocolError as exc:
+        raise InvalidRequestError(str(exc)) from None

@@ -8,15 +8,12 @@ with nothing to report is parked until something arrives or its timeout passes. 
 that stays silent for `client_ttl` with nothing running is forgotten, with any events it
 never collected.
 
-Per-request work stays small, since it delays every running turn: `agents` is paged (each
-agent only on disk costs an index read), `inspect` reads one agent, and `stats` recounts
-the store's totals at most every STORE_STATS_EVERY_S.
+Per-request work stays small, since it delays every running turn: the requests that
+only read (`agents`, `inspect`, the store's totals) are in `queries`.
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import logging
 import math
 import time
@@ -24,10 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agentkv.client import protocol
-from agentkv.client.protocol import MAX_TOKENS_PER_MESSAGE, MessageType, ProtocolError
+from agentkv.client.protocol import MessageType, ProtocolError, SubmitRequest
 
-from ..errors import AgentKVError, UnknownAgentError
+from ..errors import AgentKVError
 from .admission import MAX_REPLY_BYTES
+from .engine_api import Engine
+from .queries import StoreTotals, agents_page, info_dict, inspect_page, is_int
 
 log = logging.getLogger("agentkv.commands")
 
@@ -37,36 +36,15 @@ HELD_POLL_S = 0.002  # how often finished turns waiting for their write-back are
 DRAIN_GRACE_S = 2.0  # on shutdown, how long finished turns' events wait for their client
 CLIENT_TTL_S = 300.0  # a silent client with nothing running is forgotten after this
 EXPIRY_EVERY_S = 1.0
-STORE_STATS_EVERY_S = 0.5  # store totals (COUNT/SUM over the index) at most this often
 # Replies stay under admission.MAX_REPLY_BYTES: what a client that does not read can make
 # the daemon hold is counted in replies of at most that size.
 STEP_REPLY_BYTES = MAX_REPLY_BYTES - 64 * 1024  # events one step reply carries at most
-INSPECT_PAGE_TOKENS = 128 * 1024  # token ids of one inspect reply at most (<= 5 bytes each)
 # Turns submitted and not finished (queued or running): bounded per client and in total,
 # in number and in request bytes (the prompt each holds until it is admitted).
 MAX_TURNS_PER_CLIENT = 256
 MAX_TURNS = 4096
 MAX_TURN_BYTES_PER_CLIENT = 32 * 2**20
 MAX_TURN_BYTES = 256 * 2**20
-# Stored-only agents cost an index read each: bounded per request.
-AGENTS_PAGE = protocol.MAX_AGENTS_PER_PAGE
-SUBMIT_FIELDS = {
-    "agent_id",
-    "prompt",
-    "tokens",
-    "messages",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "stop",
-    "id",
-    "nonce",
-    "ts",
-    "session",
-}
 
 
 @dataclass(slots=True)
@@ -85,7 +63,8 @@ class CommandHandler:
     """Runs requests against the engine and routes its events to clients.
 
     Args:
-        engine: the BlockPoolBatchEngine (owned by this thread).
+        engine: the engine (owned by this thread): a BlockPoolBatchEngine, or anything
+            implementing `engine_api.Engine`.
         send: sends (identity, type, header) back through the I/O thread.
         info: static daemon facts for `stats`.
         client_ttl: seconds after which a client that sent nothing and has nothing running
@@ -96,7 +75,7 @@ class CommandHandler:
 
     def __init__(
         self,
-        engine,
+        engine: Engine,
         send: Callable,
         info: dict,
         *,
@@ -125,9 +104,7 @@ class CommandHandler:
         self._grace_until: float | None = None
         self._next_expiry = time.monotonic() + EXPIRY_EVERY_S
         self._expired = 0
-        self._store_stats: dict | None = None
-        self._store_key: tuple | None = None
-        self._store_at = 0.0
+        self._store_totals = StoreTotals()
         self._handlers = {
             MessageType.SUBMIT: self._submit,
             MessageType.STEP: self._step,
@@ -160,23 +137,23 @@ class CommandHandler:
     def handle(self, identity: bytes, msg, nbytes: int = 0) -> bool:
         """Run one request (`nbytes`: its size on the wire); returns True if it asked the
         daemon to shut down."""
-        rid = msg.header.get("id")
+        rid, body = msg.id, msg.body
         client = self._clients.get(identity)
         if client is not None:
             client.seen = time.monotonic()
         try:
             if msg.type is MessageType.SHUTDOWN:
-                if msg.header.get("wait") is True:  # answered once the store is closed
+                if body.get("wait") is True:  # answered once the store is closed
                     self._shutdown_waiters.append((identity, rid))
                 else:
                     self.send(identity, *protocol.reply(rid, {"shutting_down": True}))
-                cancel = self.cancel_on_shutdown or bool(msg.header.get("cancel"))
+                cancel = self.cancel_on_shutdown or bool(body.get("cancel"))
                 self.begin_shutdown(cancel=cancel)
                 return True
             if msg.type is MessageType.SUBMIT:
-                result = self._submit(identity, msg.header, nbytes)
+                result = self._submit(identity, rid, body, nbytes)
             else:
-                result = self._handlers[msg.type](identity, msg.header)
+                result = self._handlers[msg.type](identity, rid, body)
         except ProtocolError as exc:
             self.send(identity, *protocol.error(rid, exc.code, str(exc)))
         except AgentKVError as exc:
@@ -271,27 +248,16 @@ class CommandHandler:
 
     # -- requests --------------------------------------------------------------------------
 
-    def _submit(self, identity: bytes, h: dict, nbytes: int = 0) -> dict:
+    def _submit(self, identity: bytes, rid, body: dict, nbytes: int = 0) -> dict | None:
+        """Queue a turn (checked by the protocol's SubmitRequest, then by the engine)."""
         if self._closing:
             raise ProtocolError("engine_closed", "the daemon is shutting down")
         self._check_room(identity, nbytes)
-        unknown = set(h) - SUBMIT_FIELDS
-        if unknown:
-            raise ProtocolError("invalid_request", f"unknown field(s): {sorted(unknown)}")
-        agent_id = protocol.check_agent_id(h.get("agent_id"))
-        kind, value = _turn_input(h)
-        uid = self.engine.submit(
-            agent_id,
-            None if kind == "messages" else value,
-            max_tokens=h.get("max_tokens", 256),
-            messages=value if kind == "messages" else None,
-            temperature=h.get("temperature", 0.0),
-            top_p=h.get("top_p", 1.0),
-            top_k=h.get("top_k", 0),
-            min_p=h.get("min_p", 0.0),
-            seed=h.get("seed"),
-            stop=h.get("stop"),
-        )
+        request = SubmitRequest.from_body(body)
+        prompt = request.prompt if request.prompt is not None else request.tokens
+        options = request.options.as_dict()
+        uid = self.engine.submit(request.agent_id, prompt, messages=request.messages, **options)
+        agent_id = request.agent_id
         self._owner[uid] = (identity, agent_id)
         client = self._clients.setdefault(identity, _Client())
         client.running += 1
@@ -300,7 +266,7 @@ class CommandHandler:
         self._turn_bytes[uid] = nbytes
         self._turn_total += nbytes
         if self.engine.is_encoding(uid):  # tokenized off this thread: answered when done
-            self._unanswered[uid] = (identity, h.get("id"))
+            self._unanswered[uid] = (identity, rid)
             return None
         return {"uid": uid}
 
@@ -346,7 +312,7 @@ class CommandHandler:
             client.turns -= 1
             client.turn_bytes -= nbytes
 
-    def _step(self, identity: bytes, h: dict) -> None:
+    def _step(self, identity: bytes, rid, h: dict) -> None:
         timeout = _seconds(h, "timeout", 1.0, math.inf)
         interval = _seconds(h, "interval", 0.0, MAX_STEP_INTERVAL_S)
         client = self._clients.get(identity)
@@ -354,17 +320,17 @@ class CommandHandler:
             self._answer_step(identity, client)
         client = self._clients.setdefault(identity, _Client())
         now = time.monotonic()
-        client.parked = (h.get("id"), now + min(timeout, MAX_STEP_WAIT_S))
+        client.parked = (rid, now + min(timeout, MAX_STEP_WAIT_S))
         client.interval = interval
         if timeout == 0 or _due(client, now):
             self._answer_step(identity, client)
         return None
 
-    def _cancel(self, identity: bytes, h: dict) -> dict:
+    def _cancel(self, identity: bytes, rid, h: dict) -> dict:
         uid = h.get("uid")
-        owner = self._owner.get(uid) if _is_int(uid) else None
+        owner = self._owner.get(uid) if is_int(uid) else None
         if owner is None or owner[0] != identity:
-            if _is_int(uid) and self._finished_uncollected(identity, uid):
+            if is_int(uid) and self._finished_uncollected(identity, uid):
                 return {"cancelled": False}  # it finished first: the race cancel() documents
             raise ProtocolError(
                 "unknown_request", f"no running request {protocol.shown(uid)} of this client"
@@ -378,44 +344,21 @@ class CommandHandler:
             return True
         return any(i == identity and u == uid for i, u, _, _ in self._held)
 
-    def _agents(self, identity: bytes, h: dict) -> dict:
-        """One page of agents, by id; `next` is the `after` of the next page (None: done)."""
-        after = h.get("after")
-        if after is not None and not isinstance(after, str):
-            raise ProtocolError("invalid_request", "after must be an agent id")
-        limit = _count(h, "limit", AGENTS_PAGE, AGENTS_PAGE)
-        ids = sorted(self.engine.agent_ids())
-        i = bisect.bisect_right(ids, after) if after is not None else 0
-        rows = []
-        while i < len(ids) and len(rows) < limit:
-            # UnknownAgentError: listed by the store's index while its delete is queued
-            with contextlib.suppress(UnknownAgentError):
-                rows.append(_info_dict(self.engine.agent_info(ids[i])))
-            i += 1
-        return {"agents": rows, "next": ids[i - 1] if i < len(ids) else None}
+    def _agents(self, identity: bytes, rid, h: dict) -> dict:
+        return agents_page(self.engine, h)
 
-    def _inspect(self, identity: bytes, h: dict) -> dict:
-        """One agent; `token_ids` holds up to `token_limit` ids (at most INSPECT_PAGE_TOKENS)
-        from `token_offset` on."""
-        agent_id = protocol.check_agent_id(h.get("agent_id"))
-        offset = _count(h, "token_offset", 0, None, lo=0)
-        limit = _count(h, "token_limit", MAX_TOKENS_PER_MESSAGE, MAX_TOKENS_PER_MESSAGE)
-        limit = min(limit, INSPECT_PAGE_TOKENS)  # the client pages on by `tokens`
-        info, tokens = self.engine.agent_snapshot(agent_id)
-        out = _info_dict(info)
-        out["token_offset"] = offset
-        out["token_ids"] = tokens[offset : offset + limit]
-        return out
+    def _inspect(self, identity: bytes, rid, h: dict) -> dict:
+        return inspect_page(self.engine, h)
 
-    def _delete(self, identity: bytes, h: dict) -> dict | None:
+    def _delete(self, identity: bytes, rid, h: dict) -> dict | None:
         """Forget an agent; with a store, answered once the delete is on disk (or failed:
         then an error, and the agent is still stored)."""
         agent_id = protocol.check_agent_id(h.get("agent_id"))
         self.engine.delete_agent(agent_id)
-        self._store_key = None  # the store's totals change once the delete lands
+        self._store_totals.invalidate()  # the store's totals change once the delete lands
         if self.engine.store is None:
             return {"deleted": True, "durable": False}
-        self._held_deletes.append((identity, h.get("id"), agent_id))
+        self._held_deletes.append((identity, rid, agent_id))
         self._answer_deletes()
         return None
 
@@ -434,33 +377,20 @@ class CommandHandler:
                 self.send(identity, *protocol.error(rid, "store_write", message))
         self._held_deletes = waiting
 
-    def _fork(self, identity: bytes, h: dict) -> dict:
+    def _fork(self, identity: bytes, rid, h: dict) -> dict:
         src = protocol.check_agent_id(h.get("agent_id"))
         dst = protocol.check_agent_id(h.get("new_agent_id"))
         self.engine.fork_agent(src, dst)
-        return _info_dict(self.engine.agent_info(dst))
+        return info_dict(self.engine.agent_info(dst))
 
-    def _stats(self, identity: bytes, h: dict) -> dict:
+    def _stats(self, identity: bytes, rid, h: dict) -> dict:
         stats = self.engine.stats()
         if self.engine.store is not None:
-            stats["store"] = self._cached_store_stats()
+            stats["store"] = self._store_totals.read(self.engine.store)
             stats["unsaved"] = self.engine.unsaved_report()
         stats["clients"] = len(self._clients)
         stats["expired_clients"] = self._expired
         return {**self.info, "uptime_s": round(time.time() - self.started, 3), **stats}
-
-    def _cached_store_stats(self) -> dict:
-        """The store's totals, recounted at most every STORE_STATS_EVERY_S and only when
-        something was written or deleted since (or writes were pending); its counters are
-        always current."""
-        store = self.engine.store
-        key = tuple(store.counters.values())
-        now = time.monotonic()
-        cached = self._store_stats
-        changed = cached is None or key != self._store_key or cached.get("pending")
-        if changed and (cached is None or now - self._store_at >= STORE_STATS_EVERY_S):
-            self._store_stats, self._store_key, self._store_at = store.stats(), key, now
-        return {**self._store_stats, **store.counters}
 
     # -- events ----------------------------------------------------------------------------
 
@@ -549,24 +479,6 @@ class CommandHandler:
             )
 
 
-def _turn_input(h: dict) -> tuple[str, object]:
-    """Which of prompt / tokens / messages the turn gives, type-checked."""
-    given = [k for k in ("prompt", "tokens", "messages") if h.get(k) is not None]
-    if len(given) != 1:
-        raise ProtocolError("invalid_request", "give exactly one of prompt, tokens, messages")
-    kind = given[0]
-    value = h[kind]
-    if kind == "prompt" and not isinstance(value, str):
-        raise ProtocolError("invalid_request", "prompt must be a string (token ids: `tokens`)")
-    if kind in ("tokens", "messages") and not isinstance(value, list):
-        raise ProtocolError("invalid_request", f"{kind} must be a list")
-    if kind == "tokens" and len(value) > MAX_TOKENS_PER_MESSAGE:
-        raise ProtocolError(
-            "invalid_request", f"at most {MAX_TOKENS_PER_MESSAGE} token ids per request"
-        )
-    return kind, value
-
-
 def _take_events(events: dict[int, dict]) -> list[dict]:
     """Remove and return the oldest events that fit one reply (always at least one); the
     rest wait for the next step."""
@@ -608,22 +520,6 @@ def _seconds(h: dict, name: str, default: float, most: float) -> float:
 
 def _new_event(uid: int, agent_id: str) -> dict:
     return {"uid": uid, "agent_id": agent_id, "token_ids": [], "text": ""}
-
-
-def _info_dict(info) -> dict:
-    return {k: getattr(info, k) for k in info.__slots__}
-
-
-def _count(h: dict, name: str, default: int, most: int | None, lo: int = 1) -> int:
-    value = h.get(name, default)
-    if not _is_int(value) or value < lo or (most is not None and value > most):
-        bounds = f"in [{lo}, {most}]" if most is not None else f">= {lo}"
-        raise ProtocolError("invalid_request", f"{name} must be an integer {bounds}")
-    return value
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _code(exc: AgentKVError) -> str:

@@ -1,5 +1,7 @@
 """The daemon process: options, pidfile, logging, the model and the server, run in the
-foreground. `daemonctl start` runs this in a detached child; `--foreground` runs it here.
+foreground. `daemonctl start --foreground` runs it in its own process; plain `start` runs
+it in a detached child, `python -m agentkv.daemon.service.process OPTIONS_JSON`: the
+options travel as `DaemonOptions.to_json()`, whole, and are never parsed as flags again.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -32,6 +35,8 @@ from .runfiles import (
 )
 
 __all__ = [
+    "EXIT_STORE_IN_USE",
+    "EXIT_USAGE",
     "LOGFILE",
     "DaemonOptions",
     "StartError",
@@ -43,6 +48,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("agentkv.daemon")
+
+EXIT_USAGE = 2  # the detached daemon's exit status for an option that cannot work
+EXIT_STORE_IN_USE = 75  # ... and for a store another daemon holds (start waits for that one)
+_PATH_OPTIONS = ("store", "auth_key")  # DaemonOptions fields that are paths
 
 
 @dataclass(slots=True)
@@ -60,6 +69,30 @@ class DaemonOptions:
     cancel_on_shutdown: bool = False
     prefill_step_size: int = 512
     client_ttl: float = 300.0
+
+    def to_json(self) -> str:
+        """Every option as one JSON object (paths as strings)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in _PATH_OPTIONS:
+            if data[name] is not None:
+                data[name] = str(data[name])
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> DaemonOptions:
+        """The options `to_json` wrote.
+
+        Raises:
+            ValueError: not such a JSON object (bad JSON, unknown or missing-typed fields).
+        """
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or not set(data) <= known:
+            raise ValueError(f"not daemon options: {text[:200]!r}")
+        for name in _PATH_OPTIONS:
+            if data.get(name) is not None:
+                data[name] = Path(data[name])
+        return cls(**data)
 
 
 class StartError(Exception):
@@ -389,3 +422,48 @@ def _release_pidfile(run: Path) -> None:
             (run / STATEFILE).unlink(missing_ok=True)
     except (OSError, ValueError):
         pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The detached daemon `daemonctl start` spawns: `python -m agentkv.daemon.service.process
+    OPTIONS_JSON` (`DaemonOptions.to_json()`). Its stderr is the daemon's log, where a
+    failure is one `Error: ...` line.
+
+    Returns:
+        The exit status: 0 stopped with every finished turn on disk; 1 failed, or stopped
+        with agents not durable; EXIT_USAGE bad options; EXIT_STORE_IN_USE the store is
+        another daemon's.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        if len(args) != 1:
+            raise ValueError("usage: python -m agentkv.daemon.service.process OPTIONS_JSON")
+        opts = DaemonOptions.from_json(args[0])
+    except (ValueError, TypeError) as exc:
+        return _fail(f"Error: {exc}", EXIT_USAGE)
+    try:
+        report = run_daemon(opts)
+    except StoreInUseError as exc:
+        return _fail(f"agentkv: {exc}", EXIT_STORE_IN_USE)
+    except BadOptionError as exc:
+        return _fail(f"Error: {exc}", EXIT_USAGE)
+    except StartError as exc:
+        return _fail(f"Error: {exc}", 1)
+    except Exception as exc:
+        return _fail(f"Error: {type(exc).__name__}: {exc}", 1)
+    if report.get("unsaved"):  # supervisors (systemd, ...) see the exit status
+        from .cli_format import _unsaved_text
+
+        return _fail(_unsaved_text(report["unsaved"]), 1)
+    return 0
+
+
+def _fail(message: str, status: int) -> int:
+    print(message, file=sys.stderr, flush=True)
+    return status
+
+
+if __name__ == "__main__":  # run the package's copy of this module, not a second one
+    from agentkv.daemon.service.process import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,264 @@
+"""daemonctl's agent and store commands: inspect, agents, delete (through the daemon, or
+the store itself when no daemon runs on it), verify, gc and rebuild-index."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from pathlib import Path
+
+import click
+
+from agentkv.client import protocol
+
+from .cli_common import _call, _client, _hello, _out, _progress, common, main
+from .cli_format import _detail, _index_damage_line, _rebuild_text, _table, _verify_data
+from .runfiles import read_pid, same_store
+
+
+@main.command()
+@common
+@click.argument("agent", required=False)
+def inspect(socket_, store, as_json, timeout, auth_key, agent) -> None:
+    """A table of agents, or one AGENT in detail."""
+    with _client(socket_, timeout, auth_key) as c:
+        if agent is None:
+            rows = _call(c.agents)
+            _out(as_json, rows, _table(rows))
+        else:
+            row = _call(c.inspect, agent)
+            _out(as_json, row, _detail(row))
+
+
+@main.command()
+@common
+def agents(socket_, store, as_json, timeout, auth_key) -> None:
+    """List agent ids (from the store itself when no daemon runs on it)."""
+    if _daemon_answers(socket_, store, timeout, auth_key):
+        with _client(socket_, timeout, auth_key) as c:
+            ids = [r["agent_id"] for r in _call(c.agents)]
+    else:
+        with _offline_store(store) as cache:
+            ids = cache.agent_ids()
+    _out(as_json, ids, "\n".join(ids))
+
+
+@main.command()
+@common
+@click.argument("agent")
+def delete(socket_, store, as_json, timeout, auth_key, agent) -> None:
+    """Forget AGENT (memory and store; the store itself when no daemon runs on it)."""
+    if _daemon_answers(socket_, store, timeout, auth_key):
+        with _client(socket_, timeout, auth_key) as c:
+            _call(c.delete, agent)
+    else:
+        _delete_offline(store, agent)
+    _out(as_json, {"deleted": agent}, f"deleted {agent}")
+
+
+@main.command()
+@common
+def verify(socket_, store, as_json, timeout, auth_key) -> None:
+    """Check the index (SQLite's integrity check) and every file's checksum (exit 1 if the
+    index is damaged or any file is corrupt)."""
+    from agentkv.storage import StorageError
+    from agentkv.storage.maintenance import verify_store
+
+    try:
+        report = verify_store(_cache_dir(store, index_ok=False), progress=_progress(as_json))
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+    if report.index_error is not None:
+        _out(as_json, _verify_data(report), _index_damage_line(store, report))
+        sys.exit(1)
+    _out(
+        as_json,
+        _verify_data(report),
+        f"checked {report.checked} files ({report.bytes_checked / 2**20:.1f} MiB): "
+        f"{len(report.corrupt)} corrupt" + "".join(f"\n  {p}" for p in report.corrupt),
+    )
+    if report.corrupt:
+        sys.exit(1)
+
+
+@main.command()
+@common
+@click.option(
+    "--dry-run/--no-dry-run",
+    default=True,
+    show_default=True,
+    help="only list what would be removed",
+)
+@click.option(
+    "--keep-model",
+    "keep_model",
+    metavar="FINGERPRINT",
+    default=None,
+    help="the model whose agents and caches to keep; every other model's are removed "
+    "[default: the model of the daemon serving this store; with none, every model's are kept]",
+)
+def gc(socket_, store, as_json, timeout, auth_key, dry_run, keep_model) -> None:
+    """Remove orphan files, unreferenced blocks and other models' caches."""
+    from agentkv.storage import StorageError
+    from agentkv.storage.maintenance import collect_garbage
+
+    fingerprint = keep_model or _serving_fingerprint(socket_, store, auth_key, timeout)
+    if keep_model is not None:
+        _check_model_known(store, keep_model)
+    try:
+        r = collect_garbage(
+            _cache_dir(store), fingerprint, dry_run=dry_run, progress=_progress(as_json)
+        )
+    except StorageError as exc:  # locked, or an index gone or damaged: nothing removed
+        raise click.ClickException(str(exc)) from None
+    data = {
+        "dry_run": r.dry_run,
+        "orphan_files": r.orphan_files,
+        "unreferenced_blocks": r.unreferenced_blocks,
+        "foreign_blocks": r.foreign_blocks,
+        "foreign_agents": r.foreign_agents,
+        "bytes": r.bytes_freed,
+    }
+    verb = "would remove" if dry_run else "removed"
+    _out(
+        as_json,
+        data,
+        f"{verb}: {len(r.orphan_files)} orphan files, "
+        f"{len(r.unreferenced_blocks)} unreferenced blocks, {len(r.foreign_blocks)} blocks and "
+        f"{len(r.foreign_agents)} agents of other models ({r.bytes_freed / 2**20:.1f} MiB)",
+    )
+
+
+@main.command("rebuild-index")
+@common
+@click.option("--dry-run", is_flag=True, help="only report what the new index would hold")
+@click.option("--force", is_flag=True, help="rebuild even a sound index (loses pins)")
+def rebuild_index(socket_, store, as_json, timeout, auth_key, dry_run, force) -> None:
+    """Rebuild the store's index from its block and state files (a lost or damaged
+    index.db); refused while a daemon has the store. Agents whose files hold no token
+    list (written by an older agentkv) are reported lost."""
+    from agentkv.storage import StorageError
+    from agentkv.storage import rebuild_index as rebuild
+
+    path = store / "cache"
+    if not path.is_dir():
+        raise click.ClickException(f"no store at {store}")
+    try:
+        r = rebuild(path, dry_run=dry_run, force=force, progress=_progress(as_json))
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+    _out(as_json, dataclasses.asdict(r), _rebuild_text(r))
+
+
+def _daemon_answers(endpoint: str, store: Path, timeout: float, key) -> bool:
+    """True if a daemon answers on the endpoint; False if none runs on --store either
+    (the store may then be opened directly)."""
+    if _hello(endpoint, key, min(timeout, 2.0)) is not None:
+        return True
+    pid = read_pid(store)
+    if pid is not None:
+        raise click.ClickException(
+            f"agentkv daemon (pid {pid}) has store {store} but does not answer on {endpoint}"
+        )
+    return False
+
+
+@contextlib.contextmanager
+def _offline_store(store: Path):
+    """The store opened directly (its lock taken: refused while a daemon has it)."""
+    from agentkv.storage import CacheStore, StorageError
+
+    try:
+        cache = CacheStore(_cache_dir(store))
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        yield cache
+    except StorageError as exc:  # e.g. a damaged index met by a lookup: one line
+        raise click.ClickException(str(exc)) from None
+    finally:
+        cache.close()
+
+
+def _delete_offline(store: Path, agent: str) -> None:
+    from agentkv.storage import StorageError
+
+    try:
+        protocol.check_agent_id(agent)
+    except protocol.ProtocolError as exc:
+        raise click.ClickException(str(exc)) from None
+    with _offline_store(store) as cache:
+        try:
+            fingerprints = _fingerprints_of(cache, agent)
+            if not fingerprints:
+                raise click.ClickException(f"unknown agent {agent!r}")
+            for fp in fingerprints:  # one agent id may be stored for several models
+                cache.delete_agent(agent, fp)
+            cache.flush()
+        except StorageError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _fingerprints_of(cache, agent: str) -> list[str]:
+    """The models `agent` is stored for, read through the store's own index opener."""
+    from agentkv.storage.schema import open_index
+
+    db = open_index(cache.root / "index.db", read_only=True, immutable=cache.read_only)
+    try:
+        rows = db.execute(
+            "SELECT DISTINCT fingerprint FROM agents WHERE agent_id = ?", (agent,)
+        ).fetchall()
+    finally:
+        db.conn.close()
+    return [r[0] for r in rows]
+
+
+def _cache_dir(store: Path, *, index_ok: bool = True) -> Path:
+    """The store's cache directory. Refused: no store there, or (unless not `index_ok`:
+    the caller reports it) one whose index is gone beside its cache files."""
+    from agentkv.storage import IndexMissingError
+    from agentkv.storage.schema import check_index_present
+
+    path = store / "cache"
+    if not (path / "index.db").exists() and not (path / "blocks").is_dir():
+        raise click.ClickException(f"no store at {store}")
+    try:
+        check_index_present(path)
+    except IndexMissingError as exc:
+        if index_ok:
+            raise click.ClickException(str(exc)) from None
+    return path
+
+
+def _serving_fingerprint(socket_: str, store: Path, key, timeout: float) -> str | None:
+    """The model of the daemon on `socket_`, if it serves this store; else None (gc then
+    keeps every model's agents: which model is "current" is the user's to say)."""
+    info = _hello(socket_, key, min(timeout, 2.0))
+    if not info or not info.get("fingerprint"):
+        return None
+    if not same_store(info, store):
+        return None  # another store's daemon: its model says nothing about this store
+    return info["fingerprint"]
+
+
+def _check_model_known(store: Path, fingerprint: str) -> None:
+    """Refuse a fingerprint the store has never seen (a typo would make every agent
+    another model's, to be removed)."""
+    import sqlite3
+
+    from agentkv.storage import StorageError
+    from agentkv.storage.schema import open_index
+
+    try:
+        db = open_index(_cache_dir(store) / "index.db", read_only=True)
+        try:
+            known = {row[0] for row in db.execute("SELECT fingerprint FROM models")}
+            known |= {row[0] for row in db.execute("SELECT DISTINCT fingerprint FROM agents")}
+        finally:
+            db.conn.close()
+    except (sqlite3.Error, StorageError) as exc:
+        raise click.ClickException(f"cannot read the store's models: {exc}") from None
+    if fingerprint not in known:
+        listed = ", ".join(sorted(k for k in known if isinstance(k, str))) or "none"
+        raise click.ClickException(f"no model {fingerprint!r} in {store} (its models: {listed})")
