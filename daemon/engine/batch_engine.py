@@ -7,10 +7,12 @@ mlx-lm caches, and joins the continuous batch. When it finishes, its cache becom
 agent's blocks again. All of this runs on one thread: the one that owns MLX.
 
 This class is the public facade; the work is done by its parts:
-`scheduler.Scheduler` (queues, admission, the step loop), `agent_registry.AgentRegistry`
-(agents in memory and in the store, restore, write-back, the LRU victim, fork and delete),
+`scheduler.Scheduler` (queues, admission, the step loop), `batch_runner.BatchRunner` (the
+BatchGenerator; finished turns committed), `agent_registry.AgentRegistry` (agents in
+memory and in the store, restore, write-back, the LRU victim, fork and delete),
 `intake.Intake` (a turn's input made token ids), `outputs` (text deltas, stop strings,
-completions) and `kv_cache_manager.KVCacheManager` (the pool's bookkeeping of a turn).
+completions), `turns` (a turn's record and status) and `kv_cache_manager.KVCacheManager`
+(the pool's bookkeeping of a turn).
 """
 
 from __future__ import annotations
