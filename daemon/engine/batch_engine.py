@@ -45,6 +45,16 @@ __all__ = ["AgentInfo", "BlockPoolBatchEngine"]
 
 log = logging.getLogger("agentkv.engine")
 
+# What `stats` counts: turns by how they ended, and caches dropped and restored.
+COUNTERS = (
+    "completed",
+    "cancelled",
+    "errors",
+    "dropped_caches",
+    "restored_agents",
+    "restored_tokens",
+)
+
 
 class BlockPoolBatchEngine:
     """Continuous batching over agents whose caches live in a block pool.
@@ -95,14 +105,7 @@ class BlockPoolBatchEngine:
         self.pool = pool
         self.spec = spec
         self.store = store
-        self.counters = {
-            "completed": 0,
-            "cancelled": 0,
-            "errors": 0,
-            "dropped_caches": 0,
-            "restored_agents": 0,
-            "restored_tokens": 0,
-        }
+        self.counters = dict.fromkeys(COUNTERS, 0)
         self._manager = manager = KVCacheManager(spec, pool)
         self._registry = registry = AgentRegistry(spec, pool, manager, store, self.counters)
         turns = TurnTable(self.counters)
