@@ -427,9 +427,9 @@ def check_sampling(temperature, top_p, top_k, min_p, seed) -> None:
     _check_number("top_p", top_p, 0.0, 1.0, lo_open=True)
     _check_number("min_p", min_p, 0.0, 1.0, hi_open=True)
     if not _is_int(top_k) or top_k < 0:
-        _invalid(f"top_k must be an integer >= 0, got {top_k!r}")
+        _invalid(f"top_k must be an integer >= 0, got {shown(top_k)}")
     if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
-        _invalid(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        _invalid(f"seed must be an integer in [0, 2**63), got {shown(seed)}")
 
 
 def _check_stop(stop) -> tuple[str, ...]:
@@ -451,7 +451,7 @@ def _check_number(name, value, lo, hi=math.inf, lo_open=False, hi_open=False) ->
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
         lo_b, hi_b = "(" if lo_open else "[", ")" if hi_open else "]"
-        _invalid(f"{name} must be a number in {lo_b}{lo}, {hi}{hi_b}, got {value!r}")
+        _invalid(f"{name} must be a number in {lo_b}{lo}, {hi}{hi_b}, got {shown(value)}")
 
 
 def _int_like(value):
@@ -503,7 +503,7 @@ class TurnOptions:
         for name in ("max_tokens", "top_k", "seed"):
             object.__setattr__(self, name, _int_like(getattr(self, name)))
         if not _is_int(self.max_tokens) or self.max_tokens <= 0:
-            _invalid(f"max_tokens must be an integer > 0, got {self.max_tokens!r}")
+            _invalid(f"max_tokens must be an integer > 0, got {shown(self.max_tokens)}")
         check_sampling(self.temperature, self.top_p, self.top_k, self.min_p, self.seed)
         object.__setattr__(self, "stop", _check_stop(self.stop))
 

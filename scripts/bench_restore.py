@@ -89,7 +89,7 @@ from mlx_lm.models.cache import KVCache, load_prompt_cache, make_prompt_cache, s
 from mlx_lm.utils import _get_classes
 
 from agentkv.daemon.engine import persistence
-from agentkv.daemon.engine.agents import AgentContext
+from agentkv.daemon.engine.agents import AgentCache, AgentContext
 from agentkv.daemon.engine.block_pool import BlockPool
 from agentkv.daemon.engine.host_fill import host_view, new_unzeroed
 from agentkv.daemon.engine.kv_blocks import rebuild_caches
@@ -190,6 +190,8 @@ def write_agent(root: Path, spec: ModelCacheSpec, caches: list, tokens: list[int
     manager = KVCacheManager(spec, pool)
     agent = AgentContext(AGENT)
     adm = manager.admit(agent, tokens, max_tokens=1)
+    if adm is None:
+        raise RuntimeError("the pool cannot hold the agent")
     manager.commit(agent, adm, tokens, caches)
     store = CacheStore(root)
     store.register_model(spec.fingerprint, model_id=spec.model_type, block_size=BLOCK_SIZE)
@@ -206,12 +208,13 @@ def agent_files(store: CacheStore, stored: StoredAgent) -> list[Path]:
 
 def restore_ours(spec: ModelCacheSpec, store: CacheStore, stored: StoredAgent, pool) -> list:
     """The engine's restore: files straight into per-layer buffers, wrapped as mlx-lm caches."""
-    agent = AgentContext(AGENT, tokens=list(stored.tokens))
-    got = persistence.restore(spec, pool, store, agent, stored)
+    agent = AgentContext(AGENT, AgentCache(tokens=tuple(stored.tokens)))
+    cache = persistence.restore(spec, pool, store, agent, stored)
+    got = cache.restored if cache is not None else 0
     if got != stored.stored_tokens:
         raise RuntimeError(f"restored {got} of {stored.stored_tokens} tokens")
     return rebuild_caches(
-        spec, [], agent.cached_len, agent.windows, agent.states, full=agent.restored_full
+        spec, [], cache.cached_len, cache.windows, cache.states, full=cache.restored_full
     )
 
 

@@ -206,14 +206,15 @@ def run_sessions(model, tokenizer, spec, sessions: list[list[Turn]], root: Path 
     store = CacheStore(root) if root is not None else None
     engine = make_engine(model, tokenizer, spec, agents, len(sessions), store)
     spent = [0.0]
-    write_back = engine._write_back  # the MLX thread's share of write-back, timed
+    registry = engine._registry
+    write_back = registry.write_back  # the MLX thread's share of write-back, timed
 
     def timed_write_back(agent) -> None:
         tic = time.perf_counter()
         write_back(agent)
         spent[0] += time.perf_counter() - tic
 
-    engine._write_back = timed_write_back  # type: ignore[method-assign]
+    registry.write_back = timed_write_back  # type: ignore[method-assign]
     outputs: list[list[list[int]]] = [[] for _ in range(agents)]
     decode_s = prefill_s = 0.0
     decode_tokens = total = 0

@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm import stream_generate
 from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
 
 from agentkv.daemon import BlockPool, BlockPoolBatchEngine, ModelCacheSpec, SamplingParams
 from agentkv.daemon.engine.sampling import make_request_sampler
@@ -54,6 +55,14 @@ def make_engine(model, tokenizer, *, block_size=16, total_blocks=512, **kw) -> B
 def run_all(engine) -> dict:
     """Drive the engine until idle; completions by uid."""
     return {c.uid: c for c in engine.step()}
+
+
+def prefill_caches(model, tokens: list[int]) -> list:
+    """mlx-lm caches holding exactly `tokens` (what a finished sequence hands back)."""
+    caches = make_prompt_cache(model)
+    model(mx.array([tokens]), cache=caches)
+    mx.eval([c.state for c in caches])
+    return caches
 
 
 def random_tokens(rng: np.random.Generator, n: int, vocab: int) -> list[int]:

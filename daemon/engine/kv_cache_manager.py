@@ -2,19 +2,21 @@
 
 A turn's life: `admit` decides how much of the new context is already cached (the agent's
 own cache, or blocks another agent left under the same chained hashes) and reserves the
-blocks the finished turn may need; `rebuild` copies that prefix into fresh mlx-lm caches;
+blocks the finished turn may need (or, when the pool is short now, changes nothing and
+returns None); `rebuild` copies that prefix into fresh mlx-lm caches;
 `commit` turns the finished sequence's cache into blocks (reusing every block whose hash
-is already in the pool); `abort` gives everything back and leaves the agent as it was.
+is already in the pool) and makes them the agent's new `AgentCache`, replaced whole;
+`abort` gives everything back and leaves the agent as it was.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 
 from ..errors import CacheReconstructionError, PoolExhaustedError
-from .agents import AgentContext
+from .agents import AgentCache, AgentContext, frozen_map
 from .block_pool import BlockPool, KVBlock, chain_hashes, hash_block
 from .kv_blocks import block_payload, rebuild_caches, snapshot_states, snapshot_windows
 from .prompts import common_prefix_len
@@ -58,22 +60,32 @@ class KVCacheManager:
         """Blocks (full ones plus a partial tail) that hold n_tokens."""
         return -(-n_tokens // self.block_size)
 
-    def admit(self, agent: AgentContext, full_tokens: list[int], max_tokens: int) -> Admission:
+    def admit(
+        self, agent: AgentContext, full_tokens: list[int], max_tokens: int
+    ) -> Admission | None:
         """Plan the reuse and reserve the blocks a turn needs.
 
-        Raises:
-            PoolExhaustedError: not enough free blocks now; nothing was changed.
+        Returns:
+            The admission, or None when the pool has too few free blocks for it now
+            (nothing was changed then: the normal "not yet" of a busy pool).
         """
         adm = self._plan(agent, full_tokens)
-        need = self.blocks_for(len(full_tokens) + max_tokens) - len(adm.kept)
+        need = self._need(adm, max_tokens)
+        # Shared blocks idle in the free queue leave it when referenced: they count too.
+        idle = len({b for b in adm.touched if b.ref_cnt == 0})
+        if idle + need > self.pool.num_free:
+            return None
         self.pool.touch(adm.touched)
-        try:
-            self.pool.reserve(need)
-        except PoolExhaustedError:
-            self.pool.free(adm.touched)
-            raise
+        self.pool.reserve(need)
         adm.reserved = need
         return adm
+
+    def refusal(
+        self, agent: AgentContext, full_tokens: list[int], max_tokens: int
+    ) -> PoolExhaustedError:
+        """The error for a turn that `admit` cannot fit even with every idle cache dropped."""
+        need = self._need(self._plan(agent, full_tokens), max_tokens)
+        return PoolExhaustedError(need=need, free=self.pool.num_free, detail="reserve")
 
     def rebuild(self, agent: AgentContext, adm: Admission) -> list | None:
         """Fresh per-layer caches holding the admission's cached prefix (None if empty).
@@ -81,16 +93,16 @@ class KVCacheManager:
         Raises:
             CacheReconstructionError: the stored pieces do not form that prefix.
         """
-        n = adm.cached_len
+        n, cache = adm.cached_len, agent.cache
         if n == 0:
             return None
-        if adm.own_cache and agent.restored_full is not None:
+        if adm.own_cache and cache.restored_full is not None:
             return rebuild_caches(
-                self.spec, [], n, agent.windows, agent.states, full=agent.restored_full
+                self.spec, [], n, cache.windows, cache.states, full=cache.restored_full
             )
         if adm.own_cache:
-            held = agent.held_blocks()[: self.blocks_for(n)]
-            windows, states = agent.windows, agent.states
+            held = cache.held_blocks()[: self.blocks_for(n)]
+            windows, states = cache.windows, cache.states
         else:
             held, windows, states = adm.kept, {}, {}
         payloads = [b.payload for b in held]
@@ -121,14 +133,16 @@ class KVCacheManager:
             raise
         kept = set(adm.kept)
         old = [b for b in agent.held_blocks() if b not in kept]
-        agent.blocks = adm.kept + blocks
-        agent.tail = tail
-        agent.windows = snapshot_windows(self.spec, caches)
-        agent.states = snapshot_states(self.spec, caches, len(tokens))
-        agent.tokens = list(tokens)
-        agent.cached_len = len(tokens)
-        agent.restored_full = None
-        _materialize(blocks, tail, agent)
+        new = AgentCache(
+            tokens=tuple(tokens),
+            blocks=(*adm.kept, *blocks),
+            tail=tail,
+            windows=frozen_map(snapshot_windows(self.spec, caches)),
+            states=frozen_map(snapshot_states(self.spec, caches, len(tokens))),
+            cached_len=len(tokens),
+        )
+        _materialize(blocks, new)
+        agent.cache = new
         adm.touched = []  # now owned by the agent
         self.pool.unreserve(adm.reserved)
         adm.reserved = 0
@@ -139,12 +153,14 @@ class KVCacheManager:
 
         On PoolExhaustedError the agent keeps its buffers.
         """
-        if agent.restored_full is None:
+        before = agent.cache
+        if before.restored_full is None:
             return
-        n, tokens = agent.cached_len, agent.tokens
-        caches = self.rebuild(agent, Admission(tokens[:n], n, own_cache=True))
-        self.commit(agent, Admission(tokens[:n], 0), tokens[:n], caches)
-        agent.tokens = tokens  # a partial restore covers a prefix only
+        prefix = list(before.tokens[: before.cached_len])
+        caches = self.rebuild(agent, Admission(prefix, len(prefix), own_cache=True))
+        self.commit(agent, Admission(prefix, 0), prefix, caches)
+        # A partial restore covers a prefix only; its restored tokens are still unreported.
+        agent.cache = replace(agent.cache, tokens=before.tokens, restored=before.restored)
 
     def check_offsets(self, tokens: list[int], caches: list) -> None:
         """The finished cache must hold exactly the sequence's tokens."""
@@ -165,22 +181,23 @@ class KVCacheManager:
         """Release an idle agent's cache (its tokens stay); returns the blocks released."""
         held = agent.held_blocks()
         self.pool.free(held)
-        agent.blocks, agent.tail = [], None
-        agent.windows, agent.states = {}, {}
-        agent.restored_full = None
-        agent.cached_len = 0
+        agent.cache = agent.cache.without_cache()
         return len(held)
 
     # -- internals -------------------------------------------------------------------------
 
+    def _need(self, adm: Admission, max_tokens: int) -> int:
+        """Blocks to reserve: the finished turn's, less the full blocks it keeps."""
+        return self.blocks_for(len(adm.full_tokens) + max_tokens) - len(adm.kept)
+
     def _plan(self, agent: AgentContext, full: list[int]) -> Admission:
-        bs = self.block_size
-        previous = common_prefix_len(agent.tokens, full)
-        if agent.cached_len > 0:
-            n = min(previous, agent.cached_len, len(full) - 1)
-            if n < agent.cached_len and not self.spec.all_full:
+        bs, cache = self.block_size, agent.cache
+        previous = common_prefix_len(cache.tokens, full)
+        if cache.cached_len > 0:
+            n = min(previous, cache.cached_len, len(full) - 1)
+            if n < cache.cached_len and not self.spec.all_full:
                 n = 0  # windows and recurrent states cannot be rewound
-            adm = Admission(full, n, kept=agent.blocks[: n // bs], own_cache=n > 0)
+            adm = Admission(full, n, kept=list(cache.blocks[: n // bs]), own_cache=n > 0)
         else:
             matched = self._shared_prefix(full)
             n = len(matched) * bs
@@ -250,11 +267,11 @@ class KVCacheManager:
         return existing
 
 
-def _materialize(blocks: list[KVBlock], tail: KVBlock | None, agent: AgentContext) -> None:
+def _materialize(blocks: list[KVBlock], cache: AgentCache) -> None:
     """Evaluate new payloads and snapshots now, so they stop referencing the batch buffers."""
     arrays = []
-    for b in [*blocks, *([tail] if tail is not None else [])]:
+    for b in [*blocks, *([cache.tail] if cache.tail is not None else [])]:
         arrays += [*b.payload.keys, *b.payload.values]
-    arrays += [a for w in agent.windows.values() for a in (w.keys, w.values)]
-    arrays += [a for s in agent.states.values() for a in s.arrays if a is not None]
+    arrays += [a for w in cache.windows.values() for a in (w.keys, w.values)]
+    arrays += [a for s in cache.states.values() for a in s.arrays if a is not None]
     mx.eval(arrays)

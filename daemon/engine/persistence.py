@@ -23,7 +23,7 @@ from agentkv.storage.paths import is_block_hash
 from agentkv.storage.records import BlockRecord, TurnRecord
 from agentkv.storage.tensor_files import DTYPES, TAGS, FileDest, HostTensor, tensor_entries
 
-from .agents import AgentContext
+from .agents import AgentCache, AgentContext, frozen_map
 from .block_pool import BlockPool, chain_hashes
 from .host_fill import host_view, new_unzeroed
 from .kv_blocks import BlockKV, RecurrentState, WindowKV
@@ -71,17 +71,18 @@ def turn_record(
     budget removes unreferenced blocks); the writer then stores the turn's blocks before it
     and no state, and the agent's next turn sends that block's bytes again.
     """
+    cache = agent.cache
     blocks = []
-    for block in agent.blocks:
+    for block in cache.blocks:
         digest = block.block_hash.hex()
         tensors = None if store.has_block(digest) else _payload_tensors(spec, block.payload)
         blocks.append(BlockRecord(digest, block.payload.num_tokens, tensors))
-    state, meta = _state_tensors(spec, agent)
+    state, meta = _state_tensors(spec, cache)
     record = TurnRecord(
         agent.agent_id,
         spec.fingerprint,
-        list(agent.tokens),
-        agent.cached_len,
+        list(cache.tokens),
+        cache.cached_len,
         blocks,
         state,
         meta,
@@ -97,7 +98,7 @@ def restore(
     store: CacheStore,
     agent: AgentContext,
     stored: StoredAgent,
-) -> int:
+) -> AgentCache | None:
     """Load an agent's stored cache straight into its next turn's cache buffers.
 
     Each full-attention layer gets a K and a V buffer for the stored rows, all views of one
@@ -106,7 +107,11 @@ def restore(
     parallel. Rows a failed read leaves undefined are cut off, never used. Blocks still
     pooled (shared with an agent in memory) are copied from memory instead. The buffers
     are the agent's cache until its next commit turns the finished cache into pool
-    blocks. Returns the tokens read from disk.
+    blocks.
+
+    Returns:
+        The agent's restored cache (its `restored`: the tokens read from disk), to replace
+        `agent.cache`; None when nothing could be restored. The agent is not changed.
 
     A missing or corrupt file ends the restore there: the rows before it are kept when every
     layer is full attention, otherwise nothing is (windows and states belong to the whole
@@ -114,18 +119,18 @@ def restore(
     index row naming another block, or blocks cut at another block size): files are
     checked to be what they claim, the list to be this context's.
     """
-    bs = pool.block_size
+    bs, tokens = pool.block_size, agent.cache.tokens
     n_blocks, n = len(stored.block_hashes), stored.stored_tokens
-    if not n_blocks * bs <= n <= len(agent.tokens) or not all(
+    if not n_blocks * bs <= n <= len(tokens) or not all(
         is_block_hash(h) for h in stored.block_hashes
     ):
         if n or n_blocks:
             log.warning("agent %r: stored cache does not match its tokens", agent.agent_id)
-        return 0
+        return None
     stored = _chained_prefix(spec, bs, store, agent, stored)
     n_blocks, n = len(stored.block_hashes), stored.stored_tokens
     if n == 0 or (stored.state_file is None and not spec.all_full):
-        return 0  # windows and recurrent states need the state file (a corrupt one was cut)
+        return None  # windows and recurrent states need the state file (a corrupt one was cut)
     layout, nbytes = _buffer_layout(spec, n)
     # Rows are written here before MLX reads them; no full-attention layer, no buffer.
     blob = new_unzeroed(nbytes) if nbytes else None
@@ -134,23 +139,27 @@ def restore(
     dest_of = _block_dests(layout, host, bs)
     good, from_disk = _fill_blocks(spec, pool, store, stored, views, dest_of)
     if good < n_blocks:
-        return _keep_prefix(spec, agent, _layer_arrays(layout, blob), good * bs, from_disk)
+        return _keep_prefix(spec, tokens, _layer_arrays(layout, blob), good * bs, from_disk)
     try:
         meta, tensors = store.read_state(stored)  # a bad file: counted and moved aside
         if meta.get("holds") == "tokens" and not spec.all_full:
             # The context's tokens alone (its blocks were cut short): no windows or states.
-            return _keep_prefix(spec, agent, _layer_arrays(layout, blob), 0, 0)
+            return None
         tail = _fill_tail(spec, meta, tensors, views, n_blocks * bs, n)
         windows, states = _unpack_state(spec, meta, tensors)
     except (CorruptFileError, KeyError, IndexError, ValueError, TypeError, OverflowError) as exc:
         if not isinstance(exc, CorruptFileError):  # checksum-valid, yet no state of this model
             store.report_corrupt_state(stored, f"not a state of this model: {exc!r}")
         log.warning("agent %r: restore stopped: %s", agent.agent_id, exc)
-        return _keep_prefix(spec, agent, _layer_arrays(layout, blob), n_blocks * bs, from_disk)
-    agent.restored_full = _layer_arrays(layout, blob)
-    agent.windows, agent.states = windows, states
-    agent.cached_len = n
-    return from_disk + tail
+        return _keep_prefix(spec, tokens, _layer_arrays(layout, blob), n_blocks * bs, from_disk)
+    return AgentCache(
+        tokens=tokens,
+        windows=frozen_map(windows),
+        states=frozen_map(states),
+        cached_len=n,
+        restored_full=frozen_map(_layer_arrays(layout, blob)),
+        restored=from_disk + tail,
+    )
 
 
 def _chained_prefix(
@@ -159,7 +168,7 @@ def _chained_prefix(
     """`stored`, cut before the first listed block that is not the chain of the agent's
     tokens at this block size (counted as a corrupt row), with no state file then."""
     listed = stored.block_hashes
-    expected = chain_hashes(agent.tokens[: len(listed) * bs], bs, spec.fingerprint)
+    expected = chain_hashes(agent.cache.tokens[: len(listed) * bs], bs, spec.fingerprint)
     good = next(
         (b for b, (h, want) in enumerate(zip(listed, expected, strict=True)) if h != want.hex()),
         len(listed),
@@ -195,13 +204,14 @@ def _fill_blocks(spec, pool: BlockPool, store: CacheStore, stored: StoredAgent, 
     return good, from_disk
 
 
-def _keep_prefix(spec, agent: AgentContext, buffers: dict, rows: int, from_disk: int) -> int:
+def _keep_prefix(spec, tokens, buffers: dict, rows: int, from_disk: int) -> AgentCache | None:
+    """The cache of the first `rows` restored rows (attention-only models), or None."""
     if not spec.all_full or rows == 0:
-        return 0
-    agent.restored_full = {i: (k[:, :, :rows], v[:, :, :rows]) for i, (k, v) in buffers.items()}
-    agent.windows, agent.states = {}, {}
-    agent.cached_len = rows
-    return from_disk
+        return None
+    full = {i: (k[:, :, :rows], v[:, :, :rows]) for i, (k, v) in buffers.items()}
+    return AgentCache(
+        tokens=tokens, cached_len=rows, restored_full=frozen_map(full), restored=from_disk
+    )
 
 
 def _buffer_layout(spec: ModelCacheSpec, n: int) -> tuple[list[tuple], int]:
@@ -290,17 +300,17 @@ def _payload_tensors(spec: ModelCacheSpec, payload: BlockKV) -> dict[str, HostTe
     return out
 
 
-def _state_tensors(spec, agent: AgentContext) -> tuple[dict[str, HostTensor], dict[str, str]]:
+def _state_tensors(spec, cache: AgentCache) -> tuple[dict[str, HostTensor], dict[str, str]]:
     state: dict[str, HostTensor] = {}
     meta: dict[str, str] = {}
-    if agent.tail is not None:
-        for name, t in _payload_tensors(spec, agent.tail.payload).items():
+    if cache.tail is not None:
+        for name, t in _payload_tensors(spec, cache.tail.payload).items():
             state[f"tail.{name}"] = t
-        meta["tail_tokens"] = str(agent.tail.payload.num_tokens)
-    for i, w in agent.windows.items():
+        meta["tail_tokens"] = str(cache.tail.payload.num_tokens)
+    for i, w in cache.windows.items():
         state[f"win.k.{i}"], state[f"win.v.{i}"] = _host(w.keys), _host(w.values)
         meta[f"win.offset.{i}"] = str(w.offset)
-    for i, s in agent.states.items():
+    for i, s in cache.states.items():
         present = [j for j, a in enumerate(s.arrays) if a is not None]
         for j in present:
             state[f"rec.{i}.{j}"] = _host(s.arrays[j])
