@@ -145,6 +145,27 @@ def main() -> None:
     metavar="SECONDS",
     help="forget a client silent this long with nothing running (and its uncollected events)",
 )
+@click.option(
+    "--world-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="ranks on this machine: the model's heads split over them (mx.distributed)",
+)
+@click.option(
+    "--hosts",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="MLX ring hostfile of every rank (this one is rank 0); instead of --world-size",
+)
+@click.option(
+    "--collective-timeout",
+    type=click.FloatRange(min=1),
+    default=120.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="a rank silent this long stops a distributed daemon",
+)
 @click.option("--detached", is_flag=True, hidden=True)  # set by start for its child
 def start(
     socket_,
@@ -160,6 +181,9 @@ def start(
     block_size,
     cancel_on_shutdown,
     client_ttl,
+    world_size,
+    hosts,
+    collective_timeout,
     detached,
 ) -> None:
     """Start the daemon (returns once it answers the handshake)."""
@@ -174,6 +198,9 @@ def start(
         auth_key=auth_key,
         cancel_on_shutdown=cancel_on_shutdown,
         client_ttl=client_ttl,
+        world_size=world_size,
+        hosts=hosts.resolve() if hosts else None,
+        collective_timeout=collective_timeout,
     )
     try:
         check_endpoint(socket_, auth_key)
@@ -531,6 +558,11 @@ def _child_args(opts: DaemonOptions) -> list[str]:
             args += [flag, str(value)]
     if opts.cancel_on_shutdown:
         args.append("--cancel-on-shutdown")
+    if opts.world_size > 1:
+        args += ["--world-size", str(opts.world_size)]
+    if opts.hosts is not None:
+        args += ["--hosts", str(opts.hosts)]
+    args += ["--collective-timeout", str(opts.collective_timeout)]
     return args
 
 
@@ -904,7 +936,22 @@ def _status_text(s: dict) -> str:
         f"restored {s.get('restored_agents', 0)} agents / {s.get('restored_tokens', 0)} tokens"
         + _durability_text(s)
         + _index_error_line(store)
+        + _ranks_text(s)
     )
+
+
+def _ranks_text(s: dict) -> str:
+    """A distributed daemon's world size and each rank's pool and store use."""
+    dist = s.get("distributed")
+    if not dist:
+        return ""
+    lines = [f"\n  world size {dist.get('world_size')}"]
+    for r in dist.get("ranks", []):
+        lines.append(
+            f"\n    rank {r['rank']}: pool {r['pool_in_use']}/{r['pool_total']} blocks in use, "
+            f"store {r['store_blocks']} blocks, {r['store_bytes'] / 2**20:.1f} MiB"
+        )
+    return "".join(lines)
 
 
 def _durability_text(s: dict) -> str:

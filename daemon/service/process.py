@@ -60,6 +60,9 @@ class DaemonOptions:
     cancel_on_shutdown: bool = False
     prefill_step_size: int = 512
     client_ttl: float = 300.0
+    world_size: int = 1  # ranks on this machine (mx.distributed tensor parallelism)
+    hosts: Path | None = None  # or an MLX ring hostfile naming every rank
+    collective_timeout: float = 120.0  # a rank lost this long stops the daemon
 
 
 class StartError(Exception):
@@ -200,6 +203,9 @@ def run_daemon(opts: DaemonOptions) -> dict:
     run = run_dir(opts.store, create=True)
     lock = _lock_store(opts.store, run)  # before anything else: one daemon per store
     try:
+        from .ranks import check_start
+
+        check_start(opts)  # the world size fits the model and the store
         return _serve(opts, run)
     finally:
         lock.close()  # releases the flock
@@ -225,7 +231,7 @@ def _serve(opts: DaemonOptions, run: Path) -> dict:
     _claim_pidfile(run, info)
     try:
         server = DaemonServer(
-            lambda: _make_engine(opts, info),
+            _engine_factory(opts, info),
             opts.socket,
             info=info,
             auth_key=key,
@@ -311,6 +317,15 @@ def _make_engine(opts: DaemonOptions, info: dict, make_store=None):
         pool.total_blocks,
     )
     return engine
+
+
+def _engine_factory(opts: DaemonOptions, info: dict):
+    """The engine thread's factory: one process, or rank 0 of a distributed group."""
+    if opts.world_size > 1 or opts.hosts:
+        from .ranks import rank_zero_engine
+
+        return lambda: rank_zero_engine(opts, info)
+    return lambda: _make_engine(opts, info)
 
 
 def _model_dir(name: str | None) -> Path | None:

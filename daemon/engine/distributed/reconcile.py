@@ -1,0 +1,77 @@
+"""At start, every rank's store agrees with rank 0's index, or the agent is recomputed.
+
+Rank 0's index is the one truth for agents and their tokens. A rank killed mid-write (or
+a rank 0 that wrote a turn its followers had not written yet) leaves stores that disagree
+about an agent: then every rank keeps rank 0's tokens and forgets that agent's cache, so
+all of them recompute it at its next turn, identically. Agents a follower holds that rank
+0 does not are deleted there. An agent restored from disk is thus restored by every rank
+at the same token count, or by none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from agentkv.storage.records import TurnRecord
+
+from .. import persistence
+
+log = logging.getLogger("agentkv.distributed")
+
+
+def _digest(stored) -> list:
+    """What every rank must agree on for an agent to be restored: its tokens, and how many
+    of them its blocks and state cover."""
+    tokens = hashlib.sha256(repr(stored.tokens).encode()).hexdigest()
+    return [tokens, stored.stored_tokens, len(stored.block_hashes), bool(stored.state_file)]
+
+
+def _rows(engine) -> dict[str, list]:
+    store, fp = engine.store, engine.spec.fingerprint
+    rows = {}
+    for agent_id in store.agent_ids(fp):
+        stored = store.agent(agent_id, fp)
+        if stored is not None:
+            rows[agent_id] = _digest(stored)
+    return rows
+
+
+def reconcile(engine, channel) -> list[str]:
+    """Make every rank's store agree with rank 0's (collective: every rank calls it at
+    start, before any turn). Returns the agents whose caches were dropped."""
+    store, fp = engine.store, engine.spec.fingerprint
+    mine = _rows(engine)
+    if channel.rank == 0:
+        channel.send({"op": "agents", "rows": mine})
+        truth = mine
+    else:
+        truth = channel.receive()["rows"]
+    ids = sorted(truth)
+    differs = channel.any([int(mine.get(a) != truth[a]) for a in ids])
+    bad = [a for a, d in zip(ids, differs, strict=True) if d]
+    tokens = {a: store.agent(a, fp).tokens for a in bad} if channel.rank == 0 else {}
+    if bad:
+        tokens = _share(channel, tokens)
+    layout = persistence.layout_meta(engine.spec, engine.pool.block_size)
+    for agent_id in bad:  # rank 0's tokens, no cache: recomputed on every rank
+        store.delete_agent(agent_id, fp)
+        store.save_turn(TurnRecord(agent_id, fp, list(tokens[agent_id]), 0, layout=layout))
+    for agent_id in sorted(set(mine) - set(truth)):
+        store.delete_agent(agent_id, fp)
+    store.flush()
+    if bad:
+        log.warning(
+            "rank %d: stores disagreed on %d agent(s); recomputing: %s",
+            channel.rank,
+            len(bad),
+            ", ".join(bad[:10]),
+        )
+    return bad
+
+
+def _share(channel, tokens: dict) -> dict:
+    if channel.rank == 0:
+        channel.send({"op": "tokens", "tokens": tokens})
+        return tokens
+    return channel.receive()["tokens"]
