@@ -146,10 +146,12 @@ def follower_args(opts, rank: int, hostfile: Path) -> list[str]:
 
 
 def spawn_local(opts, hostfile: Path, n: int) -> list[subprocess.Popen]:
-    """Start ranks 1..n-1 on this machine; each logs to STORE/rank-R.log."""
+    """Start ranks 1..n-1 on this machine; each logs to STORE/rank-R.log (its pid in
+    STORE/rank-R.pid)."""
     procs = []
+    run = run_dir(opts.store, create=True)
     for rank in range(1, n):
-        with open(run_dir(opts.store, create=True) / f"rank-{rank}.log", "ab") as out:
+        with open(run / f"rank-{rank}.log", "ab") as out:
             procs.append(
                 subprocess.Popen(
                     follower_args(opts, rank, hostfile),
@@ -158,6 +160,7 @@ def spawn_local(opts, hostfile: Path, n: int) -> list[subprocess.Popen]:
                     stderr=out,
                 )
             )
+        (run / f"rank-{rank}.pid").write_text(f"{procs[-1].pid}\n")
     return procs
 
 
@@ -207,8 +210,8 @@ def rank_zero_engine(opts, info: dict):
     n = world_size(opts)
     hostfile = Path(opts.hosts) if opts.hosts else local_hostfile(opts.store, n)
     ready = threading.Event()
-    if not opts.hosts:
-        _watch_start(spawn_local(opts, hostfile, n), ready)
+    procs = [] if opts.hosts else spawn_local(opts, hostfile, n)
+    _watch_start(procs, ready)
     try:
         engine, channel = open_rank(opts, 0, hostfile)
     finally:
@@ -225,7 +228,19 @@ def rank_zero_engine(opts, info: dict):
         load_s=round(time.perf_counter() - tic, 3),
     )
     log.info("rank 0 of %d serving; pool %d blocks per rank", n, pool.total_blocks)
-    return LockstepEngine(engine, channel)
+    return LockstepEngine(engine, channel, after_close=lambda: _reap(opts.store, procs))
+
+
+def _reap(store: Path, procs: list[subprocess.Popen]) -> None:
+    """After the group closed: wait for the local ranks to exit (killed past a minute)."""
+    for rank, p in enumerate(procs, start=1):
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            log.error("rank %d did not exit after closing; killing it", rank)
+            p.kill()
+            p.wait()
+        (run_dir(store) / f"rank-{rank}.pid").unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:

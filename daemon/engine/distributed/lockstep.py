@@ -53,11 +53,13 @@ class LockstepEngine:
     Args:
         engine: rank 0's BlockPoolBatchEngine.
         channel: the group's Channel.
+        after_close: called once every rank closed (rank 0 waits for its local ranks).
     """
 
-    def __init__(self, engine, channel) -> None:
+    def __init__(self, engine, channel, after_close=None) -> None:
         self._engine = engine
         self._channel = channel
+        self._after_close = after_close
         self._sizer = PromptEncoder(engine.tokenizer)
         self._rank_stats = RankStats(engine)
         self._ranks: list[list[int]] = []
@@ -143,6 +145,8 @@ class LockstepEngine:
             self._channel.any([0])  # the followers closed (and flushed) their stores too
         except DistributedError as exc:
             log.error("closing: %s", exc)
+        if self._after_close is not None:
+            self._after_close()
         return report
 
     def stats(self) -> dict:

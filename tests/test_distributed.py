@@ -1,0 +1,146 @@
+"""A daemon over two ranks (mx.distributed, ring backend on 127.0.0.1, ports of its own):
+the tiny llama (4 heads, 2 KV heads) split by heads, run in lockstep.
+
+Exactness is checked against plain mlx-lm on the same sharded model (`dist_ref.py`, run
+as two ranks): a sharded run's logits differ from one process's in the last float32
+digits (all_sum order), so the sharded run is the reference, token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from agentkv.storage.maintenance import verify_store
+
+REF = Path(__file__).with_name("dist_ref.py")
+ARGS = ("--world-size", "2", "--pool-blocks", "64", "--block-size", "16")
+PROMPTS = {
+    "planner": [1, 5, 9, 22, 40, 7, 81, 3],
+    "critic": [1, 77, 12, 4, 150, 9],
+    "writer": [1, 300, 41, 41, 8, 19, 2, 66, 90],
+}
+MAX_TOKENS = 10
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def reference(model_dir: Path, contexts: list[list[int]], tmp: Path) -> list[list[int]]:
+    """Greedy continuations of each context by mlx-lm on the model sharded over 2 ranks."""
+    hostfile, job, out = tmp / "ref-hosts.json", tmp / "ref-job.json", tmp / "ref-out.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
+    job.write_text(
+        json.dumps({"model": str(model_dir), "contexts": contexts, "max_tokens": MAX_TOKENS})
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REF), str(job), str(out)],
+            env={**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs  # mlx.launch would hide a failure
+    return json.loads(out.read_text())
+
+
+def turn(d, client, prompts: dict[str, list[int]]) -> dict:
+    """One greedy turn per agent, submitted together (they batch)."""
+    return d.turns(client, prompts, max_tokens=MAX_TOKENS, temperature=0.0)
+
+
+def follower_pid(d) -> int:
+    return int((d.store / "rank-1.pid").read_text())
+
+
+def test_kv_heads_not_dividing_is_refused_at_start(daemon_factory):
+    d = daemon_factory("llama")
+    proc = d.ctl("start", "--model", str(d.model_dir), "--world-size", "4")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "num_key_value_heads (2) does not divide by the world size 4" in proc.stderr
+    assert not (d.store / "rank-1.log").exists()  # refused before any rank started
+
+
+def test_two_ranks_equal_sharded_mlx_lm_across_turns_and_restart(daemon_factory, tmp_path):
+    d = daemon_factory("llama", args=ARGS)
+    d.start()
+    contexts, outputs = [], []
+    with d.client() as c:
+        first = turn(d, c, PROMPTS)
+        after_first = {a: c.inspect(a)["token_ids"] for a in PROMPTS}
+        second_prompts = {a: [11, 12, 13 + i] for i, a in enumerate(PROMPTS)}
+        second = turn(d, c, second_prompts)
+        after_second = {a: c.inspect(a)["token_ids"] for a in PROMPTS}
+        status = json.loads(d.ctl("status", "--json").stdout)
+    for a, p in PROMPTS.items():
+        assert first[a].usage["cached_tokens"] == 0
+        assert second[a].usage["cached_tokens"] > 0  # multi-turn: the cache was kept
+        contexts += [p, after_first[a] + second_prompts[a]]
+        outputs += [first[a].token_ids, second[a].token_ids]
+    dist = status["distributed"]
+    assert dist["world_size"] == 2 and [r["rank"] for r in dist["ranks"]] == [0, 1]
+    assert all(r["pool_total"] == 64 for r in dist["ranks"])
+
+    assert d.ctl("stop").returncode == 0
+    assert not (d.store / "rank-1.pid").exists()  # rank 0 waited for rank 1 to exit
+    for path in (d.store / "cache", d.store / "rank-1-of-2"):
+        report = verify_store(path)
+        assert report.checked > 0 and not report.corrupt, path
+    d.start()  # the whole group again: each rank restores its own shard from its store
+    third_prompts = {a: [21, 22] for a in PROMPTS}
+    with d.client() as c:
+        third = turn(d, c, third_prompts)
+    for a in PROMPTS:
+        assert third[a].usage["restored_tokens"] > 0, third[a].usage
+        assert third[a].usage["recomputed_tokens"] == 0, third[a].usage
+        contexts.append(after_second[a] + third_prompts[a])
+        outputs.append(third[a].token_ids)
+    assert d.ctl("stop").returncode == 0
+
+    want = reference(d.model_dir, contexts, tmp_path)
+    assert outputs == want
+    distinct = {t for out in outputs for t in out}
+    assert len(distinct) > 20  # a degenerate model (one token forever) would hide bugs
+
+    for n in ("1", "4"):  # the store's shards are of world size 2: never read otherwise
+        proc = d.ctl("start", "--model", str(d.model_dir), "--world-size", n)
+        assert proc.returncode != 0
+        assert "sharded over 2 rank(s)" in proc.stdout + proc.stderr + d.log()
+
+
+def test_lost_rank_stops_the_group_and_restart_resumes_exactly(daemon_factory, tmp_path):
+    d = daemon_factory("llama", args=(*ARGS, "--collective-timeout", "30"))
+    d.start()
+    with d.client() as c:
+        turn(d, c, PROMPTS)
+        after_first = {a: c.inspect(a)["token_ids"] for a in PROMPTS}
+    os.kill(follower_pid(d), signal.SIGKILL)
+    assert d.wait_exit(60), "rank 0 kept running without rank 1"
+    assert "the distributed daemon stops" in d.log()
+    for path in (d.store / "cache", d.store / "rank-1-of-2"):
+        report = verify_store(path)
+        assert report.index_error is None and not report.corrupt, path
+
+    d.start()
+    second_prompts = {a: [31, 32, 33] for a in PROMPTS}
+    with d.client() as c:
+        second = turn(d, c, second_prompts)
+    assert d.ctl("stop").returncode == 0
+    contexts = [after_first[a] + second_prompts[a] for a in PROMPTS]
+    want = reference(d.model_dir, contexts, tmp_path)
+    assert [second[a].token_ids for a in PROMPTS] == want
