@@ -132,9 +132,10 @@ def test_lost_rank_stops_the_group_and_restart_resumes_exactly(daemon_factory, t
     os.kill(follower_pid(d), signal.SIGKILL)
     assert d.wait_exit(60), "rank 0 kept running without rank 1"
     assert "the distributed daemon stops" in d.log()
-    for path in (d.store / "cache", d.store / "rank-1-of-2"):
-        report = verify_store(path)
-        assert report.index_error is None and not report.corrupt, path
+    proc = d.ctl("verify", "--json")  # every rank's store: index sound, checksums match
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rank1 = verify_store(d.store / "rank-1-of-2")
+    assert json.loads(proc.stdout)["checked"] > rank1.checked > 0
 
     d.start()
     second_prompts = {a: [31, 32, 33] for a in PROMPTS}
@@ -144,3 +145,28 @@ def test_lost_rank_stops_the_group_and_restart_resumes_exactly(daemon_factory, t
     contexts = [after_first[a] + second_prompts[a] for a in PROMPTS]
     want = reference(d.model_dir, contexts, tmp_path)
     assert [second[a].token_ids for a in PROMPTS] == want
+
+
+def test_rank_missing_blocks_makes_every_rank_recompute(daemon_factory, tmp_path):
+    d = daemon_factory("llama", args=ARGS)
+    d.start()
+    with d.client() as c:
+        turn(d, c, PROMPTS)
+        after_first = {a: c.inspect(a)["token_ids"] for a in PROMPTS}
+    assert d.ctl("stop").returncode == 0
+    d.start()  # every agent is on disk only now, in both ranks' stores alike
+    removed = list((d.store / "rank-1-of-2").rglob("*.safetensors"))
+    removed = [p for p in removed if "blocks" in p.parts]
+    assert removed
+    for path in removed:  # rank 1 alone loses its blocks (rank 0 still has its own)
+        path.unlink()
+    second_prompts = {a: [41, 42] for a in PROMPTS}
+    with d.client() as c:
+        second = turn(d, c, second_prompts)
+    assert d.ctl("stop").returncode == 0
+    for a in PROMPTS:  # agreed before the restore: nobody restored, all recomputed
+        assert second[a].usage["restored_tokens"] == 0, second[a].usage
+        assert second[a].usage["recomputed_tokens"] > 0, second[a].usage
+    assert "stores disagree" in d.log()
+    contexts = [after_first[a] + second_prompts[a] for a in PROMPTS]
+    assert [second[a].token_ids for a in PROMPTS] == reference(d.model_dir, contexts, tmp_path)

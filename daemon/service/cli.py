@@ -376,8 +376,11 @@ def verify(socket_, store, as_json, timeout, auth_key) -> None:
     from agentkv.storage import StorageError
     from agentkv.storage.maintenance import verify_store
 
+    from .ranks import verify_ranks
+
     try:
         report = verify_store(_cache_dir(store, index_ok=False), progress=_progress(as_json))
+        verify_ranks(store, report, progress=_progress(as_json))  # a distributed daemon's
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
     if report.index_error is not None:

@@ -112,6 +112,26 @@ def local_model_dir(model: str | None) -> Path:
     return path
 
 
+def rank_stores(store: Path) -> list[Path]:
+    """The other ranks' store directories of a distributed daemon's store (rank 0's is
+    STORE/cache, as for one process)."""
+    return sorted(p for p in Path(store).glob("rank-*-of-*") if p.is_dir())
+
+
+def verify_ranks(store: Path, report, progress=None) -> None:
+    """Add every other rank's store to `verify`'s report (a damaged index of one counts
+    as a corrupt entry naming it)."""
+    from agentkv.storage.maintenance import verify_store
+
+    for path in rank_stores(store):
+        r = verify_store(path, progress=progress)
+        report.checked += r.checked
+        report.bytes_checked += r.bytes_checked
+        report.corrupt += r.corrupt
+        if r.index_error is not None:
+            report.corrupt.append(f"{path}: {r.index_error}")
+
+
 def local_hostfile(store: Path, n: int) -> Path:
     """A ring hostfile of `n` ranks on 127.0.0.1, each on a free port of its own (two
     groups on the default ports would connect to each other)."""

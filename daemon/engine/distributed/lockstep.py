@@ -18,6 +18,7 @@ import time
 from ...errors import DistributedError, InvalidRequestError, UnknownAgentError
 from ..prompts import PromptEncoder, encode_turn, render_messages
 from .channel import EXIT_RANK_LOST
+from .reconcile import agree_restore
 
 log = logging.getLogger("agentkv.distributed")
 
@@ -90,6 +91,9 @@ class LockstepEngine:
             raise InvalidRequestError("logits processors cannot be sent to other ranks")
         kw.pop("logits_processors", None)
         prompt, kw = self._pre_encode(agent_id, prompt, kw)
+        if self._on_disk_only(agent_id):  # its turn restores it: every rank alike, or none
+            self._send({"op": "agree", "agent_id": agent_id})
+            self._collective(agree_restore, self._engine, self._channel, agent_id)
         uid = self._engine.submit(agent_id, prompt, max_tokens, **kw)
         args = {k: kw.get(k) for k in _SUBMIT_KEYS} | {"max_tokens": max_tokens}
         args["stop"] = list(args["stop"]) if args["stop"] is not None else None
@@ -177,6 +181,20 @@ class LockstepEngine:
             first = True
         return encode_turn(self._engine.tokenizer, prompt, first_turn=first), kw
 
+    def _on_disk_only(self, agent_id: str) -> bool:
+        if self._engine.store is None:
+            return False
+        try:
+            return self._engine.agent_info(agent_id).state.startswith("on disk")
+        except UnknownAgentError:
+            return False
+
+    def _collective(self, fn, *args):
+        try:
+            return fn(*args)
+        except DistributedError as exc:
+            lost(self._engine, exc)
+
     def _send(self, message: dict) -> None:
         try:
             self._channel.send(message)
@@ -212,6 +230,8 @@ def follow(engine, channel) -> None:
             engine.close()
             channel.any([0])
             return
+        elif op == "agree":
+            agree_restore(engine, channel, msg["agent_id"])
         else:
             _replay(engine, msg)
 

@@ -11,6 +11,7 @@ at the same token count, or by none.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 
 from agentkv.storage.records import TurnRecord
@@ -20,11 +21,17 @@ from .. import persistence
 log = logging.getLogger("agentkv.distributed")
 
 
-def _digest(stored) -> list:
-    """What every rank must agree on for an agent to be restored: its tokens, and how many
-    of them its blocks and state cover."""
+def _digest(store, stored) -> list:
+    """What every rank must agree on for an agent to be restored: its tokens, how many of
+    them its blocks and state cover, and how many of its block files are there."""
     tokens = hashlib.sha256(repr(stored.tokens).encode()).hexdigest()
-    return [tokens, stored.stored_tokens, len(stored.block_hashes), bool(stored.state_file)]
+    present = 0
+    for block_hash in stored.block_hashes:  # a rank restores up to its first missing block
+        if not (store.has_block(block_hash) and store.block_path(block_hash).exists()):
+            break
+        present += 1
+    blocks = len(stored.block_hashes)
+    return [tokens, stored.stored_tokens, blocks, present, bool(stored.state_file)]
 
 
 def _rows(engine) -> dict[str, list]:
@@ -33,8 +40,25 @@ def _rows(engine) -> dict[str, list]:
     for agent_id in store.agent_ids(fp):
         stored = store.agent(agent_id, fp)
         if stored is not None:
-            rows[agent_id] = _digest(stored)
+            rows[agent_id] = _digest(store, stored)
     return rows
+
+
+def agree_restore(engine, channel, agent_id: str) -> bool:
+    """Before a turn of an agent only the store holds (collective: every rank calls it):
+    True if every rank's store holds it alike, so every rank restores the same tokens;
+    else every rank forgets its cache there (keeping its tokens) and all recompute it."""
+    store, fp = engine.store, engine.spec.fingerprint
+    store.flush()  # what the writer still had queued is on disk (or failed) by now
+    stored = store.agent(agent_id, fp)
+    digest = _digest(store, stored) if stored is not None else None
+    if channel.agree(json.dumps(digest).encode()):
+        return True
+    log.warning("rank %d: stores disagree on agent %r; recomputing it", channel.rank, agent_id)
+    if stored is not None:
+        store.drop_cache(agent_id, fp)
+        store.flush()
+    return False
 
 
 def reconcile(engine, channel) -> list[str]:
