@@ -170,3 +170,55 @@ def test_rank_missing_blocks_makes_every_rank_recompute(daemon_factory, tmp_path
     assert "stores disagree" in d.log()
     contexts = [after_first[a] + second_prompts[a] for a in PROMPTS]
     assert [second[a].token_ids for a in PROMPTS] == reference(d.model_dir, contexts, tmp_path)
+
+
+def test_hosts_file_with_a_rank_started_by_hand(daemon_factory, tmp_path):
+    """`--hosts`: rank 0 is the daemon; rank 1 is started on its machine by hand (here
+    the same one) with the same options."""
+    d = daemon_factory("llama")
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "agentkv.daemon.service.ranks", "--rank", "1"]
+        + ["--hosts", str(hostfile), "--store", str(d.store), "--model", str(d.model_dir)]
+        + ["--pool-blocks", "64", "--block-size", "16"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        d.start("--hosts", str(hostfile), "--pool-blocks", "64", "--block-size", "16")
+        with d.client() as c:
+            out = turn(d, c, {"solo": PROMPTS["planner"]})
+            assert c.stats()["distributed"]["world_size"] == 2
+        assert len(out["solo"].token_ids) == MAX_TOKENS
+        assert d.ctl("stop").returncode == 0
+        log = follower.communicate(timeout=60)[0].decode(errors="replace")
+        assert follower.returncode == 0, log
+        assert "rank 1: closed" in log
+    finally:
+        follower.kill()
+
+
+def test_large_text_is_tokenized_on_rank_zero_as_the_engine_would(daemon_factory):
+    """Text over the engine's inline limit (16 KiB) would be tokenized on a worker thread,
+    whose timing differs per rank: rank 0 tokenizes it and sends token ids instead, encoded
+    exactly as the engine encodes a first and a later turn."""
+    from mlx_lm.utils import load_tokenizer
+
+    from agentkv.daemon.engine.prompts import INLINE_ENCODE_BYTES, encode_turn
+
+    d = daemon_factory("llama", args=("--world-size", "2", "--pool-blocks", "512"))
+    d.start("--block-size", "16")
+    text = " garden" * (INLINE_ENCODE_BYTES // 7 + 1)
+    tok = load_tokenizer(d.model_dir)
+    with d.client(timeout=120.0) as c:
+        first = c.generate("long", text, max_tokens=2)
+        after_first = c.inspect("long")["token_ids"]
+        c.generate("long", text, max_tokens=2)
+        after_second = c.inspect("long")["token_ids"]
+    assert d.ctl("stop").returncode == 0
+    as_first = encode_turn(tok, text, first_turn=True)
+    assert after_first[: len(as_first)] == as_first
+    assert first.usage["prompt_tokens"] == len(as_first)
+    later = encode_turn(tok, text, first_turn=False)
+    assert after_second[len(after_first) : len(after_first) + len(later)] == later
