@@ -263,6 +263,15 @@ def _reap(store: Path, procs: list[subprocess.Popen]) -> None:
         (run_dir(store) / f"rank-{rank}.pid").unlink(missing_ok=True)
 
 
+def _size(text: str) -> int:
+    from .cli import parse_size
+
+    try:
+        return parse_size(text)
+    except Exception as exc:  # click's BadParameter: argparse reports its own type errors
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """A follower rank: `python -m agentkv.daemon.service.ranks --rank R --hosts FILE ...`
     with the options rank 0 was started with."""
@@ -271,10 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hosts", type=Path, required=True, help="MLX ring hostfile")
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--model", default=None)
-    p.add_argument("--memory-budget", type=int, default=1 << 30)
+    p.add_argument("--memory-budget", type=_size, default=1 << 30, help="per rank, e.g. 4GiB")
     p.add_argument("--pool-blocks", type=int, default=None)
     p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--disk-budget", type=int, default=None)
+    p.add_argument("--disk-budget", type=_size, default=None)
     p.add_argument("--prefill-step-size", type=int, default=512)
     p.add_argument("--collective-timeout", type=float, default=120.0)
     opts = SimpleNamespace(**vars(p.parse_args(argv)), world_size=None)
