@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agentkv.storage.maintenance import verify_store
 
 REF = Path(__file__).with_name("dist_ref.py")
@@ -222,3 +224,47 @@ def test_large_text_is_tokenized_on_rank_zero_as_the_engine_would(daemon_factory
     assert first.usage["prompt_tokens"] == len(as_first)
     later = encode_turn(tok, text, first_turn=False)
     assert after_second[len(after_first) : len(after_first) + len(later)] == later
+
+
+def test_start_checks_without_starting_anything(tmp_path, model_dirs):
+    """The checks `daemonctl start` makes before any rank starts (no MLX group needed)."""
+    from agentkv.daemon.engine.distributed.build import check_heads, rank_fingerprint
+    from agentkv.daemon.errors import WorldSizeError
+    from agentkv.daemon.service.process import BadOptionError, DaemonOptions, StartError
+    from agentkv.daemon.service.ranks import check_start, read_hostfile
+
+    with pytest.raises(WorldSizeError, match="num_attention_heads \\(6\\)"):
+        check_heads({"num_attention_heads": 6, "num_key_value_heads": 2}, 4)
+    check_heads({"num_attention_heads": 8, "num_key_value_heads": 4}, 4)
+    fps = {rank_fingerprint("ab" * 16, r, n) for n in (1, 2, 4) for r in range(n)}
+    assert len(fps) == 7 and all(len(f) == 32 for f in fps)
+
+    bad = tmp_path / "hosts.json"
+    for text in ("not json", "[]", '[["127.0.0.1:1"]]', '[["a"], [3]]'):
+        bad.write_text(text)
+        with pytest.raises(BadOptionError):
+            read_hostfile(bad)
+
+    store = tmp_path / "store"
+    store.mkdir()
+    opts = DaemonOptions(model=str(model_dirs["llama"]), store=store, world_size=2)
+    check_start(opts)  # a fresh store takes this world size
+    assert json.loads((store / "world.json").read_text()) == {"world_size": 2}
+    with pytest.raises(StartError, match="sharded over 2 rank"):
+        check_start(DaemonOptions(model=str(model_dirs["llama"]), store=store))
+    (store / "world.json").write_text("{")
+    with pytest.raises(StartError, match="damaged"):
+        check_start(opts)
+
+
+def test_status_text_shows_each_rank():
+    from agentkv.daemon.service.cli import _status_text
+
+    ranks = [
+        {"rank": r, "pool_total": 64, "pool_in_use": 3, "pool_cached": 0}
+        | {"store_blocks": 5, "store_bytes": 2**20}
+        for r in range(2)
+    ]
+    text = _status_text({"distributed": {"world_size": 2, "ranks": ranks}})
+    assert "world size 2" in text
+    assert "rank 1: pool 3/64 blocks in use, store 5 blocks, 1.0 MiB" in text
