@@ -268,3 +268,31 @@ def test_status_text_shows_each_rank():
     text = _status_text({"distributed": {"world_size": 2, "ranks": ranks}})
     assert "world size 2" in text
     assert "rank 1: pool 3/64 blocks in use, store 5 blocks, 1.0 MiB" in text
+
+
+def test_a_rank_that_hangs_stops_the_group_at_the_collective_timeout(daemon_factory):
+    """A rank that stops answering without closing its sockets (SIGSTOP): no error comes,
+    so rank 0's watchdog ends it once a collective outlasts --collective-timeout."""
+    d = daemon_factory("llama", args=(*ARGS, "--collective-timeout", "10"))
+    d.start()
+    pid = follower_pid(d)
+    try:
+        with d.client() as c:
+            turn(d, c, {"solo": PROMPTS["planner"]})
+        os.kill(pid, signal.SIGSTOP)
+        assert d.wait_exit(90), "rank 0 hung on a stopped rank"
+        assert "timed out: a rank is lost" in d.log()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGCONT)
+    proc = d.ctl("verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_rank_failing_at_start_fails_the_start(daemon_factory):
+    d = daemon_factory("llama")
+    d.store.mkdir(parents=True)
+    (d.store / "rank-1-of-2").write_text("not a directory")  # rank 1 cannot open its store
+    proc = d.ctl("start", "--model", str(d.model_dir), *ARGS, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert d.ctl("status").returncode != 0

@@ -184,7 +184,7 @@ def spawn_local(opts, hostfile: Path, n: int) -> list[subprocess.Popen]:
     return procs
 
 
-def _watch_start(procs: list[subprocess.Popen], ready: threading.Event) -> None:
+def _watch_start(procs: list[subprocess.Popen], run: Path, ready: threading.Event) -> None:
     """Until the group formed: a local rank that exits would leave rank 0 waiting in
     init forever, so rank 0 ends with it."""
 
@@ -192,13 +192,38 @@ def _watch_start(procs: list[subprocess.Popen], ready: threading.Event) -> None:
         while not ready.wait(0.2):
             for rank, p in enumerate(procs, start=1):
                 if p.poll() is not None:
-                    log.error("rank %d exited with %d before the group formed", rank, p.returncode)
+                    log.error(
+                        "rank %d exited with %d before the group formed; its log ends:\n%s",
+                        rank,
+                        p.returncode,
+                        _tail(run / f"rank-{rank}.log"),
+                    )
                     logging.shutdown()
                     import os
 
                     os._exit(1)
 
     threading.Thread(target=watch, name="agentkv-rank-watch", daemon=True).start()
+
+
+def _local_logs(store: Path, procs: list[subprocess.Popen]) -> str:
+    """The ends of the local ranks' logs that exited (after a few seconds' grace)."""
+    text = ""
+    for rank, p in enumerate(procs, start=1):
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            continue
+        tail = _tail(run_dir(store) / f"rank-{rank}.log", lines=6)
+        text += f"\nrank {rank} exited with {p.returncode}; its log ends:\n{tail}"
+    return text
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(cannot read {path}: {exc.strerror})"
 
 
 def open_rank(opts, rank: int, hostfile: Path):
@@ -225,15 +250,18 @@ def open_rank(opts, rank: int, hostfile: Path):
 def rank_zero_engine(opts, info: dict):
     """The daemon's engine factory (on its engine thread) for a distributed daemon."""
     from ..engine.distributed.lockstep import LockstepEngine
+    from ..errors import DistributedError
 
     tic = time.perf_counter()
     n = world_size(opts)
     hostfile = Path(opts.hosts) if opts.hosts else local_hostfile(opts.store, n)
     ready = threading.Event()
     procs = [] if opts.hosts else spawn_local(opts, hostfile, n)
-    _watch_start(procs, ready)
+    _watch_start(procs, run_dir(opts.store, create=True), ready)
     try:
         engine, channel = open_rank(opts, 0, hostfile)
+    except DistributedError as exc:  # a rank failed while loading: say why, from its log
+        raise DistributedError(f"{exc}{_local_logs(opts.store, procs)}") from exc
     finally:
         ready.set()
     spec, pool = engine.spec, engine.pool
@@ -298,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         follow(engine, channel)
     except DistributedError as exc:
+        lost(engine, exc)
+    except Exception as exc:  # a replayed call failed here but not on rank 0: diverged
+        log.exception("rank %d: replaying rank 0's calls failed", opts.rank)
         lost(engine, exc)
     log.info("rank %d: closed", opts.rank)
 

@@ -91,9 +91,7 @@ class LockstepEngine:
             raise InvalidRequestError("logits processors cannot be sent to other ranks")
         kw.pop("logits_processors", None)
         prompt, kw = self._pre_encode(agent_id, prompt, kw)
-        if self._on_disk_only(agent_id):  # its turn restores it: every rank alike, or none
-            self._send({"op": "agree", "agent_id": agent_id})
-            self._collective(agree_restore, self._engine, self._channel, agent_id)
+        self._agree_if_on_disk(agent_id)
         uid = self._engine.submit(agent_id, prompt, max_tokens, **kw)
         args = {k: kw.get(k) for k in _SUBMIT_KEYS} | {"max_tokens": max_tokens}
         args["stop"] = list(args["stop"]) if args["stop"] is not None else None
@@ -135,6 +133,7 @@ class LockstepEngine:
 
     def fork_agent(self, agent_id: str, new_agent_id: str) -> None:
         """`fork_agent`, on every rank."""
+        self._agree_if_on_disk(agent_id)  # a fork restores its source
         self._engine.fork_agent(agent_id, new_agent_id)
         self._send({"op": "fork", "agent_id": agent_id, "new_agent_id": new_agent_id})
 
@@ -180,6 +179,12 @@ class LockstepEngine:
         except UnknownAgentError:
             first = True
         return encode_turn(self._engine.tokenizer, prompt, first_turn=first), kw
+
+    def _agree_if_on_disk(self, agent_id: str) -> None:
+        """An agent only the store holds is restored next: every rank alike, or none."""
+        if self._on_disk_only(agent_id):
+            self._send({"op": "agree", "agent_id": agent_id})
+            self._collective(agree_restore, self._engine, self._channel, agent_id)
 
     def _on_disk_only(self, agent_id: str) -> bool:
         if self._engine.store is None:
