@@ -104,9 +104,13 @@ def test_two_ranks_equal_sharded_mlx_lm_across_turns_and_restart(daemon_factory,
         report = verify_store(path)
         assert report.checked > 0 and not report.corrupt, path
     d.start()  # the whole group again: each rank restores its own shard from its store
-    third_prompts = {a: [21, 22] for a in PROMPTS}
+    third_prompts = {a: [21, 22] for a in [*PROMPTS, "planner-alt"]}
     with d.client() as c:
+        c.fork("planner", "planner-alt")  # restores its source: agreed by both ranks first
         third = turn(d, c, third_prompts)
+        status = json.loads(d.ctl("status", "--json").stdout)
+    assert third["planner-alt"].token_ids == third["planner"].token_ids
+    assert all(r["store_blocks"] > 0 for r in status["distributed"]["ranks"])
     for a in PROMPTS:
         assert third[a].usage["restored_tokens"] > 0, third[a].usage
         assert third[a].usage["recomputed_tokens"] == 0, third[a].usage

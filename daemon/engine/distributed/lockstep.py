@@ -38,9 +38,12 @@ class RankStats:
         self._store = [0, 0]
         self._at = 0.0
 
-    def vector(self) -> list[int]:
+    def vector(self, fresh: bool = False) -> list[int]:
+        """[pool total, in use, cached, store blocks, store bytes]; the store's totals are
+        re-read when `fresh` or older than STORE_STATS_S."""
         pool = self.engine.pool.stats()
-        if time.monotonic() - self._at > STORE_STATS_S and self.engine.store is not None:
+        stale = fresh or time.monotonic() - self._at > STORE_STATS_S
+        if stale and self.engine.store is not None:
             s = self.engine.store.stats()
             self._store, self._at = [s.get("blocks", 0), s.get("block_bytes", 0)], time.monotonic()
         return [pool.total, pool.in_use, pool.cached, *self._store]
@@ -77,11 +80,12 @@ class LockstepEngine:
             self._beat()
         return self._engine.has_work
 
-    def _beat(self) -> None:
-        """A heartbeat: every rank answers with its pool and store use."""
-        self._send({"op": "beat"})
+    def _beat(self, fresh: bool = False) -> None:
+        """A heartbeat: every rank answers with its pool and store use (`fresh`: with its
+        store's totals read now)."""
+        self._send({"op": "beat", "fresh": fresh})
         try:
-            self._ranks = self._channel.gather(self._rank_stats.vector())
+            self._ranks = self._channel.gather(self._rank_stats.vector(fresh))
         except DistributedError as exc:
             lost(self._engine, exc)
 
@@ -155,7 +159,7 @@ class LockstepEngine:
     def stats(self) -> dict:
         """The engine's stats plus `distributed`: world size and each rank's pool and store."""
         if not self._closed:
-            self._beat()  # each rank's numbers as of now
+            self._beat(fresh=True)  # each rank's numbers as of now
         out = self._engine.stats()
         ranks = [
             dict(zip(("rank", *RANK_FIELDS), (i, *v), strict=True))
@@ -228,7 +232,7 @@ def follow(engine, channel) -> None:
         msg = channel.receive()
         op = msg["op"]
         if op == "beat":
-            channel.gather(stats.vector())
+            channel.gather(stats.vector(msg.get("fresh", False)))
         elif op == "step":
             _replay_step(engine, channel)
         elif op == "close":
