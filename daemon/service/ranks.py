@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -29,7 +30,6 @@ log = logging.getLogger("agentkv.distributed")
 
 WORLD_FILE = "world.json"  # STORE/world.json: the world size the store was written at
 HOSTFILE = "hostfile.json"  # the local ranks' ring hostfile, in the run directory
-EXIT_RANK_LOST = 70
 
 
 class WorldSizeMismatchError(StartError):
@@ -199,8 +199,6 @@ def _watch_start(procs: list[subprocess.Popen], run: Path, ready: threading.Even
                         _tail(run / f"rank-{rank}.log"),
                     )
                     logging.shutdown()
-                    import os
-
                     os._exit(1)
 
     threading.Thread(target=watch, name="agentkv-rank-watch", daemon=True).start()

@@ -52,7 +52,9 @@ class RankStats:
 class LockstepEngine:
     """Rank 0's engine, every state change also sent to the other ranks.
 
-    Reads (`agent_info`, `stats`, `store`, ...) go to rank 0's engine alone.
+    Reads (`agent_info`, `stats`, `store`, ...) go to rank 0's engine alone, as does any
+    attribute not defined here: an engine method that changes state must be added here
+    (and to `_replay`), or the ranks drift apart.
 
     Args:
         engine: rank 0's BlockPoolBatchEngine.
