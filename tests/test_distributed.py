@@ -277,7 +277,7 @@ def test_status_text_shows_each_rank():
 def test_a_rank_that_hangs_stops_the_group_at_the_collective_timeout(daemon_factory):
     """A rank that stops answering without closing its sockets (SIGSTOP): no error comes,
     so rank 0's watchdog ends it once a collective outlasts --collective-timeout."""
-    d = daemon_factory("llama", args=(*ARGS, "--collective-timeout", "10"))
+    d = daemon_factory("llama", args=(*ARGS, "--collective-timeout", "15"))
     d.start()
     pid = follower_pid(d)
     try:

@@ -111,6 +111,8 @@ def build_engine(opts, model_dir: Path, group):
         total_blocks=opts.pool_blocks,
         memory_budget=None if opts.pool_blocks else opts.memory_budget,
     )
+    pool_bytes = pool.total_blocks * pool.bytes_per_block  # as one process does (EXP-006)
+    mx.set_cache_limit(max(mx.set_cache_limit(pool_bytes), pool_bytes))
     store = CacheStore(rank_store_dir(opts.store, rank, n), disk_budget=opts.disk_budget)
     engine = BlockPoolBatchEngine(
         model,
