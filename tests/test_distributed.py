@@ -300,3 +300,18 @@ def test_a_rank_failing_at_start_fails_the_start(daemon_factory):
     proc = d.ctl("start", "--model", str(d.model_dir), *ARGS, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert d.ctl("status").returncode != 0
+
+
+def test_unseeded_sampling_draws_the_same_tokens_on_every_rank(daemon_factory, tmp_path):
+    """A sampled turn without a seed: rank 0 picks the seed, so every rank appends the same
+    tokens to its cache; a later greedy turn equals mlx-lm's run of the whole context."""
+    d = daemon_factory("llama", args=ARGS)
+    d.start()
+    with d.client() as c:
+        sampled = d.turns(c, PROMPTS, max_tokens=MAX_TOKENS, temperature=1.0)
+        after = {a: c.inspect(a)["token_ids"] for a in PROMPTS}
+        greedy = turn(d, c, {a: [51, 52] for a in PROMPTS})
+    assert d.ctl("stop").returncode == 0
+    assert all(sampled[a].finish_reason in ("length", "stop") for a in PROMPTS)
+    contexts = [after[a] + [51, 52] for a in PROMPTS]
+    assert [greedy[a].token_ids for a in PROMPTS] == reference(d.model_dir, contexts, tmp_path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 
 from ...errors import DistributedError, InvalidRequestError, UnknownAgentError
@@ -96,6 +97,9 @@ class LockstepEngine:
         if kw.get("logits_processors"):
             raise InvalidRequestError("logits processors cannot be sent to other ranks")
         kw.pop("logits_processors", None)
+        if kw.get("seed") is None and kw.get("temperature", 0.0) > 0.0:
+            # The engine would draw a seed per rank: every rank must sample the same tokens.
+            kw["seed"] = secrets.randbits(63)
         prompt, kw = self._pre_encode(agent_id, prompt, kw)
         self._agree_if_on_disk(agent_id)
         uid = self._engine.submit(agent_id, prompt, max_tokens, **kw)
