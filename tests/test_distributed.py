@@ -315,3 +315,22 @@ def test_unseeded_sampling_draws_the_same_tokens_on_every_rank(daemon_factory, t
     assert all(sampled[a].finish_reason in ("length", "stop") for a in PROMPTS)
     contexts = [after[a] + [51, 52] for a in PROMPTS]
     assert [greedy[a].token_ids for a in PROMPTS] == reference(d.model_dir, contexts, tmp_path)
+
+
+def test_a_small_pool_drops_and_restores_alike_on_every_rank(daemon_factory, tmp_path):
+    """A pool of 8 blocks of 16 tokens for three agents: admissions drop idle agents'
+    caches (those already on disk first) and restore them later, on every rank alike."""
+    d = daemon_factory("llama", args=("--world-size", "2", "--pool-blocks", "8"))
+    d.start("--block-size", "16")
+    contexts, outputs = [], []
+    with d.client() as c:
+        for k in range(3):
+            prompts = {a: p if k == 0 else [60 + k, 61] for a, p in PROMPTS.items()}
+            before = {a: c.inspect(a)["token_ids"] if k else [] for a in PROMPTS}
+            out = turn(d, c, prompts)
+            contexts += [before[a] + prompts[a] for a in PROMPTS]
+            outputs += [out[a].token_ids for a in PROMPTS]
+        dropped = c.stats()["dropped_caches"]
+    assert d.ctl("stop").returncode == 0
+    assert dropped > 0  # the pool was short: caches were dropped and brought back
+    assert outputs == reference(d.model_dir, contexts, tmp_path)

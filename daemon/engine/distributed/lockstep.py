@@ -11,10 +11,13 @@ scheduling depends on a thread's timing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import time
+
+from agentkv.storage import StoreWriteError
 
 from ...errors import DistributedError, InvalidRequestError, UnknownAgentError
 from ..prompts import PromptEncoder, encode_turn, render_messages
@@ -112,7 +115,7 @@ class LockstepEngine:
         """One batch step on every rank (its forward pass is a collective)."""
         self._send({"op": "step"})
         try:
-            return self._channel.guarded("batch step", self._engine.step_once)
+            return self._channel.guarded("batch step", lambda: _settled_step(self._engine))
         except DistributedError as exc:
             lost(self._engine, exc)
 
@@ -251,9 +254,21 @@ def follow(engine, channel) -> None:
             _replay(engine, msg)
 
 
+def _settled_step(engine) -> list:
+    """`step_once` once this rank's store has applied every queued write: an admission
+    short of pool room drops first the caches already safe on disk (`is_settled`), which
+    must not depend on how fast each rank's writer thread is. So write-back, which
+    overlaps decoding in one process, holds the next batch step here (only while a write
+    is queued: a no-op otherwise)."""
+    if engine.store is not None:
+        with contextlib.suppress(StoreWriteError):  # logged; `unsaved` keeps the agents
+            engine.store.flush()
+    return engine.step_once()
+
+
 def _replay_step(engine, channel) -> None:
     try:
-        channel.guarded("batch step", engine.step_once)
+        channel.guarded("batch step", lambda: _settled_step(engine))
     except DistributedError:
         raise
     except Exception:  # rank 0 met the same error: its server fails the turns
