@@ -11,18 +11,15 @@ scheduling depends on a thread's timing.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
 import time
 
-from agentkv.storage import StoreWriteError
-
 from ...errors import DistributedError, InvalidRequestError, UnknownAgentError
 from ..prompts import PromptEncoder, encode_turn, render_messages
 from .channel import EXIT_RANK_LOST
-from .reconcile import agree_restore
+from .reconcile import agree_restore, settle
 
 log = logging.getLogger("agentkv.distributed")
 
@@ -261,8 +258,7 @@ def _settled_step(engine) -> list:
     overlaps decoding in one process, holds the next batch step here (only while a write
     is queued: a no-op otherwise)."""
     if engine.store is not None:
-        with contextlib.suppress(StoreWriteError):  # logged; `unsaved` keeps the agents
-            engine.store.flush()
+        settle(engine.store)
     return engine.step_once()
 
 
@@ -285,7 +281,7 @@ def _replay(engine, msg: dict) -> None:
     elif op == "delete":
         engine.delete_agent(msg["agent_id"])
     elif op == "finish_delete":
-        engine.store.flush()
+        settle(engine.store)
         _same(engine.finish_delete(msg["agent_id"]) is None, msg["ok"], "delete outcome")
     elif op == "fork":
         engine.fork_agent(msg["agent_id"], msg["new_agent_id"])

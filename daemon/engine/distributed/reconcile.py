@@ -10,15 +10,24 @@ at the same token count, or by none.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 
+from agentkv.storage import StoreWriteError
 from agentkv.storage.records import TurnRecord
 
 from .. import persistence
 
 log = logging.getLogger("agentkv.distributed")
+
+
+def settle(store) -> None:
+    """Wait until the store applied every queued write; a failed write is logged and its
+    agent kept as `unsaved` by the store, so it is no reason to stop here."""
+    with contextlib.suppress(StoreWriteError):
+        store.flush()
 
 
 def _digest(store, stored) -> list:
@@ -49,7 +58,7 @@ def agree_restore(engine, channel, agent_id: str) -> bool:
     True if every rank's store holds it alike, so every rank restores the same tokens;
     else every rank forgets its cache there (keeping its tokens) and all recompute it."""
     store, fp = engine.store, engine.spec.fingerprint
-    store.flush()  # what the writer still had queued is on disk (or failed) by now
+    settle(store)  # what the writer still had queued is on disk (or failed) by now
     stored = store.agent(agent_id, fp)
     digest = _digest(store, stored) if stored is not None else None
     if channel.agree(json.dumps(digest).encode()):
@@ -57,7 +66,7 @@ def agree_restore(engine, channel, agent_id: str) -> bool:
     log.warning("rank %d: stores disagree on agent %r; recomputing it", channel.rank, agent_id)
     if stored is not None:
         store.drop_cache(agent_id, fp)
-        store.flush()
+        settle(store)
     return False
 
 
@@ -83,7 +92,7 @@ def reconcile(engine, channel) -> list[str]:
         store.save_turn(TurnRecord(agent_id, fp, list(tokens[agent_id]), 0, layout=layout))
     for agent_id in sorted(set(mine) - set(truth)):
         store.delete_agent(agent_id, fp)
-    store.flush()
+    settle(store)
     if bad:
         log.warning(
             "rank %d: stores disagreed on %d agent(s); recomputing: %s",
