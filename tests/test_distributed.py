@@ -334,3 +334,24 @@ def test_a_small_pool_drops_and_restores_alike_on_every_rank(daemon_factory, tmp
     assert d.ctl("stop").returncode == 0
     assert dropped > 0  # the pool was short: caches were dropped and brought back
     assert outputs == reference(d.model_dir, contexts, tmp_path)
+
+
+def test_ranks_started_with_other_options_are_refused(daemon_factory, tmp_path):
+    d = daemon_factory("llama")
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(2)]))
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "agentkv.daemon.service.ranks", "--rank", "1"]
+        + ["--hosts", str(hostfile), "--store", str(d.store), "--model", str(d.model_dir)]
+        + ["--pool-blocks", "32", "--block-size", "16"],  # rank 0 gets 64 blocks
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        proc = d.ctl("start", "--model", str(d.model_dir), "--hosts", str(hostfile), *ARGS[2:])
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "the ranks differ in model files or options" in proc.stderr
+        follower.communicate(timeout=60)
+        assert follower.returncode != 0
+    finally:
+        follower.kill()

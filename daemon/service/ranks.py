@@ -239,10 +239,36 @@ def open_rank(opts, rank: int, hostfile: Path):
     watchdog.arm("joining the group", opts.collective_timeout)
     group = init_group(n, rank, hostfile)
     watchdog.disarm()
-    engine = build_engine(opts, local_model_dir(opts.model), group)
+    model_dir = local_model_dir(opts.model)
+    engine = build_engine(opts, model_dir, group)
     channel = Channel(group, watchdog, timeout=opts.collective_timeout)
+    _check_alike(engine, channel, opts, model_dir)
     reconcile(engine, channel)
     return engine, channel
+
+
+def _check_alike(engine, channel, opts, model_dir: Path) -> None:
+    """Every rank must run the same model files with the same pool and steps, or their
+    schedules part at the first turn (ranks on other machines are started by hand).
+
+    Raises:
+        DistributedError: naming this rank's values.
+    """
+    from ..engine.fingerprint import model_fingerprint
+    from ..errors import DistributedError
+
+    mine = {
+        "model": model_fingerprint(model_dir),
+        "pool_blocks": engine.pool.total_blocks,
+        "block_size": engine.pool.block_size,
+        "prefill_step_size": opts.prefill_step_size,
+    }
+    if not channel.agree(json.dumps(mine, sort_keys=True).encode()):
+        raise DistributedError(
+            f"the ranks differ in model files or options (rank {channel.rank} has {mine}): "
+            "start every rank with the same model and --memory-budget/--pool-blocks, "
+            "--block-size and --prefill-step-size"
+        )
 
 
 def rank_zero_engine(opts, info: dict):
