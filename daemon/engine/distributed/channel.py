@@ -1,7 +1,8 @@
 """Rank 0's decisions to every rank, over mx.distributed collectives, with a watchdog.
 
-Every message is two `all_sum`s (a length, then the msgpack bytes; the other ranks add
-zeros), so every rank issues the same collectives in the same order. A collective on a
+Every message is an `all_sum` of a fixed-size head (its length and first bytes) and, if
+longer, one of the rest (msgpack bytes; the other ranks add zeros), so every rank issues
+the same collectives in the same order. A collective on a
 dead peer either raises (the ring backend notices a closed socket) or blocks; the watchdog
 ends the process with one log line when a collective outlasts its timeout, so a lost rank
 never leaves the daemon hanging.
@@ -25,6 +26,7 @@ from ...errors import DistributedError
 log = logging.getLogger("agentkv.distributed")
 
 EXIT_RANK_LOST = 70  # the process exit status when the group broke (EX_SOFTWARE)
+HEAD_BYTES = 256  # a message's first collective: its length and (most often) all of it
 
 
 class Watchdog:
@@ -127,15 +129,23 @@ class Channel:
             self.watchdog.disarm()
 
     def _exchange(self, data: bytes, wait: float) -> bytes:
-        head = [len(data)] if self.rank == 0 else [0]
-        n = int(self._sum(mx.array(head, dtype=mx.int32), "message length", wait).item())
-        if n == 0:
-            return b""
+        """One all-sum of HEAD_BYTES (4 bytes of length, then the start of the message),
+        and a second only for what does not fit: most messages (a step, a beat, a cancel)
+        cost one collective."""
+        room = HEAD_BYTES - 4
+        head = np.zeros(HEAD_BYTES, np.uint8)
         if self.rank == 0:
-            body = mx.array(np.frombuffer(data, np.uint8))
+            head[:4] = np.frombuffer(len(data).to_bytes(4, "little"), np.uint8)
+            head[4 : 4 + min(len(data), room)] = np.frombuffer(data[:room], np.uint8)
+        got = np.array(self._sum(mx.array(head), "message", wait))
+        n = int.from_bytes(got[:4].tobytes(), "little")
+        if n <= room:
+            return got[4 : 4 + n].tobytes()
+        if self.rank == 0:
+            tail = mx.array(np.frombuffer(data[room:], np.uint8))
         else:
-            body = mx.zeros((n,), mx.uint8)
-        return bytes(memoryview(self._sum(body, "message")))
+            tail = mx.zeros((n - room,), mx.uint8)
+        return got[4:].tobytes() + bytes(memoryview(self._sum(tail, "message")))
 
     def _sum(self, x: mx.array, what: str, wait: float | None = None) -> mx.array:
         return self._run(lambda: mx.distributed.all_sum(x, **self._on), what, wait)
