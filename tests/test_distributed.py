@@ -98,6 +98,8 @@ def test_two_ranks_equal_sharded_mlx_lm_across_turns_and_restart(daemon_factory,
     assert dist["world_size"] == 2 and [r["rank"] for r in dist["ranks"]] == [0, 1]
     assert all(r["pool_total"] == 64 for r in dist["ranks"])
 
+    table = d.ctl("inspect").stdout
+    assert "planner" in table and "world size 2" in table and "rank 1: pool" in table
     assert d.ctl("stop").returncode == 0
     assert not (d.store / "rank-1.pid").exists()  # rank 0 waited for rank 1 to exit
     for path in (d.store / "cache", d.store / "rank-1-of-2"):

@@ -336,7 +336,8 @@ def inspect(socket_, store, as_json, timeout, auth_key, agent) -> None:
     with _client(socket_, timeout, auth_key) as c:
         if agent is None:
             rows = _call(c.agents)
-            _out(as_json, rows, _table(rows))
+            ranks = "" if as_json else _ranks_text(_call(c.stats))  # a distributed daemon's
+            _out(as_json, rows, _table(rows) + ranks)
         else:
             row = _call(c.inspect, agent)
             _out(as_json, row, _detail(row))
