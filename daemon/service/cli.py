@@ -562,11 +562,10 @@ def _child_args(opts: DaemonOptions) -> list[str]:
             args += [flag, str(value)]
     if opts.cancel_on_shutdown:
         args.append("--cancel-on-shutdown")
-    if opts.world_size > 1:
+    if opts.world_size > 1 or opts.hosts is not None:  # a distributed daemon's options
         args += ["--world-size", str(opts.world_size)]
-    if opts.hosts is not None:
-        args += ["--hosts", str(opts.hosts)]
-    args += ["--collective-timeout", str(opts.collective_timeout)]
+        args += ["--collective-timeout", str(opts.collective_timeout)]
+        args += ["--hosts", str(opts.hosts)] if opts.hosts is not None else []
     return args
 
 

@@ -82,8 +82,12 @@ def check_start(opts) -> None:
         check_heads(json.loads((model_dir / "config.json").read_text()), n)
     except WorldSizeError as exc:
         raise BadOptionError(str(exc)) from None
-    if not (Path(opts.store) / WORLD_FILE).exists():
-        (Path(opts.store) / WORLD_FILE).write_text(json.dumps({"world_size": n}))
+    marker = Path(opts.store) / WORLD_FILE
+    if not marker.exists():
+        try:
+            marker.write_text(json.dumps({"world_size": n}))
+        except OSError as exc:
+            raise StartError(f"cannot write {marker}: {exc.strerror}") from None
 
 
 def _written_world(store: Path) -> int | None:
