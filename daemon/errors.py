@@ -73,3 +73,13 @@ class EngineClosedError(AgentKVError):
     """The engine was closed; it accepts no more work."""
 
     code = "engine_closed"
+
+
+class DistributedError(AgentKVError):
+    """The ranks of a distributed daemon cannot work together: a rank was lost, a
+    collective timed out, or a rank's replay of rank 0's calls disagreed with it."""
+
+
+class WorldSizeError(DistributedError, ValueError):
+    """The model cannot be split over this many ranks (its attention or KV heads do not
+    divide by the world size), or the store was written at another world size."""

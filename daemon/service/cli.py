@@ -85,6 +85,27 @@ from .runfiles import (
     metavar="SECONDS",
     help="forget a client silent this long with nothing running (and its uncollected events)",
 )
+@click.option(
+    "--world-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="ranks on this machine: the model's heads split over them (mx.distributed)",
+)
+@click.option(
+    "--hosts",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="MLX ring hostfile of every rank (this one is rank 0); instead of --world-size",
+)
+@click.option(
+    "--collective-timeout",
+    type=click.FloatRange(min=1),
+    default=120.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="a rank silent this long stops a distributed daemon",
+)
 def start(
     socket_,
     store,
@@ -99,6 +120,9 @@ def start(
     block_size,
     cancel_on_shutdown,
     client_ttl,
+    world_size,
+    hosts,
+    collective_timeout,
 ) -> None:
     """Start the daemon (returns once it answers the handshake)."""
     opts = DaemonOptions(
@@ -112,6 +136,9 @@ def start(
         auth_key=auth_key,
         cancel_on_shutdown=cancel_on_shutdown,
         client_ttl=client_ttl,
+        world_size=world_size,
+        hosts=hosts.resolve() if hosts else None,
+        collective_timeout=collective_timeout,
     )
     try:
         check_endpoint(socket_, auth_key)

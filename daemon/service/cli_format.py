@@ -31,7 +31,22 @@ def _status_text(s: dict) -> str:
         f"restored {s.get('restored_agents', 0)} agents / {s.get('restored_tokens', 0)} tokens"
         + _durability_text(s)
         + _index_error_line(store)
+        + _ranks_text(s)
     )
+
+
+def _ranks_text(s: dict) -> str:
+    """A distributed daemon's world size and each rank's pool and store use."""
+    dist = s.get("distributed")
+    if not dist:
+        return ""
+    lines = [f"\n  world size {dist.get('world_size')}"]
+    for r in dist.get("ranks", []):
+        lines.append(
+            f"\n    rank {r['rank']}: pool {r['pool_in_use']}/{r['pool_total']} blocks in use, "
+            f"store {r['store_blocks']} blocks, {r['store_bytes'] / 2**20:.1f} MiB"
+        )
+    return "".join(lines)
 
 
 def _durability_text(s: dict) -> str:

@@ -13,7 +13,14 @@ import click
 from agentkv.client import protocol
 
 from .cli_common import _call, _client, _hello, _out, _progress, common, main
-from .cli_format import _detail, _index_damage_line, _rebuild_text, _table, _verify_data
+from .cli_format import (
+    _detail,
+    _index_damage_line,
+    _ranks_text,
+    _rebuild_text,
+    _table,
+    _verify_data,
+)
 from .runfiles import read_pid, same_store
 
 
@@ -25,7 +32,8 @@ def inspect(socket_, store, as_json, timeout, auth_key, agent) -> None:
     with _client(socket_, timeout, auth_key) as c:
         if agent is None:
             rows = _call(c.agents)
-            _out(as_json, rows, _table(rows))
+            ranks = "" if as_json else _ranks_text(_call(c.stats))  # a distributed daemon's
+            _out(as_json, rows, _table(rows) + ranks)
         else:
             row = _call(c.inspect, agent)
             _out(as_json, row, _detail(row))
@@ -65,8 +73,11 @@ def verify(socket_, store, as_json, timeout, auth_key) -> None:
     from agentkv.storage import StorageError
     from agentkv.storage.maintenance import verify_store
 
+    from .ranks import verify_ranks
+
     try:
         report = verify_store(_cache_dir(store, index_ok=False), progress=_progress(as_json))
+        verify_ranks(store, report, progress=_progress(as_json))  # a distributed daemon's
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
     if report.index_error is not None:

@@ -51,7 +51,7 @@ log = logging.getLogger("agentkv.daemon")
 
 EXIT_USAGE = 2  # the detached daemon's exit status for an option that cannot work
 EXIT_STORE_IN_USE = 75  # ... and for a store another daemon holds (start waits for that one)
-_PATH_OPTIONS = ("store", "auth_key")  # DaemonOptions fields that are paths
+_PATH_OPTIONS = ("store", "auth_key", "hosts")  # DaemonOptions fields that are paths
 
 
 @dataclass(slots=True)
@@ -69,6 +69,9 @@ class DaemonOptions:
     cancel_on_shutdown: bool = False
     prefill_step_size: int = 512
     client_ttl: float = 300.0
+    world_size: int = 1  # ranks on this machine (mx.distributed tensor parallelism)
+    hosts: Path | None = None  # or an MLX ring hostfile naming every rank
+    collective_timeout: float = 120.0  # a rank lost this long stops the daemon
 
     def to_json(self) -> str:
         """Every option as one JSON object (paths as strings)."""
@@ -233,6 +236,9 @@ def run_daemon(opts: DaemonOptions) -> dict:
     run = run_dir(opts.store, create=True)
     lock = _lock_store(opts.store, run)  # before anything else: one daemon per store
     try:
+        from .ranks import check_start
+
+        check_start(opts)  # the world size fits the model and the store
         return _serve(opts, run)
     finally:
         lock.close()  # releases the flock
@@ -258,7 +264,7 @@ def _serve(opts: DaemonOptions, run: Path) -> dict:
     _claim_pidfile(run, info)
     try:
         server = DaemonServer(
-            lambda: _make_engine(opts, info),
+            _engine_factory(opts, info),
             opts.socket,
             info=info,
             auth_key=key,
@@ -344,6 +350,15 @@ def _make_engine(opts: DaemonOptions, info: dict, make_store=None):
         pool.total_blocks,
     )
     return engine
+
+
+def _engine_factory(opts: DaemonOptions, info: dict):
+    """The engine thread's factory: one process, or rank 0 of a distributed group."""
+    if opts.world_size > 1 or opts.hosts:
+        from .ranks import rank_zero_engine
+
+        return lambda: rank_zero_engine(opts, info)
+    return lambda: _make_engine(opts, info)
 
 
 def _model_dir(name: str | None) -> Path | None:
