@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .errors import StoreWriteError
 from .paths import block_rel
-from .records import TurnRecord, pack_tokens
+from .records import TurnRecord, pack_tokens, unpack_tokens
 
 
 def commit_turn(db, rec: TurnRecord, written: list, state) -> str | None:
@@ -236,3 +236,50 @@ def disk_bytes(db) -> int:
     blocks = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM blocks").fetchone()[0]
     states = db.execute("SELECT COALESCE(SUM(state_bytes), 0) FROM agents").fetchone()[0]
     return blocks + states
+
+
+def set_pinned(db, agent_id: str, fingerprint: str, pinned: bool) -> None:
+    """Pin or unpin an agent (no row: nothing happens). One statement: autocommitted."""
+    db.execute(
+        "UPDATE agents SET pinned = ? WHERE agent_id = ? AND fingerprint = ?",
+        (int(pinned), agent_id, fingerprint),
+    )
+
+
+def context_without_state(
+    db, agent_id: str, fingerprint: str
+) -> tuple[list[int], int, list[str]] | None:
+    """(tokens, stored_tokens, block hashes in order) of an agent that has no state file;
+    None if it has one, has no row, or its tokens blob is unreadable."""
+    row = db.execute(
+        "SELECT tokens, stored_tokens FROM agents "
+        "WHERE agent_id = ? AND fingerprint = ? AND state_file IS NULL",
+        (agent_id, fingerprint),
+    ).fetchone()
+    if row is None or not isinstance(row[0], bytes) or len(row[0]) % 4:
+        return None
+    return unpack_tokens(row[0]), row[1], listed_blocks_in_order(db, agent_id, fingerprint)
+
+
+def eviction_victim(db, keep: tuple[str, str]) -> tuple[str, str] | None:
+    """The least recently used unpinned agent with a cache on disk, other than `keep`."""
+    row = db.execute(
+        "SELECT agent_id, fingerprint FROM agents WHERE pinned = 0 AND stored_tokens > 0 "
+        "AND NOT (agent_id = ? AND fingerprint = ?) ORDER BY last_used LIMIT 1",
+        keep,
+    ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def unreferenced_blocks(db) -> list[str]:
+    """Blocks no agent lists."""
+    return [r[0] for r in db.execute("SELECT hash FROM blocks WHERE refcount = 0")]
+
+
+def delete_unreferenced(db, hashes: list[str]) -> None:
+    """Drop these blocks' rows, each only if still unreferenced (one transaction)."""
+    with db.conn:
+        db.execute("BEGIN IMMEDIATE")
+        db.conn.executemany(
+            "DELETE FROM blocks WHERE hash = ? AND refcount = 0", [(h,) for h in hashes]
+        )

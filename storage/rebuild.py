@@ -27,12 +27,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .cache_files import FORMAT_VERSION
 from .errors import CorruptFileError, IndexDamagedError, StorageError, StoreLockedError
 from .locks import try_lock
 from .paths import STATE_FILE, Containment, agent_key, block_rel, is_block_hash
 from .records import RebuildReport, context_digest, context_of, pack_tokens
 from .schema import has_cache_files, index_gone, lists_nothing, open_index
-from .store import FORMAT_VERSION
 from .tensor_files import fsync_path, read_tensor_file, read_tensor_meta
 
 log = logging.getLogger("agentkv.storage")
