@@ -24,7 +24,7 @@ from .errors import (
     StoreLockedError,
     StoreWriteError,
 )
-from .index_rows import AGENT_COLUMNS, BLOCKS_QUERY
+from .index_rows import AGENT_COLUMNS, BLOCKS_QUERY, known_fingerprints
 from .locks import try_lock
 from .paths import STATE_FILE, Containment, block_rel, is_block_hash, is_state_rel
 from .records import GcReport, VerifyReport
@@ -162,6 +162,23 @@ def verify_store(root: Path, *, progress: bool = False, read_only: bool = False)
         report.index_error = str(getattr(exc, "what", exc))
         report.affected_agents = _agents_in_files(root)
     return report
+
+
+def known_models(root: Path) -> set[str]:
+    """The fingerprints of every model the store's index knows (registered, or with agents
+    stored), read through a read-only connection: a daemon may be writing meanwhile.
+
+    Raises:
+        StorageError: the index cannot be read.
+    """
+    try:
+        db = open_index(root / "index.db", read_only=True)
+        try:
+            return known_fingerprints(db)
+        finally:
+            db.conn.close()
+    except sqlite3.Error as exc:
+        raise StorageError(str(exc)) from exc
 
 
 def index_problem(root: Path, read_only: bool = False) -> tuple[str | None, list[str]]:

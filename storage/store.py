@@ -13,6 +13,11 @@ the directory) and the index transaction after, so a crash leaves at worst an or
 never an index row pointing at a missing or partial file. Removals go the other way: index
 first, then the file.
 
+The pieces: `operations.py` (what is queued, each operation applying itself), `writer.py`
+(the writer thread), `pending.py` (what is queued but not landed, as lookups must see it),
+`lookups.py` (index reads with that laid over them), `reads.py` and `cache_files.py` (the
+files), `index_rows.py` and `index_writes.py` (all the SQL).
+
 Lookups (`agent`, `agent_ids`) never wait for the queue: they read the index and lay the
 queued turns and deletes over it. Paths read back from the index are checked (`paths.py`)
 before any file is read, moved or deleted. On a read-only file system the store opens
@@ -26,7 +31,6 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from . import index_rows
@@ -45,8 +49,6 @@ from .maintenance import collect_garbage, verify_store
 from .operations import (
     Delete,
     Evict,
-    ForgetBlock,
-    ForgetState,
     Gc,
     Pin,
     RegisterModel,
@@ -54,13 +56,12 @@ from .operations import (
     WriteTurn,
 )
 from .pending import Outcomes, PendingWrites
+from .reads import CacheReads
 from .records import (
-    CONTEXT_TENSORS,
     GcReport,
     StoredAgent,
     TurnRecord,
     VerifyReport,
-    context_digest,
 )
 from .schema import check_index_present, is_damage, open_index
 from .tensor_files import FileDest, FileOps, HostTensor
@@ -119,7 +120,7 @@ class CacheStore:
         self._files = CacheFiles(self.root, self.ops)
         self._lockfile = None if self.read_only else lock_store(self.root)
         try:
-            db, on_disk = self._open_index()
+            db, on_disk = _open_index(self.root, self.read_only)
         except BaseException:
             if self._lockfile is not None:
                 self._lockfile.close()  # a failed open leaves the store free to retry
@@ -130,7 +131,9 @@ class CacheStore:
         self._pending = PendingWrites(on_disk)
         self._outcomes = Outcomes()
         self._lookups = IndexLookups(self.root, db, self._pending, self._rows)
-        self._pool: ThreadPoolExecutor | None = None  # block readers, made on first restore
+        self._reads = CacheReads(
+            self._files, self._pending, self._rows, self.counters, self._lock, self._put
+        )
         self._closed = False
         # Held by close() and _put(): nothing can be queued behind the writer's stop (a gc
         # queued there would wait for an answer forever).
@@ -145,25 +148,6 @@ class CacheStore:
             max_pending=max_pending,
             read_only=self.read_only,
         )
-
-    def _open_index(self):
-        """The index, and the hashes of the blocks it holds."""
-        # On a read-only file system nothing can change the index under us, and SQLite
-        # opens a WAL database there only as immutable (it cannot create the -shm file).
-        path = self.root / "index.db"
-        check_index_present(self.root)  # else SQLite makes an empty index over the files
-        if not self.read_only and not all(
-            os.access(p, os.W_OK) for p in (self.root, path) if p.exists()
-        ):  # else SQLite's "attempt to write a readonly database", untyped as to why
-            raise StoreWriteError(f"cannot write to store {self.root}: permission denied")
-        db = open_index(path, read_only=self.read_only, immutable=self.read_only)
-        try:
-            return db, index_rows.block_hashes(db)
-        except sqlite3.DatabaseError as exc:
-            db.conn.close()
-            if is_damage(exc):
-                raise IndexDamagedError(self.root, str(exc)) from exc
-            raise StorageError(f"cannot read index {path}: {exc}") from exc
 
     # -- reading (caller's thread) ---------------------------------------------------------
 
@@ -217,9 +201,9 @@ class CacheStore:
         return self._pending.is_settled(agent_id)
 
     def on_settled(self, callback: Callable[[], None]) -> None:
-        """Call `callback()` each time a queued write lands or fails (on the writer thread:
-        it must be quick and must not call the store). A caller waiting for `is_settled`
-        wakes on it instead of polling."""
+        """Call `callback()` each time a queued write lands or fails, after `is_settled`
+        says so (on the writer thread, outside the store's locks: it must be quick). A
+        caller waiting for `is_settled` wakes on it instead of polling."""
         self._pending.add_listener(callback)
 
     def has_block(self, block_hash: str) -> bool:
@@ -241,14 +225,7 @@ class CacheStore:
             CorruptFileError: missing, truncated, corrupt or of another model; the index
                 forgets it and the file is moved to quarantine.
         """
-        try:
-            tensors = self._files.read_block(block_hash, fingerprint)
-        except CorruptFileError as exc:
-            self._corrupt(exc, block=block_hash)
-            raise
-        with self._lock:
-            self.counters["blocks_read"] += 1
-        return tensors
+        return self._reads.read_block(block_hash, fingerprint)
 
     def read_blocks_into(
         self, fingerprint: str, jobs: Iterable[tuple[str, Mapping[str, HostTensor] | FileDest]]
@@ -261,33 +238,7 @@ class CacheStore:
         checksum's 64 KiB updates contend for it). A bad file is handled as in
         `read_block`, and its job's views hold garbage.
         """
-        # Submitted as the jobs come: an iterable caller's later jobs overlap the reads.
-        futures: list[tuple[str, Future]] = []
-        read = self._files.read_block_into
-        try:
-            for h, dests in jobs:
-                futures.append((h, self._readers().submit(read, h, fingerprint, dests)))
-        except BaseException:
-            wait([f for _, f in futures])  # never leave a reader writing into freed views
-            raise
-        ok = []
-        for h, future in futures:
-            try:
-                future.result()
-                ok.append(True)
-            except CorruptFileError as exc:
-                self._corrupt(exc, block=h)
-                ok.append(False)
-        with self._lock:
-            self.counters["blocks_read"] += sum(ok)
-        return ok
-
-    def _readers(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                workers = min(4, os.cpu_count() or 1)
-                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="agentkv-reader")
-            return self._pool
+        return self._reads.read_blocks_into(fingerprint, jobs)
 
     def read_state(self, agent: StoredAgent) -> tuple[dict[str, str], dict[str, HostTensor]]:
         """An agent's state file (tail rows, windows, recurrent states), checksum verified.
@@ -297,46 +248,12 @@ class CacheStore:
                 file, or that leads out of the store, is never read); the agent's stored
                 cache is then its blocks only.
         """
-        if agent.state_file is None:
-            return {}, {}
-        try:
-            meta, tensors = self._files.read_state(agent)
-        except CorruptFileError as exc:
-            self._corrupt(exc, agent=agent)
-            raise
-        of = meta.get("context")  # absent in files written before it was recorded
-        if of is not None and of != context_digest(agent.tokens[: agent.stored_tokens]):
-            # A good file, of the tokens the index held before they were edited: the row
-            # is wrong, not the file.
-            self._rows.report((agent.agent_id, agent.fingerprint), "tokens differ from its state")
-            raise CorruptFileError(
-                self.root / agent.state_file, "holds the state of other tokens than the index's"
-            )
-        with self._lock:
-            self.counters["states_read"] += 1
-        for name in CONTEXT_TENSORS:  # the index's copy of the context, not cache state
-            tensors.pop(name, None)
-        return meta, tensors
+        return self._reads.read_state(agent)
 
     def report_corrupt_state(self, agent: StoredAgent, what: str) -> None:
         """A state file that `read_state` returned but the caller found unusable (its
         metadata or tensors do not fit the model): counted, forgotten, moved aside."""
-        if agent.state_file is not None:
-            self._corrupt(CorruptFileError(self.root / agent.state_file, what), agent=agent)
-
-    def _corrupt(
-        self, exc: CorruptFileError, *, block: str | None = None, agent: StoredAgent | None = None
-    ) -> None:
-        """Count and log; the writer makes the index forget the file, then moves it aside."""
-        with self._lock:
-            self.counters["corrupt_files"] += 1
-        log.warning("corrupt cache file: %s", exc)
-        if block is not None:
-            self._pending.blocks_gone([block])
-            self._put(ForgetBlock(exc.path, block))
-        if agent is not None:
-            ids = (agent.agent_id, agent.fingerprint, agent.state_file)
-            self._put(ForgetState(exc.path, *ids))
+        self._reads.report_corrupt_state(agent, what)
 
     # -- writing (queued, applied on the writer thread) ------------------------------------
 
@@ -412,8 +329,7 @@ class CacheStore:
                 log.error("closing store with failed writes: %s", exc)
             self._closed = self._lookups.closed = True
             self._writer.stop()
-            if self._pool is not None:
-                self._pool.shutdown()
+            self._reads.close()
             self._lookups.db.conn.close()
             if self._lockfile is not None:
                 self._lockfile.close()  # releases the flock
@@ -489,6 +405,25 @@ class CacheStore:
             if self._closed:
                 raise StoreClosedError("store is closed")
             self._writer.submit(op)
+
+
+def _open_index(root: Path, read_only: bool):
+    """The store's reader connection to its index, and the hashes of the blocks it holds."""
+    # On a read-only file system nothing can change the index under us, and SQLite opens a
+    # WAL database there only as immutable (it cannot create the -shm file).
+    path = root / "index.db"
+    check_index_present(root)  # else SQLite makes an empty index over the files
+    if not read_only and not all(os.access(p, os.W_OK) for p in (root, path) if p.exists()):
+        # else SQLite's "attempt to write a readonly database", untyped as to why
+        raise StoreWriteError(f"cannot write to store {root}: permission denied")
+    db = open_index(path, read_only=read_only, immutable=read_only)
+    try:
+        return db, index_rows.block_hashes(db)
+    except sqlite3.DatabaseError as exc:
+        db.conn.close()
+        if is_damage(exc):
+            raise IndexDamagedError(root, str(exc)) from exc
+        raise StorageError(f"cannot read index {path}: {exc}") from exc
 
 
 __all__ = ["FORMAT_VERSION", "CacheStore", "CorruptFileError", "StorageError", "StoreWriteError"]

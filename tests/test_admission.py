@@ -4,12 +4,15 @@ behind its own requests only."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import msgpack
 import pytest
 
 from agentkv.client import protocol
 from agentkv.client.protocol import MAGIC, ProtocolError
-from agentkv.daemon import admission
+from agentkv.daemon.service import admission
 from agentkv.daemon.service.admission import FairInbox, Ledger
 
 
@@ -97,3 +100,19 @@ def test_requests_other_than_submit_are_refused_over_64_kib():
     small = [MAGIC, b"stats", b"x" * (protocol.MAX_SMALL_REQUEST_BYTES + 1)]
     assert _refused(protocol.check_size, small) == "too_large"
     protocol.check_size([MAGIC, b"submit", b"x" * (protocol.MAX_SMALL_REQUEST_BYTES + 1)])
+
+
+def test_a_wake_ends_the_inbox_wait_and_is_never_lost():
+    """`wake` (a store write landed) ends a waiting `take` with nothing taken; a wake that
+    comes before the take makes that take not wait at all."""
+    inbox = FairInbox()
+    inbox.wake()
+    tic = time.monotonic()
+    assert inbox.take(30.0, 0) is None  # woken before it waited
+    waker = threading.Timer(0.2, inbox.wake)
+    waker.start()
+    assert inbox.take(30.0, 0) is None
+    assert time.monotonic() - tic < 20.0  # far from the 2 x 30 s of two full waits
+    waker.join()
+    inbox.put(b"c", "request", 0)
+    assert inbox.take(30.0, 0) == (b"c", "request")
