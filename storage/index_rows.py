@@ -105,6 +105,11 @@ def block_hashes(db) -> set[str]:
     return {row[0] for row in db.execute("SELECT hash FROM blocks")}
 
 
+def unreferenced_blocks(db) -> list[str]:
+    """Blocks no agent lists (refcount 0)."""
+    return [r[0] for r in db.execute("SELECT hash FROM blocks WHERE refcount = 0")]
+
+
 def totals(db) -> IndexTotals:
     """Blocks, their bytes and agents in the index."""
     blocks, nbytes = db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM blocks").fetchone()

@@ -271,11 +271,6 @@ def eviction_victim(db, keep: tuple[str, str]) -> tuple[str, str] | None:
     return None if row is None else (row[0], row[1])
 
 
-def unreferenced_blocks(db) -> list[str]:
-    """Blocks no agent lists."""
-    return [r[0] for r in db.execute("SELECT hash FROM blocks WHERE refcount = 0")]
-
-
 def delete_unreferenced(db, hashes: list[str]) -> None:
     """Drop these blocks' rows, each only if still unreferenced (one transaction)."""
     with db.conn:

@@ -248,7 +248,7 @@ class Writer:
     def _delete_unreferenced(self) -> None:
         """Drop blocks no agent references: index rows first, then the files."""
         # A queued turn that lists a block without its bytes needs it kept.
-        hashes = self.pending.unlisted(index_writes.unreferenced_blocks(self.db))
+        hashes = self.pending.unlisted(index_rows.unreferenced_blocks(self.db))
         index_writes.delete_unreferenced(self.db, hashes)
         self.pending.blocks_gone(hashes)
         for h in hashes:
