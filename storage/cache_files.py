@@ -16,7 +16,14 @@ from pathlib import Path
 
 from .errors import CorruptFileError, StoreWriteError
 from .paths import Containment, agent_key, block_rel, is_state_rel
-from .records import BlockRecord, StoredAgent, TurnRecord, context_digest, context_tensors
+from .records import (
+    BlockRecord,
+    StateFile,
+    StoredAgent,
+    TurnRecord,
+    context_digest,
+    context_tensors,
+)
 from .tensor_files import (
     FileOps,
     HostTensor,
@@ -39,15 +46,6 @@ class ModelInfo:
     model_id: str = ""
     config: str = ""
     block_size: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class StateFile:
-    """A state file written: its path relative to the root, checksum and size."""
-
-    rel: str
-    checksum: str
-    nbytes: int
 
 
 class CacheFiles:

@@ -25,7 +25,7 @@ from .maintenance import collect_garbage
 from .operations import StoreOp
 from .paths import is_state_rel
 from .pending import AgentKey, Outcomes, PendingWrites, Ticket
-from .records import BlockRecord, GcReport, TurnRecord
+from .records import BlockRecord, GcReport, StateFile, TurnRecord, WrittenBlock
 from .schema import open_index
 
 log = logging.getLogger("agentkv.storage")
@@ -167,27 +167,26 @@ class Writer:
         except index_writes.BlocksGone as exc:
             self.pending.blocks_gone(exc.hashes)
             raise
-        self.pending.blocks_indexed(h for h, _ in written)
+        self.pending.blocks_indexed(w.block_hash for w in written)
         key = (rec.agent_id, rec.fingerprint)
-        if old and (state is None or old != state[0]):
+        if old and (state is None or old != state.rel):
             self._unlink_state(old, key)
         self.rows.rewritten(key)
         self.counters["turns_written"] += 1
         if self.disk_budget is not None:
             self._enforce_budget(keep=key)
 
-    def _write_block(self, rec: TurnRecord, b: BlockRecord) -> tuple[str, object]:
+    def _write_block(self, rec: TurnRecord, b: BlockRecord) -> WrittenBlock:
         info = self.files.write_block(rec, b)
         self.counters["blocks_written"] += 1
         self.counters["bytes_written"] += info.nbytes
-        return b.block_hash, (info, b.token_count)
+        return WrittenBlock(b.block_hash, info.nbytes, info.checksum, b.token_count)
 
-    def _write_state(self, rec: TurnRecord) -> tuple[str, str, int] | None:
+    def _write_state(self, rec: TurnRecord) -> StateFile | None:
         state = self.files.write_state(rec, self._models.get(rec.fingerprint, ModelInfo()))
-        if state is None:
-            return None
-        self.counters["bytes_written"] += state.nbytes
-        return state.rel, state.checksum, state.nbytes
+        if state is not None:
+            self.counters["bytes_written"] += state.nbytes
+        return state
 
     def register_model(self, fingerprint: str, model_id: str, config: str, block_size: int):
         """Record a model in the index, and remember it for the state files' metadata."""
@@ -224,7 +223,7 @@ class Writer:
         try:
             state = self._write_state(rec)
             if state is not None and not index_writes.set_state_file(self.db, *key, state):
-                self._unlink_state(state[0], key)  # the agent changed meanwhile
+                self._unlink_state(state.rel, key)  # the agent changed meanwhile
         except (OSError, StorageError) as exc:
             log.warning("agent %r: its context file could not be written: %s", key[0], exc)
 
