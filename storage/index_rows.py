@@ -37,6 +37,86 @@ class ParsedAgent:
     problems: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class IndexTotals:
+    """What the index holds, counted."""
+
+    blocks: int
+    block_bytes: int
+    agents: int
+
+
+def read_agent(db, agent_id: str, fingerprint: str) -> ParsedAgent | None:
+    """An agent's rows, checked (see `parse_agent`); None if it has no row."""
+    key = (agent_id, fingerprint)
+    row = db.execute(
+        f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ? AND fingerprint = ?", key
+    ).fetchone()
+    if row is None:
+        return None
+    return parse_agent(agent_id, fingerprint, row, db.execute(BLOCKS_QUERY, key).fetchall())
+
+
+def is_pinned(db, agent_id: str, fingerprint: str) -> bool:
+    """True if the agent has a row and it is pinned (a garbage value is not)."""
+    row = db.execute(
+        "SELECT pinned FROM agents WHERE agent_id = ? AND fingerprint = ?",
+        (agent_id, fingerprint),
+    ).fetchone()
+    return bool(row and row[0] == 1)
+
+
+def agent_keys(db, fingerprint: str | None = None) -> set[tuple[str, str]]:
+    """(agent id, fingerprint) of every agent row (of one model, or all)."""
+    if fingerprint is None:
+        rows = db.execute("SELECT agent_id, fingerprint FROM agents")
+    else:
+        rows = db.execute(
+            "SELECT agent_id, fingerprint FROM agents WHERE fingerprint = ?", (fingerprint,)
+        )
+    return {(a, f) for a, f in rows if isinstance(a, str)}
+
+
+def fingerprints_of(db, agent_id: str) -> list[str]:
+    """The models an agent has rows for."""
+    rows = db.execute("SELECT DISTINCT fingerprint FROM agents WHERE agent_id = ?", (agent_id,))
+    return [r[0] for r in rows if isinstance(r[0], str)]
+
+
+def known_fingerprints(db) -> set[str]:
+    """Every model the index knows: registered, or with agents stored."""
+    known = {r[0] for r in db.execute("SELECT fingerprint FROM models")}
+    known |= {r[0] for r in db.execute("SELECT DISTINCT fingerprint FROM agents")}
+    return {k for k in known if isinstance(k, str)}
+
+
+def token_count(db, agent_id: str, fingerprint: str) -> int:
+    """How many tokens the agent's row holds (0 if none, or garbage)."""
+    row = db.execute(
+        "SELECT token_count FROM agents WHERE agent_id = ? AND fingerprint = ?",
+        (agent_id, fingerprint),
+    ).fetchone()
+    count = row[0] if row is not None else 0
+    return count if isinstance(count, int) and count > 0 else 0
+
+
+def block_hashes(db) -> set[str]:
+    """The hashes of every block the index holds."""
+    return {row[0] for row in db.execute("SELECT hash FROM blocks")}
+
+
+def unreferenced_blocks(db) -> list[str]:
+    """Blocks no agent lists (refcount 0)."""
+    return [r[0] for r in db.execute("SELECT hash FROM blocks WHERE refcount = 0")]
+
+
+def totals(db) -> IndexTotals:
+    """Blocks, their bytes and agents in the index."""
+    blocks, nbytes = db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM blocks").fetchone()
+    agents = db.execute("SELECT COUNT(*) FROM agents").fetchone()[0]
+    return IndexTotals(blocks, nbytes, agents)
+
+
 def parse_agent(agent_id: str, fingerprint: str, row: tuple, blocks: list[tuple]) -> ParsedAgent:
     """Check an `agents` row (AGENT_COLUMNS) and its `agent_blocks` rows (BLOCKS_QUERY)."""
     tokens = _tokens(row[0])

@@ -13,18 +13,20 @@ from dataclasses import dataclass
 
 from .errors import StoreWriteError
 from .paths import block_rel
-from .records import TurnRecord, pack_tokens
+from .records import StateFile, TurnRecord, WrittenBlock, pack_tokens, unpack_tokens
 
 
-def commit_turn(db, rec: TurnRecord, written: list, state) -> str | None:
+def commit_turn(
+    db, rec: TurnRecord, written: list[WrittenBlock], state: StateFile | None
+) -> str | None:
     """A turn: new block rows, the agent's block list and row, refcounts. Returns the
     state file the agent had (its caller deletes it if it is not the new one).
 
     Args:
         db: the writer's connection.
         rec: the turn.
-        written: (hash, (WrittenFile, token count)) of the block files written for it.
-        state: (path, checksum, size) of its new state file, or None.
+        written: the block files written for it.
+        state: its new state file, or None.
 
     Raises:
         BlocksGone: a block the turn lists has no row (gc from another process).
@@ -35,10 +37,7 @@ def commit_turn(db, rec: TurnRecord, written: list, state) -> str | None:
         db.execute("BEGIN IMMEDIATE")
         db.conn.executemany(
             "INSERT OR IGNORE INTO blocks VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
-            [
-                (h, rec.fingerprint, block_rel(h), info.nbytes, info.checksum, n, now, now)
-                for h, (info, n) in written
-            ],
+            [_block_row(rec.fingerprint, w, now) for w in written],
         )
         old = db.execute(
             "SELECT state_file, created FROM agents WHERE agent_id = ? AND fingerprint = ?", key
@@ -61,9 +60,9 @@ def commit_turn(db, rec: TurnRecord, written: list, state) -> str | None:
                 pack_tokens(rec.tokens),
                 len(rec.tokens),
                 rec.stored_tokens,
-                state[0] if state else None,
-                state[1] if state else None,
-                state[2] if state else 0,
+                state.rel if state else None,
+                state.checksum if state else None,
+                state.nbytes if state else 0,
                 old[1] if old else now,
                 now,
                 *key,
@@ -71,6 +70,12 @@ def commit_turn(db, rec: TurnRecord, written: list, state) -> str | None:
         )
         recount(db, set(old_hashes) | {b.block_hash for b in rec.blocks}, now)
     return old[0] if old else None
+
+
+def _block_row(fingerprint: str, w: WrittenBlock, now: float) -> tuple:
+    """A `blocks` row (refcount 0: recounted in the same transaction)."""
+    rel = block_rel(w.block_hash)
+    return (w.block_hash, fingerprint, rel, w.nbytes, w.checksum, w.token_count, now, now)
 
 
 def register_model(db, fingerprint: str, model_id: str, config: str, block_size: int) -> None:
@@ -107,15 +112,15 @@ def listed_blocks_in_order(db, agent_id: str, fingerprint: str) -> list[str]:
     ]
 
 
-def set_state_file(db, agent_id: str, fingerprint: str, state: tuple[str, str, int]) -> bool:
-    """Give an agent that has none the state file `state` (path, checksum, size); False if
-    it has one (or is gone) by now."""
+def set_state_file(db, agent_id: str, fingerprint: str, state: StateFile) -> bool:
+    """Give an agent that has none the state file `state`; False if it has one (or is
+    gone) by now."""
     with db.conn:
         db.execute("BEGIN IMMEDIATE")
         cur = db.execute(
             "UPDATE agents SET state_file = ?, state_checksum = ?, state_bytes = ? "
             "WHERE agent_id = ? AND fingerprint = ? AND state_file IS NULL",
-            (*state, agent_id, fingerprint),
+            (state.rel, state.checksum, state.nbytes, agent_id, fingerprint),
         )
         return cur.rowcount == 1
 
@@ -236,3 +241,45 @@ def disk_bytes(db) -> int:
     blocks = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM blocks").fetchone()[0]
     states = db.execute("SELECT COALESCE(SUM(state_bytes), 0) FROM agents").fetchone()[0]
     return blocks + states
+
+
+def set_pinned(db, agent_id: str, fingerprint: str, pinned: bool) -> None:
+    """Pin or unpin an agent (no row: nothing happens). One statement: autocommitted."""
+    db.execute(
+        "UPDATE agents SET pinned = ? WHERE agent_id = ? AND fingerprint = ?",
+        (int(pinned), agent_id, fingerprint),
+    )
+
+
+def context_without_state(
+    db, agent_id: str, fingerprint: str
+) -> tuple[list[int], int, list[str]] | None:
+    """(tokens, stored_tokens, block hashes in order) of an agent that has no state file;
+    None if it has one, has no row, or its tokens blob is unreadable."""
+    row = db.execute(
+        "SELECT tokens, stored_tokens FROM agents "
+        "WHERE agent_id = ? AND fingerprint = ? AND state_file IS NULL",
+        (agent_id, fingerprint),
+    ).fetchone()
+    if row is None or not isinstance(row[0], bytes) or len(row[0]) % 4:
+        return None
+    return unpack_tokens(row[0]), row[1], listed_blocks_in_order(db, agent_id, fingerprint)
+
+
+def eviction_victim(db, keep: tuple[str, str]) -> tuple[str, str] | None:
+    """The least recently used unpinned agent with a cache on disk, other than `keep`."""
+    row = db.execute(
+        "SELECT agent_id, fingerprint FROM agents WHERE pinned = 0 AND stored_tokens > 0 "
+        "AND NOT (agent_id = ? AND fingerprint = ?) ORDER BY last_used LIMIT 1",
+        keep,
+    ).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def delete_unreferenced(db, hashes: list[str]) -> None:
+    """Drop these blocks' rows, each only if still unreferenced (one transaction)."""
+    with db.conn:
+        db.execute("BEGIN IMMEDIATE")
+        db.conn.executemany(
+            "DELETE FROM blocks WHERE hash = ? AND refcount = 0", [(h,) for h in hashes]
+        )

@@ -7,6 +7,8 @@ import fcntl
 from pathlib import Path
 from typing import IO
 
+from .errors import StoreLockedError, StoreWriteError
+
 
 def try_lock(path: Path) -> IO[str] | None:
     """Open (creating if needed) `path` and take an exclusive flock on it without waiting.
@@ -24,4 +26,21 @@ def try_lock(path: Path) -> IO[str] | None:
     except BlockingIOError:
         f.close()
         return None
+    return f
+
+
+def lock_store(root: Path) -> IO[str]:
+    """Hold an exclusive lock on a store for this process's lifetime (one writer only):
+    until the returned file is closed.
+
+    Raises:
+        StoreLockedError: another process holds it.
+        StoreWriteError: the lock file cannot be opened for writing (e.g. permissions).
+    """
+    try:
+        f = try_lock(root / "lock")
+    except OSError as exc:
+        raise StoreWriteError(f"cannot open store {root} for writing: {exc}") from exc
+    if f is None:
+        raise StoreLockedError(f"store {root} is in use by another process")
     return f

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import index_scans
 from .errors import (
     CorruptFileError,
     IndexDamagedError,
@@ -24,9 +25,9 @@ from .errors import (
     StoreLockedError,
     StoreWriteError,
 )
-from .index_rows import AGENT_COLUMNS, BLOCKS_QUERY
+from .index_rows import known_fingerprints, unreferenced_blocks
 from .locks import try_lock
-from .paths import STATE_FILE, Containment, block_rel, is_block_hash, is_state_rel
+from .paths import STATE_FILE, Containment, block_rel, is_block_hash
 from .records import GcReport, VerifyReport
 from .schema import (
     check_index_present,
@@ -99,7 +100,7 @@ def collect_garbage(
 
 def _survey(root: Path, db, fingerprint: str | None, progress: bool, keep) -> GcReport:
     report = GcReport(dry_run=True)
-    known = _known_files(db)
+    known = index_scans.known_files(db)
     if not known and lists_nothing(db) and _files_predate(root, db):
         # An index recreated empty over a store's files (before agentkv refused to do
         # that): what it does not list is lost from it, not garbage. Files written since
@@ -111,16 +112,10 @@ def _survey(root: Path, db, fingerprint: str | None, progress: bool, keep) -> Gc
             report.orphan_files.append(rel)
             report.bytes_freed += path.lstat().st_size
     if fingerprint is not None:
-        report.foreign_agents = [
-            f"{a}@{f}"
-            for a, f in db.execute(
-                "SELECT agent_id, fingerprint FROM agents WHERE fingerprint != ?",
-                (fingerprint,),
-            )
-        ]
-        report.foreign_blocks = _hashes(db, "fingerprint != ?", (fingerprint,))
-    report.unreferenced_blocks = [h for h in _hashes(db, "refcount = 0", ()) if h not in keep]
-    report.bytes_freed += _block_bytes(
+        report.foreign_agents = index_scans.foreign_agents(db, fingerprint)
+        report.foreign_blocks = index_scans.foreign_blocks(db, fingerprint)
+    report.unreferenced_blocks = [h for h in unreferenced_blocks(db) if h not in keep]
+    report.bytes_freed += index_scans.block_bytes(
         db, set(report.foreign_blocks) | set(report.unreferenced_blocks)
     )
     return report
@@ -131,13 +126,6 @@ def _files_predate(root: Path, db) -> bool:
     made); a second of slack for coarse file times."""
     created = created_at(db)
     return has_cache_files(root, older_than=None if created is None else created - 1.0)
-
-
-def _known_files(db) -> set[str]:
-    """Every file the index vouches for, named the way the store names them."""
-    known = {block_rel(h) for (h,) in db.execute("SELECT hash FROM blocks") if is_block_hash(h)}
-    rows = db.execute("SELECT agent_id, state_file FROM agents WHERE state_file IS NOT NULL")
-    return known | {rel for agent_id, rel in rows if is_state_rel(rel, agent_id)}
 
 
 def verify_store(root: Path, *, progress: bool = False, read_only: bool = False) -> VerifyReport:
@@ -164,6 +152,23 @@ def verify_store(root: Path, *, progress: bool = False, read_only: bool = False)
     return report
 
 
+def known_models(root: Path) -> set[str]:
+    """The fingerprints of every model the store's index knows (registered, or with agents
+    stored), read through a read-only connection: a daemon may be writing meanwhile.
+
+    Raises:
+        StorageError: the index cannot be read.
+    """
+    try:
+        db = open_index(root / "index.db", read_only=True)
+        try:
+            return known_fingerprints(db)
+        finally:
+            db.conn.close()
+    except sqlite3.Error as exc:
+        raise StorageError(str(exc)) from exc
+
+
 def index_problem(root: Path, read_only: bool = False) -> tuple[str | None, list[str]]:
     """What is wrong with the index itself, and the agents it affects; (None, []) when it
     is sound."""
@@ -177,7 +182,7 @@ def index_problem(root: Path, read_only: bool = False) -> tuple[str | None, list
         return exc.what, _agents_in_files(root)
     try:
         try:
-            problems = [str(r[0]) for r in db.execute("PRAGMA integrity_check(20)")]
+            problems = index_scans.integrity_problems(db, 20)
         except sqlite3.DatabaseError as exc:  # a page too garbled to even check
             problems = [f"{exc}"]
         if problems == ["ok"]:
@@ -192,16 +197,13 @@ def _unreadable_agents(root: Path, db) -> list[str]:
     """Agents whose rows (agent row, block list, their blocks' rows) cannot be read; the
     agents are listed from the index, or from the state files where it cannot list them."""
     try:
-        keys = [(a, f) for a, f in db.execute("SELECT agent_id, fingerprint FROM agents")]
+        keys = index_scans.every_agent_key(db)
     except sqlite3.DatabaseError:
         keys = _agent_keys_in_files(root)
     bad = []
     for key in keys:
         try:
-            db.execute(
-                f"SELECT {AGENT_COLUMNS} FROM agents WHERE agent_id = ? AND fingerprint = ?", key
-            ).fetchall()
-            db.execute(BLOCKS_QUERY, key).fetchall()
+            index_scans.read_agent_rows(db, key)
         except sqlite3.DatabaseError:
             bad.append(str(key[0]))
     return sorted(set(bad))
@@ -267,29 +269,9 @@ def _listed_files(root: Path, read_only: bool) -> list[tuple]:
     block and state file the index lists."""
     db = open_index(root / "index.db", read_only=read_only, immutable=read_only)
     try:
-        rows = [
-            (path, _block_rel_or_none(h, path), checksum, size)
-            for h, path, checksum, size in db.execute(
-                "SELECT hash, path, checksum, bytes FROM blocks"
-            )
-        ]
-        rows += [
-            (rel, rel if is_state_rel(rel, agent_id) else None, checksum, size)
-            for agent_id, rel, checksum, size in db.execute(
-                "SELECT agent_id, state_file, state_checksum, state_bytes FROM agents "
-                "WHERE state_file IS NOT NULL"
-            )
-        ]
+        return index_scans.listed_files(db)
     finally:
         db.conn.close()
-    return rows
-
-
-def _block_rel_or_none(block_hash: object, path: object) -> str | None:
-    """The block's file if the row's path is the store's name for it, else None."""
-    if is_block_hash(block_hash) and path == block_rel(block_hash):
-        return path
-    return None
 
 
 def _files(root: Path, progress: bool):
@@ -301,41 +283,12 @@ def _files(root: Path, progress: bool):
         yield from tqdm(paths, desc=f"scan {sub}", unit="file", disable=not progress)
 
 
-def _hashes(db, where: str, args: tuple) -> list[str]:
-    return [row[0] for row in db.execute(f"SELECT hash FROM blocks WHERE {where}", args)]
-
-
-def _block_bytes(db, hashes: set[str]) -> int:
-    if not hashes:
-        return 0
-    rows = db.execute("SELECT hash, bytes FROM blocks").fetchall()
-    return sum(n for h, n in rows if h in hashes and isinstance(n, int))
-
-
 def _remove(root: Path, db, report: GcReport, fingerprint: str | None) -> None:
     """Index rows first (one transaction), files after: a crash leaves orphans, not holes."""
     doomed = set(report.foreign_blocks) | set(report.unreferenced_blocks)
     paths = [block_rel(h) for h in doomed if is_block_hash(h)]
-    with db.conn:
-        db.execute("BEGIN IMMEDIATE")
-        if fingerprint is not None:
-            states = db.execute(
-                "SELECT agent_id, state_file FROM agents "
-                "WHERE fingerprint != ? AND state_file IS NOT NULL",
-                (fingerprint,),
-            ).fetchall()
-            paths += [rel for agent_id, rel in states if is_state_rel(rel, agent_id)]
-            db.execute("DELETE FROM agent_blocks WHERE fingerprint != ?", (fingerprint,))
-            db.execute("DELETE FROM agents WHERE fingerprint != ?", (fingerprint,))
-        # Only blocks no agent lists now: a writer may have taken one meanwhile.
-        db.conn.executemany(
-            "DELETE FROM blocks WHERE hash = ? AND NOT EXISTS "
-            "(SELECT 1 FROM agent_blocks WHERE block_hash = blocks.hash)",
-            [(h,) for h in doomed],
-        )
-        # Whatever the index lists now (blocks and state files alike) stays, even if it was
-        # written after the scan.
-        live = _known_files(db)
+    states, live = index_scans.forget_garbage(db, doomed, fingerprint)
+    paths += states
     inside = Containment(root)
     for rel in [*report.orphan_files, *paths]:
         if rel not in live and inside.contains(root / rel, link_ok=True):

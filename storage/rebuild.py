@@ -27,12 +27,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import index_scans
+from .cache_files import FORMAT_VERSION
 from .errors import CorruptFileError, IndexDamagedError, StorageError, StoreLockedError
 from .locks import try_lock
 from .paths import STATE_FILE, Containment, agent_key, block_rel, is_block_hash
 from .records import RebuildReport, context_digest, context_of, pack_tokens
 from .schema import has_cache_files, index_gone, lists_nothing, open_index
-from .store import FORMAT_VERSION
 from .tensor_files import fsync_path, read_tensor_file, read_tensor_meta
 
 log = logging.getLogger("agentkv.storage")
@@ -119,7 +120,7 @@ def _refuse_sound(root: Path) -> None:
     except IndexDamagedError:
         return
     try:
-        ok = [r[0] for r in db.execute("PRAGMA integrity_check(1)")] == ["ok"]
+        ok = index_scans.integrity_problems(db, 1) == ["ok"]
         # An index made empty over the files (what gc refuses) is no index of them.
         ok = ok and not (lists_nothing(db) and has_cache_files(root))
     except Exception:  # any failure to check it is damage enough
@@ -269,7 +270,7 @@ def _write_index(root: Path, models: dict, blocks: dict[str, _Block], agents: li
         db = open_index(tmp)
         try:
             _fill(db, models, blocks, agents)
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            index_scans.checkpoint(db)
         finally:
             db.conn.close()  # the last connection: its WAL is checkpointed and removed
         fsync_path(tmp)
@@ -280,39 +281,22 @@ def _write_index(root: Path, models: dict, blocks: dict[str, _Block], agents: li
 
 
 def _fill(db, models: dict, blocks: dict[str, _Block], agents: list[_Agent]) -> None:
-    """Every row, in one transaction; refcounts recounted from the block lists."""
-    with db.conn:
-        db.execute("BEGIN IMMEDIATE")
-        db.conn.executemany(
-            "INSERT INTO models VALUES (?, ?, ?, ?, ?)",
-            [(fp, *rest) for fp, rest in models.items()],
-        )
-        db.conn.executemany(
-            "INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
-            [
-                (h, b.fingerprint, b.rel, b.nbytes, b.checksum, b.token_count, b.mtime, b.mtime)
-                for h, b in blocks.items()
-            ],
-        )
-        db.conn.executemany(
-            "INSERT INTO agents (agent_id, fingerprint, tokens, token_count, stored_tokens, "
-            "state_file, state_checksum, state_bytes, created, last_used, pinned) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
-            [
-                (a.agent_id, a.fingerprint, pack_tokens(a.tokens), len(a.tokens), a.stored_tokens)
-                + (a.state or (None, None, 0))
-                + (a.mtime, a.mtime)
-                for a in agents
-            ],
-        )
-        db.conn.executemany(
-            "INSERT INTO agent_blocks VALUES (?, ?, ?, ?)",
-            [(a.agent_id, a.fingerprint, i, h) for a in agents for i, h in enumerate(a.blocks)],
-        )
-        db.execute(
-            "UPDATE blocks SET refcount = "
-            "(SELECT COUNT(*) FROM agent_blocks WHERE block_hash = blocks.hash)"
-        )
+    """Every row, in one transaction (see `index_scans.fill`)."""
+    index_scans.fill(
+        db,
+        [(fp, *rest) for fp, rest in models.items()],
+        [
+            (h, b.fingerprint, b.rel, b.nbytes, b.checksum, b.token_count, b.mtime, b.mtime)
+            for h, b in blocks.items()
+        ],
+        [
+            (a.agent_id, a.fingerprint, pack_tokens(a.tokens), len(a.tokens), a.stored_tokens)
+            + (a.state or (None, None, 0))
+            + (a.mtime, a.mtime)
+            for a in agents
+        ],
+        [(a.agent_id, a.fingerprint, i, h) for a in agents for i, h in enumerate(a.blocks)],
+    )
 
 
 def _swap_in(root: Path, tmp: Path) -> str | None:

@@ -51,6 +51,25 @@ class TurnRecord:
     layout: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class WrittenBlock:
+    """A block file written for a turn, for its index row."""
+
+    block_hash: str
+    nbytes: int
+    checksum: str
+    token_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateFile:
+    """A state file written: its path relative to the store's root, checksum and size."""
+
+    rel: str
+    checksum: str
+    nbytes: int
+
+
 @dataclass(slots=True)
 class StoredAgent:
     """An agent as the index knows it."""

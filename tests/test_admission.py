@@ -4,6 +4,9 @@ behind its own requests only."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import msgpack
 import pytest
 
@@ -119,3 +122,19 @@ def test_peer_values_in_error_messages_are_bounded():
     with pytest.raises(protocol.ProtocolError) as err:
         protocol.check_agent_id("y" * 2_000_000)
     assert len(str(err.value)) < 300
+
+
+def test_a_wake_ends_the_inbox_wait_and_is_never_lost():
+    """`wake` (a store write landed) ends a waiting `take` with nothing taken; a wake that
+    comes before the take makes that take not wait at all."""
+    inbox = FairInbox()
+    inbox.wake()
+    tic = time.monotonic()
+    assert inbox.take(30.0, 0) is None  # woken before it waited
+    waker = threading.Timer(0.2, inbox.wake)
+    waker.start()
+    assert inbox.take(30.0, 0) is None
+    assert time.monotonic() - tic < 20.0  # far from the 2 x 30 s of two full waits
+    waker.join()
+    inbox.put(b"c", "request", 0)
+    assert inbox.take(30.0, 0) == (b"c", "request")

@@ -151,7 +151,8 @@ class FairInbox:
     """Requests for the engine thread: one queue per client and lane, served round-robin,
     so a client's flood waits behind its own requests only. Lane 0 is for the cheap
     requests a streaming client's pace depends on (`step`, `cancel`), lane 1 for the rest;
-    control items (the shutdown sentinel) come before both."""
+    control items (the shutdown sentinel) come before both. `wake` ends a `take`'s wait
+    with nothing taken (the store landed a write: held turns may be released)."""
 
     LANES = 2
 
@@ -159,6 +160,7 @@ class FairInbox:
         self._cond = threading.Condition()
         self._lanes: list[OrderedDict[bytes, deque]] = [OrderedDict() for _ in range(self.LANES)]
         self._control: deque = deque()
+        self._woken = False  # a wake not yet seen by a take: the next one does not wait
 
     def put(self, identity: bytes, item, lane: int = 1) -> None:
         """Queue a client's request (I/O thread)."""
@@ -176,12 +178,20 @@ class FairInbox:
             self._control.append(item)
             self._cond.notify()
 
+    def wake(self) -> None:
+        """End the current (or next) `take`'s wait, from any thread."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify()
+
     def take(self, timeout: float, lane: int):
         """The next item of `lane` (or a control item): (identity, request) of the next
-        client in turn; None if nothing came within `timeout` seconds (for any lane)."""
+        client in turn; None if nothing came within `timeout` seconds (for any lane), or
+        on a `wake`."""
         with self._cond:
-            if timeout > 0 and not self._control and not any(self._lanes):
+            if timeout > 0 and not (self._woken or self._control or any(self._lanes)):
                 self._cond.wait(timeout)
+            self._woken = False
             if self._control:
                 return self._control.popleft()
             queues = self._lanes[lane]

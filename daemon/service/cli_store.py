@@ -201,7 +201,7 @@ def _delete_offline(store: Path, agent: str) -> None:
         raise click.ClickException(str(exc)) from None
     with _offline_store(store) as cache:
         try:
-            fingerprints = _fingerprints_of(cache, agent)
+            fingerprints = cache.fingerprints_of(agent)
             if not fingerprints:
                 raise click.ClickException(f"unknown agent {agent!r}")
             for fp in fingerprints:  # one agent id may be stored for several models
@@ -209,20 +209,6 @@ def _delete_offline(store: Path, agent: str) -> None:
             cache.flush()
         except StorageError as exc:
             raise click.ClickException(str(exc)) from None
-
-
-def _fingerprints_of(cache, agent: str) -> list[str]:
-    """The models `agent` is stored for, read through the store's own index opener."""
-    from agentkv.storage.schema import open_index
-
-    db = open_index(cache.root / "index.db", read_only=True, immutable=cache.read_only)
-    try:
-        rows = db.execute(
-            "SELECT DISTINCT fingerprint FROM agents WHERE agent_id = ?", (agent,)
-        ).fetchall()
-    finally:
-        db.conn.close()
-    return [r[0] for r in rows]
 
 
 def _cache_dir(store: Path, *, index_ok: bool = True) -> Path:
@@ -256,20 +242,13 @@ def _serving_fingerprint(socket_: str, store: Path, key, timeout: float) -> str 
 def _check_model_known(store: Path, fingerprint: str) -> None:
     """Refuse a fingerprint the store has never seen (a typo would make every agent
     another model's, to be removed)."""
-    import sqlite3
-
     from agentkv.storage import StorageError
-    from agentkv.storage.schema import open_index
+    from agentkv.storage.maintenance import known_models
 
     try:
-        db = open_index(_cache_dir(store) / "index.db", read_only=True)
-        try:
-            known = {row[0] for row in db.execute("SELECT fingerprint FROM models")}
-            known |= {row[0] for row in db.execute("SELECT DISTINCT fingerprint FROM agents")}
-        finally:
-            db.conn.close()
-    except (sqlite3.Error, StorageError) as exc:
+        known = known_models(_cache_dir(store))
+    except StorageError as exc:
         raise click.ClickException(f"cannot read the store's models: {exc}") from None
     if fingerprint not in known:
-        listed = ", ".join(sorted(k for k in known if isinstance(k, str))) or "none"
+        listed = ", ".join(sorted(known)) or "none"
         raise click.ClickException(f"no model {fingerprint!r} in {store} (its models: {listed})")

@@ -32,7 +32,9 @@ log = logging.getLogger("agentkv.commands")
 
 MAX_STEP_WAIT_S = 30.0
 MAX_STEP_INTERVAL_S = 10.0
-HELD_POLL_S = 0.002  # how often finished turns waiting for their write-back are checked
+# How often turns being tokenized on the encoder's thread are checked. Finished turns
+# waiting for their write-back are not polled: the store wakes the loop (`on_settled`).
+WORK_POLL_S = 0.002
 DRAIN_GRACE_S = 2.0  # on shutdown, how long finished turns' events wait for their client
 CLIENT_TTL_S = 300.0  # a silent client with nothing running is forgotten after this
 EXPIRY_EVERY_S = 1.0
@@ -128,8 +130,8 @@ class CommandHandler:
         deadlines += [
             c.answered + c.interval for c in self._clients.values() if c.parked and c.events
         ]
-        if self._held or self._held_deletes or self.engine.has_work:  # writes, tokenizing
-            return HELD_POLL_S
+        if self.engine.has_work:  # turns being tokenized
+            return WORK_POLL_S
         if not deadlines:
             return 0.5
         return max(0.001, min(0.5, min(deadlines) - time.monotonic()))

@@ -308,6 +308,8 @@ class DaemonServer:
                 client_ttl=self.client_ttl,
                 cancel_on_shutdown=self.cancel_on_shutdown,
             )
+            if engine.store is not None:  # a landed write-back wakes the loop: held turns
+                engine.store.on_settled(self._inbox.wake)
             self._engine_ready.set()
             self._engine_loop(handler)
         except AgentKVError as exc:  # a typed refusal (a bad model file, ...): the message says it
