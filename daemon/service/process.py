@@ -303,7 +303,8 @@ def _make_engine(opts: DaemonOptions, info: dict, make_store=None):
     """
     from agentkv.storage import CacheStore
 
-    from ..engine import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+    from ..engine import ModelCacheSpec
+    from ..engine.assemble import assemble_engine
     from ..engine.fingerprint import model_fingerprint
     from ..engine.model_factory import default_model_dir, ensure_default_model, load_model
 
@@ -313,35 +314,10 @@ def _make_engine(opts: DaemonOptions, info: dict, make_store=None):
     fingerprint = model_fingerprint(path) if path and path.exists() else None
     spec = ModelCacheSpec.from_model(model, block_size=opts.block_size, fingerprint=fingerprint)
     _check_pool_fits(opts, spec.bytes_per_token * opts.block_size)
-    pool = BlockPool(
-        spec,
-        total_blocks=opts.pool_blocks,
-        memory_budget=None if opts.pool_blocks else opts.memory_budget,
-    )
-    # Let MLX keep freed buffers up to the pool's size: rebuilding a cache then reuses
-    # memory instead of page-faulting fresh pages (~3x faster, EXP-006).
-    import mlx.core as mx
-
-    pool_bytes = pool.total_blocks * pool.bytes_per_block
-    mx.set_cache_limit(max(mx.set_cache_limit(pool_bytes), pool_bytes))
     store = (make_store or CacheStore)(opts.store / "cache", disk_budget=opts.disk_budget)
-    engine = BlockPoolBatchEngine(
-        model,
-        tokenizer,
-        pool,
-        spec,
-        store=store,
-        prefill_step_size=opts.prefill_step_size,
-        model_id=opts.model or "default",
-    )
-    info.update(
-        model=opts.model or "default",
-        model_type=spec.model_type,
-        fingerprint=spec.fingerprint,
-        block_size=pool.block_size,
-        pool_blocks=pool.total_blocks,
-        load_s=round(time.perf_counter() - tic, 3),
-    )
+    engine = assemble_engine(model, tokenizer, spec, opts, store, opts.model or "default")
+    pool = engine.pool
+    info.update(serving_info(opts, spec, pool, tic))
     log.info(
         "model %s (%s) loaded in %.1f s; pool %d blocks",
         info["model"],
@@ -476,6 +452,18 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(message: str, status: int) -> int:
     print(message, file=sys.stderr, flush=True)
     return status
+
+
+def serving_info(opts: DaemonOptions, spec, pool, since: float) -> dict:
+    """What `hello` and `stats` say about the model and pool being served."""
+    return {
+        "model": opts.model or "default",
+        "model_type": spec.model_type,
+        "fingerprint": spec.fingerprint,
+        "block_size": pool.block_size,
+        "pool_blocks": pool.total_blocks,
+        "load_s": round(time.perf_counter() - since, 3),
+    }
 
 
 if __name__ == "__main__":  # run the package's copy of this module, not a second one

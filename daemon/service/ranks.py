@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from .process import BadOptionError, StartError, _check_pool_fits
+from .process import BadOptionError, StartError, _check_pool_fits, serving_info
 from .runfiles import run_dir
 
 log = logging.getLogger("agentkv.distributed")
@@ -294,15 +294,7 @@ def rank_zero_engine(opts, info: dict):
         ready.set()
     spec, pool = engine.spec, engine.pool
     _check_pool_fits(opts, spec.bytes_per_token * opts.block_size)
-    info.update(
-        model=opts.model or "default",
-        model_type=spec.model_type,
-        fingerprint=spec.fingerprint,
-        block_size=pool.block_size,
-        pool_blocks=pool.total_blocks,
-        world_size=n,
-        load_s=round(time.perf_counter() - tic, 3),
-    )
+    info.update(serving_info(opts, spec, pool, tic), world_size=n)
     log.info("rank 0 of %d serving; pool %d blocks per rank", n, pool.total_blocks)
     return LockstepEngine(engine, channel, after_close=lambda: _reap(opts.store, procs))
 

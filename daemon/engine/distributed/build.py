@@ -97,8 +97,7 @@ def build_engine(opts, model_dir: Path, group):
     number of blocks on every rank) and its own store."""
     from agentkv.storage import CacheStore
 
-    from ..batch_engine import BlockPoolBatchEngine
-    from ..block_pool import BlockPool
+    from ..assemble import assemble_engine
     from ..fingerprint import model_fingerprint
     from ..spec import ModelCacheSpec
 
@@ -106,22 +105,10 @@ def build_engine(opts, model_dir: Path, group):
     model, tokenizer = load_sharded(model_dir, group)
     fingerprint = rank_fingerprint(model_fingerprint(model_dir), rank, n)
     spec = ModelCacheSpec.from_model(model, block_size=opts.block_size, fingerprint=fingerprint)
-    pool = BlockPool(
-        spec,
-        total_blocks=opts.pool_blocks,
-        memory_budget=None if opts.pool_blocks else opts.memory_budget,
-    )
-    pool_bytes = pool.total_blocks * pool.bytes_per_block  # as one process does (EXP-006)
-    mx.set_cache_limit(max(mx.set_cache_limit(pool_bytes), pool_bytes))
     store = CacheStore(rank_store_dir(opts.store, rank, n), disk_budget=opts.disk_budget)
-    engine = BlockPoolBatchEngine(
-        model,
-        tokenizer,
-        pool,
-        spec,
-        store=store,
-        prefill_step_size=opts.prefill_step_size,
-        model_id=f"{opts.model or 'default'} (rank {rank} of {n})",
+    engine = assemble_engine(
+        model, tokenizer, spec, opts, store, f"{opts.model or 'default'} (rank {rank} of {n})"
     )
+    pool = engine.pool
     log.info("rank %d of %d: %s, pool %d blocks", rank, n, spec.model_type, pool.total_blocks)
     return engine
