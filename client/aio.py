@@ -126,15 +126,28 @@ class AsyncClient:
             GenerationFailed: the turn finished with finish_reason "error".
             TurnCancelled: the turn was cancelled by someone else (`cancel`, a shutdown).
         """
-        uid = await self._submit(agent_id, prompt, kwargs)
-        turn = Turn(uid, agent_id)
-        async with contextlib.aclosing(self._events(uid, interval)) as events:
+        turn = None
+        events = self.stream_events(agent_id, prompt, interval=interval, **kwargs)
+        async with contextlib.aclosing(events):
             async for event in events:
+                turn = turn or Turn(event.uid, agent_id)
                 if event.text:
                     yield event.text
                 turn.add(event)
                 if event.finish_reason == "cancelled":
                     raise turn.cancelled(event)
+
+    async def stream_events(
+        self, agent_id: str, prompt=None, *, interval: float = STREAM_INTERVAL_S, **kwargs
+    ) -> AsyncIterator[Event]:
+        """Submit a turn and yield its `Event`s as they come: token ids and text, the last
+        one with finish_reason, usage and (for a failed turn) error. Arguments as `stream`;
+        leaving early, or cancelling the task, cancels the turn. The submit's refusals
+        (InvalidRequest, Overloaded, ...) are raised by the first step of the iteration."""
+        uid = await self._submit(agent_id, prompt, kwargs)
+        async with contextlib.aclosing(self._events(uid, interval)) as events:
+            async for event in events:
+                yield event
 
     async def cancel(self, uid: int) -> bool:
         """Cancel a request; False if it had already finished."""

@@ -38,6 +38,7 @@ from .process import (
     check_endpoint,
     is_local_endpoint,
     listening,
+    read_key,
     run_daemon,
 )
 from .runfiles import (
@@ -145,6 +146,18 @@ def main() -> None:
     metavar="SECONDS",
     help="forget a client silent this long with nothing running (and its uncollected events)",
 )
+@click.option(
+    "--http",
+    default=None,
+    metavar="HOST:PORT",
+    help="also serve the OpenAI and Anthropic HTTP APIs here (loopback unless --api-key)",
+)
+@click.option(
+    "--api-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="file holding the HTTP API key (Bearer token), >= 16 bytes",
+)
 @click.option("--detached", is_flag=True, hidden=True)  # set by start for its child
 def start(
     socket_,
@@ -160,6 +173,8 @@ def start(
     block_size,
     cancel_on_shutdown,
     client_ttl,
+    http,
+    api_key,
     detached,
 ) -> None:
     """Start the daemon (returns once it answers the handshake)."""
@@ -174,9 +189,12 @@ def start(
         auth_key=auth_key,
         cancel_on_shutdown=cancel_on_shutdown,
         client_ttl=client_ttl,
+        http=http,
+        api_key=api_key,
     )
     try:
         check_endpoint(socket_, auth_key)
+        _check_http(http, api_key)
     except StartError as exc:
         raise click.UsageError(str(exc)) from None
     info = _hello(socket_, auth_key, min(timeout, 2.0))
@@ -526,12 +544,29 @@ def _child_args(opts: DaemonOptions) -> list[str]:
         ("--disk-budget", opts.disk_budget),
         ("--pool-blocks", opts.pool_blocks),
         ("--auth-key", opts.auth_key),
+        ("--http", opts.http),
+        ("--api-key", opts.api_key),
     ):
         if value is not None:
             args += [flag, str(value)]
     if opts.cancel_on_shutdown:
         args.append("--cancel-on-shutdown")
     return args
+
+
+def _check_http(http: str | None, api_key: Path | None) -> None:
+    """--http: a HOST:PORT, loopback unless an API key (a readable key file) guards it."""
+    from .http.listen import ListenError, parse_listen
+
+    if api_key is not None:
+        if http is None:
+            raise StartError("--api-key is the HTTP front's key: give --http HOST:PORT too")
+        read_key(api_key)
+    if http is not None:
+        try:
+            parse_listen(http, api_key is not None)
+        except ListenError as exc:
+            raise StartError(str(exc)) from None
 
 
 def _other_daemon(store: Path, proc: subprocess.Popen) -> int | None:
@@ -904,6 +939,7 @@ def _status_text(s: dict) -> str:
         f"restored {s.get('restored_agents', 0)} agents / {s.get('restored_tokens', 0)} tokens"
         + _durability_text(s)
         + _index_error_line(store)
+        + (f"\n  http {s['http']}" if s.get("http") else "")
     )
 
 

@@ -60,6 +60,8 @@ class DaemonOptions:
     cancel_on_shutdown: bool = False
     prefill_step_size: int = 512
     client_ttl: float = 300.0
+    http: str | None = None  # HOST:PORT of the HTTP front (daemon/service/http), if any
+    api_key: Path | None = None  # the HTTP front's API key file
 
 
 class StartError(Exception):
@@ -222,6 +224,7 @@ def _serve(opts: DaemonOptions, run: Path) -> dict:
         "started": time.time(),
         "host": socket.gethostname(),
     }
+    front = _http_front(opts, run, info)
     _claim_pidfile(run, info)
     try:
         server = DaemonServer(
@@ -234,11 +237,35 @@ def _serve(opts: DaemonOptions, run: Path) -> dict:
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.request_shutdown())
-        server.serve(ready=lambda: log.info("serving on %s (pid %d)", opts.socket, os.getpid()))
+        server.serve(ready=lambda: _ready(opts, front))
         _log_report(server.shutdown_report)
         return server.shutdown_report
     finally:
+        if front is not None:
+            front.stop()
         _release_pidfile(run)
+
+
+def _http_front(opts: DaemonOptions, run: Path, info: dict):
+    """The HTTP front of `--http`, not started yet (None without --http)."""
+    if opts.http is None:
+        return None
+    from .http.listen import ListenError
+    from .http.supervisor import HttpFront
+
+    try:
+        front = HttpFront(opts.http, opts.socket, opts.auth_key, opts.api_key, run / LOGFILE)
+    except ListenError as exc:
+        raise BadOptionError(str(exc)) from None
+    info["http"] = f"http://{opts.http}"
+    return front
+
+
+def _ready(opts: DaemonOptions, front) -> None:
+    """The socket is bound: start the HTTP front (it connects as one more client)."""
+    if front is not None:
+        front.start()
+    log.info("serving on %s (pid %d)", opts.socket, os.getpid())
 
 
 def _log_report(report: dict) -> None:
