@@ -292,6 +292,28 @@ def http_cost(server: AgentkvServer, model: str, tokens: int) -> dict:
     }
 
 
+def targets(results: list[RunResult], same_text: dict, cost: dict | None) -> dict:
+    """The issue's targets, each flag only where this run measured it."""
+    ak = {r.agents: r for r in results if r.server == "agentkv"}
+    mx = {r.agents: r for r in results if r.server == "mlx_lm.server"}
+    out: dict = {}
+    many = [n for n in ak if n >= 8 and n in mx]
+    if many:
+        ratios = {n: ak[n].tokens_per_s / mx[n].tokens_per_s for n in many}
+        out["tokens_per_s_ratio"] = {str(n): round(v, 3) for n, v in ratios.items()}
+        out["tokens_per_s_target_met"] = all(v >= 1.0 for v in ratios.values())
+    long = [n for n in ak if ak[n].history_tokens_at_restart >= 2000 and n in mx]
+    if long:
+        speedup = {n: mx[n].restart_ttft["p50_ms"] / ak[n].restart_ttft["p50_ms"] for n in long}
+        out["restart_ttft_speedup"] = {str(n): round(v, 2) for n, v in speedup.items()}
+        out["restart_ttft_target_met"] = all(v >= 10 for v in speedup.values())
+    if 1 in same_text:
+        out["same_text_target_met"] = same_text[1]
+    if cost:
+        out["http_cost_target_met"] = cost["ratio"] >= 0.9
+    return out
+
+
 def model_dir(name: str | None, quick: bool) -> Path:
     from agentkv.daemon.engine.gguf import gguf_model_dir
     from agentkv.daemon.engine.model_factory import (
@@ -367,17 +389,23 @@ def main() -> None:
         with contextlib.suppress(Exception):  # stopped already, unless the run failed
             ak.stop()
         ak.cleanup()
-    report = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "model": model,
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": [asdict(r) for r in results],
-        "same_greedy_text_agent0": same_text,
+    result = {
+        "runs": {f"{r.server} x{r.agents}": asdict(r) for r in results},
+        "same_greedy_text_agent0": {str(n): same for n, same in same_text.items()},
         "http_vs_zmq": cost,
+        **targets(results, same_text, cost),
     }
+    meta = {
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "cores": os.cpu_count(),
+        "model_dir": model,
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+    }
+    report = {"experiment": "serving", "meta": meta, "result": result}
     print(table(results, args.turns))
-    print(f"\nagent 0's greedy text identical on both servers: {same_text}")
-    print(f"HTTP streaming vs ZeroMQ decode tokens/s: {cost}")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -311,6 +311,8 @@ def _error(raw: bytes) -> dict:
     [
         (b"{not json", None),
         (b"[1, 2]", None),
+        (b"[" * 100_000, None),
+        (b'{"model": "\xff"}', None),
         ({"model": "m", "messages": "hi"}, "messages"),
         ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0]"),
         ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0]"),
