@@ -53,6 +53,12 @@ ORDER = ("pool", "startup", "gather", "restore", "writeback", "engine", "daemon"
 VARIANTS = {
     "ttft-smollm2": ("ttft", ("--contexts", "512", "1024", "--rounds", "2"), "q4"),
     "restore-smollm2": ("restore", ("--tokens", "1024", "--no-prefill"), "q4"),
+    # issue 17: agentkv's HTTP API beside mlx_lm.server, 1 and 8 agents, ~2K tokens of history.
+    "serving-smollm2": (
+        "serving",
+        ("--agents", "1", "8", "--turns", "3", "--max-tokens", "16", "--system-words", "1500"),
+        "q4",
+    ),
     "ttft-smollm2-openblas": (
         "ttft",
         ("--contexts", "512", "1024", "--rounds", "2"),

