@@ -31,6 +31,10 @@ log = logging.getLogger("agentkv.http")
 # refuse anyway (its messages are at most protocol.MAX_MESSAGE_BYTES).
 MAX_BODY_BYTES = protocol.MAX_MESSAGE_BYTES
 PARENT_POLL_S = 1.0
+# How long the front waits for any reply of the daemon: longer than a Client's 30 s, since
+# one engine step (restoring many long agents at once on a loaded CPU) can take that long,
+# and the front lives and dies with its daemon anyway.
+DAEMON_TIMEOUT_S = 300.0
 
 
 @dataclass(slots=True)
@@ -51,7 +55,7 @@ def make_app(config: FrontConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        client = AsyncClient(config.socket, auth_key=config.auth_key)
+        client = AsyncClient(config.socket, timeout=DAEMON_TIMEOUT_S, auth_key=config.auth_key)
         state["turns"] = turns = Turns(client)
         state["openai"], state["anthropic"] = OpenAIApi(turns), AnthropicApi(turns)
         watcher = asyncio.get_running_loop().create_task(_watch_parent(config.parent_pid))
