@@ -19,6 +19,7 @@ from . import protocol
 from .errors import (
     AgentKVClientError,
     AuthMismatch,
+    DaemonUnavailable,
     GenerationFailed,
     InvalidRequest,
     MessageTooLarge,
@@ -299,11 +300,14 @@ class Turn:
         self.tokens: list[int] = []
 
     def add(self, event: Event) -> None:
-        """Take in one event of this turn; raises GenerationFailed on a failed turn."""
+        """Take in one event of this turn; raises GenerationFailed on a failed turn
+        (DaemonUnavailable when the client could not fetch its events)."""
         self.parts.append(event.text)
         self.tokens += event.token_ids
         if event.finish_reason == "error":
             err = event.error or {}
+            if err.get("code") == DaemonUnavailable.code:  # AsyncClient: its steps failed
+                raise DaemonUnavailable(str(err.get("message")))
             raise GenerationFailed(f"{err.get('code')}: {err.get('message')}")
 
     def result(self, last: Event) -> Result:

@@ -7,13 +7,21 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from agentkv.client import AsyncClient, AuthMismatch, InvalidRequest, TurnCancelled, UnknownAgent
+from agentkv.client import (
+    AsyncClient,
+    AuthMismatch,
+    DaemonUnavailable,
+    InvalidRequest,
+    TurnCancelled,
+    UnknownAgent,
+)
 
 AGENTS = 64
 TOKENS = 8
@@ -276,3 +284,29 @@ def test_auth_key_and_a_mismatch_like_the_sync_client(daemon_factory):
         shutil.rmtree(key_dir)
     assert served.token_ids == want.token_ids
     assert len(refused) == 2
+
+
+def test_a_daemon_that_stops_answering_fails_the_turn_as_unavailable(daemon, long_turn):
+    """A daemon that stops answering mid-turn (SIGSTOP): the awaiting generate raises
+    DaemonUnavailable after the client's timeout, like Client; after SIGCONT the same
+    client serves again."""
+
+    async def main():
+        async with AsyncClient(daemon.socket, timeout=2.0) as c:
+            await c.generate("frozen", FIRST, max_tokens=4)
+            task = asyncio.ensure_future(c.generate("frozen", LONG, max_tokens=LONG_MAX))
+
+            async def running():
+                return (await c.stats())["active"] >= 1
+
+            await wait_for(running, "the turn never ran")
+            os.kill(daemon.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(DaemonUnavailable):
+                    await task
+            finally:
+                os.kill(daemon.pid, signal.SIGCONT)
+            return await c.generate("thawed", [5, 6, 7], max_tokens=3)
+
+    after = run(main())
+    assert after.finish_reason in ("stop", "length")

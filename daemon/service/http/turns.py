@@ -114,7 +114,8 @@ def event_error(event: Event) -> ApiError | None:
     """The error a finished event stands for (a failed or cancelled turn), if any."""
     if event.finish_reason == "error":
         err = event.error or {}
-        return ApiError(500, f"generation failed: {err.get('message')}", code=err.get("code"))
+        status = 503 if err.get("code") == "unavailable" else 500  # the daemon did not answer
+        return ApiError(status, f"generation failed: {err.get('message')}", code=err.get("code"))
     if event.finish_reason == "cancelled":
         return ApiError(503, "the turn was cancelled (the daemon is stopping)", code="cancelled")
     return None
