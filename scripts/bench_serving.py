@@ -221,8 +221,21 @@ def quantiles(values: list[float]) -> dict:
     return {"p50_ms": round(statistics.median(values) * 1000, 1), "p95_ms": round(p95 * 1000, 1)}
 
 
+REQUEST_TIMEOUT_S = 3600.0  # a loaded CPU prefilling many long chats: the SDK's 600 s ran out
+
+
+def _client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key="bench", max_retries=0, timeout=REQUEST_TIMEOUT_S
+    )
+
+
+def progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 async def workload(server, model: str, agents: int, turns: int, args) -> RunResult:
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="bench", max_retries=0)
+    client = _client(server.url)
     chats = [
         [{"role": "system", "content": system_prompt(args.system_words)}] for _ in range(agents)
     ]
@@ -230,12 +243,14 @@ async def workload(server, model: str, agents: int, turns: int, args) -> RunResu
     async def agent_turns(a: int, turn_range) -> list[TurnStat]:
         return [await one_turn(client, model, a, t, chats[a], args.max_tokens) for t in turn_range]
 
+    progress(f"{server.name}, {agents} agent(s): {turns} turns")
     tic = time.perf_counter()
     stats = await asyncio.gather(*(agent_turns(a, range(turns)) for a in range(agents)))
     wall = time.perf_counter() - tic
     await client.close()
+    progress(f"{server.name}, {agents} agent(s): restart, one more turn each")
     server.restart()
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="bench", max_retries=0)
+    client = _client(server.url)
     after = await asyncio.gather(*(agent_turns(a, [turns]) for a in range(agents)))
     await client.close()
     flat = [s for per in stats for s in per]
