@@ -366,8 +366,9 @@ def serving_section(b: dict[str, Bench], plots: Plots) -> str:
         meta, res = b[name].data.get("meta") or {}, dig(b[name].data, "result", default={})
         args = meta.get("args") or {}
         text += [
-            f"\n{name}: model `{Path(str(meta.get('model_dir', '?'))).name}`, "
-            f"{args.get('turns')} turns of {args.get('max_tokens')} tokens per agent, a shared "
+            f"\n{name}: model `{Path(str(meta.get('model_dir', '?'))).name}`, agents "
+            f"{fmt(args.get('agents'))} (this run's), {args.get('turns')} turns of "
+            f"{args.get('max_tokens')} tokens per agent, a shared "
             f"system prompt of {args.get('system_words')} words; {machine_line(meta)}:\n",
             serving_table(res),
             f"\nTargets: {verdicts(b[name].data)}; agentkv/mlx_lm.server tokens/s "
