@@ -1,8 +1,10 @@
 """agentkv client: the wire protocol and the Python client (pure Python, never imports mlx).
 
-from agentkv.client import Client
+from agentkv.client import Client          # blocking, one per thread
+from agentkv.client import AsyncClient     # asyncio, many concurrent turns per object
 """
 
+from .aio import AsyncClient
 from .client import Client, Event, Result
 from .errors import (
     AgentExists,
@@ -32,6 +34,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "AgentExists",
     "AgentKVClientError",
+    "AsyncClient",
     "AuthMismatch",
     "CacheReconstruction",
     "Client",

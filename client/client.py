@@ -10,110 +10,24 @@ A Client is not thread-safe: use one per thread.
 
 from __future__ import annotations
 
-import itertools
-import math
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import zmq
 
-from . import protocol
-from .errors import (
-    AuthMismatch,
-    DaemonUnavailable,
-    GenerationFailed,
-    InvalidRequest,
-    MessageTooLarge,
-    ProtocolMismatch,
-    StaleSession,
-    TurnCancelled,
-    error_for,
-)
+from . import session
+from .errors import DaemonUnavailable, InvalidRequest, StaleSession
 from .paths import default_socket
 from .protocol import SUBMIT_DEFAULTS, MessageType
+from .session import Event, Reply, Result, Turn
 
 MAX_LATE_STEPS = 64  # timed-out steps whose late replies are still taken in
 # Least seconds between step replies: `stream` text in ~20 ms pieces (one round trip per
 # token would cost the daemon decode speed at one agent), `generate` only needs the end.
 STREAM_INTERVAL_S = 0.02
 GENERATE_INTERVAL_S = 1.0
-
-
-@dataclass(slots=True)
-class Event:
-    """What happened to one request since the caller's last step.
-
-    Attributes:
-        uid: the request id `submit` returned.
-        agent_id: its agent.
-        token_ids: tokens generated since the last event.
-        text: their text (streaming detokenizer deltas).
-        finish_reason: set on the last event: "stop", "length", "cancelled" or "error".
-        usage: set on the last event: token counts and timings.
-        error: {code, message} when finish_reason is "error".
-        durable: set on the last event when the daemon has a store: True once the turn
-            (the agent's whole context) is on disk, so it survives a crash; False when
-            the write failed (disk full, ...): the turn is served from memory and
-            written again at the agent's next turn or at shutdown.
-        context_token_ids: set on the last event: the generated ids exactly as appended to
-            the agent's context (see `Result`); None from a daemon that does not send them.
-    """
-
-    uid: int
-    agent_id: str
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    usage: dict | None = None
-    error: dict | None = None
-    durable: bool | None = None
-    context_token_ids: list[int] | None = None
-
-    @property
-    def finished(self) -> bool:
-        """True on a request's last event."""
-        return self.finish_reason is not None
-
-    @classmethod
-    def from_wire(cls, raw: dict) -> Event:
-        """An event from a `step` reply; fields a later minor protocol version adds are
-        ignored."""
-        return cls(**{k: v for k, v in raw.items() if k in _EVENT_FIELDS})
-
-
-_EVENT_FIELDS = frozenset(f.name for f in fields(Event))
-
-
-@dataclass(slots=True)
-class Result:
-    """A finished turn.
-
-    Attributes:
-        uid: the request id.
-        agent_id: its agent.
-        text: the generated text.
-        token_ids: the generated ids, without a final EOS (as `mlx_lm.generate` yields).
-        finish_reason: "stop" (EOS or a stop string), "length" or "cancelled" (`generate`
-            returns a cancelled turn, with what it generated; `stream` raises TurnCancelled).
-        usage: token counts and timings.
-        context_token_ids: the generated ids exactly as appended to the agent's context: a
-            final EOS included when the turn ended on one (a model may have several EOS
-            ids), [] for a cancelled turn (its context did not change). The agent's
-            context is its context before the turn plus these. None from an older daemon.
-        durable: as in `Event`: True once the turn is on disk, False if its write failed.
-    """
-
-    uid: int
-    agent_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    usage: dict
-    context_token_ids: list[int] | None = None
-    durable: bool | None = None
 
 
 class Client:
@@ -140,9 +54,8 @@ class Client:
         auth_key: bytes | str | Path | None = None,
     ) -> None:
         self.endpoint = endpoint or default_socket()
-        self.timeout = _seconds(timeout, "timeout")
-        self._key = _load_key(auth_key)
-        self._ids = itertools.count(1)
+        self.timeout = session.seconds(timeout, "timeout")
+        self._proto = session.Session(self.endpoint, auth_key)
         self._buffered: deque[Event] = deque()
         # Steps that timed out: the daemon has handed their events over already, so a late
         # reply to one is kept for the next step instead of dropped.
@@ -154,7 +67,6 @@ class Client:
         except zmq.ZMQError as exc:
             self.close()
             raise InvalidRequest(f"bad endpoint {self.endpoint!r}: {exc}") from None
-        self._session: str | None = None
         try:
             self._handshake()
         except BaseException:
@@ -164,18 +76,8 @@ class Client:
     def _handshake(self) -> None:
         """`hello`: the daemon's facts, its protocol version checked, and (with a key) the
         session every signed request names."""
-        info = self._call(MessageType.HELLO, {"version": list(protocol.PROTOCOL_VERSION)})
-        try:
-            protocol.check_version(info.get("version"))
-        except protocol.ProtocolError as exc:
-            raise error_for(exc.code, str(exc)) from None
-        session = info.get("session")
-        if self._key is not None and not isinstance(session, str):
-            raise ProtocolMismatch(
-                "the daemon does not bind signed requests to a session (protocol < 1.3): "
-                "a captured request could be replayed after its restart; upgrade the daemon"
-            )
-        self.info, self._session = info, session
+        self._proto.accept_hello(self._call(MessageType.HELLO, self._proto.hello_body()))
+        self.info = self._proto.info
 
     # -- turns -----------------------------------------------------------------------------
 
@@ -203,22 +105,19 @@ class Client:
         Raises:
             InvalidRequest: a bad agent id, input or option (here, or by the daemon).
         """
-        try:
-            request = protocol.SubmitRequest.for_turn(
-                agent_id,
-                prompt,
-                messages=messages,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                min_p=min_p,
-                seed=seed,
-                stop=stop,
-            )
-        except protocol.ProtocolError as exc:
-            raise InvalidRequest(str(exc)) from None
-        return self._call(MessageType.SUBMIT, request.to_body())["uid"]
+        body = session.submit_body(
+            agent_id,
+            prompt,
+            messages=messages,
+            stop=stop,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+        )
+        return self._call(MessageType.SUBMIT, body)["uid"]
 
     def step(self, timeout: float = 1.0, interval: float = 0.0) -> list[Event]:
         """Events of this client's requests since its last step, waiting up to `timeout`.
@@ -241,26 +140,12 @@ class Client:
         Raises:
             GenerationFailed: the turn finished with finish_reason "error".
         """
-        parts: list[str] = []
-        tokens: list[int] = []
         uid = self.submit(agent_id, prompt, **kwargs)
+        turn = Turn(uid, agent_id)
         for event in self._events_of(uid, GENERATE_INTERVAL_S):
-            parts.append(event.text)
-            tokens += event.token_ids
+            turn.add(event)
             if event.finished:
-                if event.finish_reason == "error":
-                    err = event.error or {}
-                    raise GenerationFailed(f"{err.get('code')}: {err.get('message')}")
-                return Result(
-                    event.uid,
-                    agent_id,
-                    "".join(parts),
-                    tokens,
-                    event.finish_reason,
-                    event.usage or {},
-                    event.context_token_ids,
-                    durable=event.durable,
-                )
+                return turn.result(event)
         raise AssertionError("unreachable")
 
     def stream(
@@ -275,25 +160,14 @@ class Client:
             TurnCancelled: the turn was cancelled (it carries the text yielded so far), so
                 a cancelled stream never looks like one that ended normally.
         """
-        parts: list[str] = []
-        tokens: list[int] = []
-        for event in self._events_of(self.submit(agent_id, prompt, **kwargs), interval):
-            parts.append(event.text)
-            tokens += event.token_ids
+        uid = self.submit(agent_id, prompt, **kwargs)
+        turn = Turn(uid, agent_id)
+        for event in self._events_of(uid, interval):
             if event.text:
                 yield event.text
-            if event.finished and event.finish_reason == "error":
-                err = event.error or {}
-                raise GenerationFailed(f"{err.get('code')}: {err.get('message')}")
-            if event.finished and event.finish_reason == "cancelled":
-                raise TurnCancelled(
-                    f"turn {event.uid} of agent {agent_id!r} was cancelled",
-                    uid=event.uid,
-                    agent_id=agent_id,
-                    text="".join(parts),
-                    token_ids=tokens,
-                    usage=event.usage,
-                )
+            turn.add(event)
+            if event.finish_reason == "cancelled":
+                raise turn.cancelled(event)
 
     def cancel(self, uid: int) -> bool:
         """Cancel a request; False if it had already finished."""
@@ -394,9 +268,7 @@ class Client:
                     return
 
     def _step_call(self, timeout: float, interval: float = 0.0) -> None:
-        body = {"timeout": _seconds(timeout, "timeout")}
-        if interval:  # only when asked: a 1.0 daemon ignores it anyway
-            body["interval"] = interval
+        body = session.step_body(timeout, interval)
         result = self._call(MessageType.STEP, body, wait=timeout + self.timeout)
         self._buffered.extend(Event.from_wire(e) for e in result["events"])
 
@@ -418,18 +290,7 @@ class Client:
             return self._call_once(kind, body, wait)
 
     def _call_once(self, kind: MessageType, body: dict, wait: float | None):
-        rid = next(self._ids)
-        session = self._session if self._key is not None and kind is not MessageType.HELLO else None
-        try:
-            header = protocol.request_header(rid, body, session)
-            frames = protocol.encode(kind, header, self._key)
-        except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError included
-            raise InvalidRequest(f"cannot send this request: {exc}") from None
-        size = sum(len(f) for f in frames)
-        if size > protocol.MAX_MESSAGE_BYTES:  # the daemon would refuse it anyway
-            raise MessageTooLarge(
-                f"request of {size} bytes exceeds {protocol.MAX_MESSAGE_BYTES} bytes"
-            )
+        rid, frames = self._proto.request(kind, body)
         wait = self.timeout if wait is None else wait
         deadline = time.monotonic() + wait
         self._send(frames, wait)
@@ -459,81 +320,19 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000) + 1):
                 raise DaemonUnavailable(f"no reply from {self.endpoint} within {wait:.1f} s")
-            frames = self._sock.recv_multipart()
-            try:
-                msg = protocol.decode(frames, self._key)
-            except protocol.ProtocolError as exc:
-                _raise_if_unreadable(exc, frames, rid)
-                _raise_if_mismatched(frames, rid, self._key is not None)
+            reply = self._proto.read(self._sock.recv_multipart())
+            if reply is None:
                 continue  # not for us / unreadable: keep waiting for our reply
-            if msg.header.get("id") != rid:
-                self._keep_late(msg)
+            if reply.rid != rid and not reply.to_all:
+                self._keep_late(reply)
                 continue
-            if msg.type is MessageType.ERROR:
-                err = msg.header.get("error") or {}
-                code, message = str(err.get("code")), str(err.get("message"))
-                if code == "unauthorized" and self._key is None:
-                    raise AuthMismatch(
-                        f"authentication mismatch: the daemon wants an auth key "
-                        f"and this client has none ({message})"
-                    )
-                raise error_for(code, message)
-            return msg.header.get("result")
+            if reply.error is not None:
+                raise reply.error
+            return reply.result
 
-    def _keep_late(self, msg: protocol.Message) -> None:
+    def _keep_late(self, reply: Reply) -> None:
         """A reply to a step that timed out still carries its events: keep them."""
-        rid = msg.header.get("id")
-        if rid not in self._late_steps or msg.type is not MessageType.REPLY:
+        if reply.rid not in self._late_steps or reply.error is not None:
             return
-        self._late_steps.remove(rid)
-        events = (msg.header.get("result") or {}).get("events") or []
-        self._buffered.extend(Event.from_wire(e) for e in events)
-
-
-def _raise_if_unreadable(exc: protocol.ProtocolError, frames: list[bytes], rid: int) -> None:
-    """Our reply, but over the size limit: say so instead of timing out."""
-    if exc.code == "too_large" and protocol.peek_id(frames) == rid:
-        size = sum(len(f) for f in frames)
-        raise MessageTooLarge(
-            f"reply of {size} bytes exceeds {protocol.MAX_MESSAGE_BYTES} bytes"
-        ) from None
-
-
-def _raise_if_mismatched(frames: list[bytes], rid: int, keyed: bool) -> None:
-    """A reply to us that fails the signature check means the two sides disagree about
-    authentication (a daemon sends `unauthorized` unsigned when our signature was missing
-    or wrong): say so at once instead of timing out. Only a refusal is believed unsigned."""
-    try:
-        msg = protocol.decode(frames[:3])
-    except protocol.ProtocolError:
-        return
-    if msg.header.get("id") not in (rid, None):
-        return
-    err = msg.header.get("error") or {}
-    if keyed and len(frames) == 3:
-        why = err.get("message") if msg.type is MessageType.ERROR else "an unsigned reply"
-        raise AuthMismatch(
-            f"authentication mismatch: the daemon does not accept this client's key ({why})"
-        )
-    if not keyed and len(frames) == 4:
-        raise AuthMismatch(
-            "authentication mismatch: the daemon signs its replies (it has an auth key) "
-            "and this client has none"
-        )
-
-
-def _load_key(key: bytes | str | Path | None) -> bytes | None:
-    if key is None:
-        return None
-    try:
-        return protocol.check_key(key) if isinstance(key, bytes) else protocol.load_key(key)
-    except protocol.ProtocolError as exc:
-        raise InvalidRequest(str(exc)) from None
-
-
-def _seconds(value: object, what: str) -> float:
-    """A wait in seconds: a finite number >= 0 (an infinite one cannot be a socket timeout)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value < 0:
-        raise InvalidRequest(f"{what} must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
+        self._late_steps.remove(reply.rid)
+        self._buffered.extend(reply.events())

@@ -53,6 +53,12 @@ ORDER = ("pool", "startup", "gather", "restore", "writeback", "engine", "daemon"
 VARIANTS = {
     "ttft-smollm2": ("ttft", ("--contexts", "512", "1024", "--rounds", "2"), "q4"),
     "restore-smollm2": ("restore", ("--tokens", "1024", "--no-prefill"), "q4"),
+    # issue 17: agentkv's HTTP API beside mlx_lm.server, 1 and 8 agents, ~2K tokens of history.
+    "serving-smollm2": (
+        "serving",
+        ("--agents", "1", "8", "--turns", "3", "--max-tokens", "16", "--system-words", "1500"),
+        "q4",
+    ),
     "ttft-smollm2-openblas": (
         "ttft",
         ("--contexts", "512", "1024", "--rounds", "2"),
@@ -349,6 +355,47 @@ def ttft_table(data: dict) -> str:
         body.append(line)
     ok = dig(data, "result", "as_expected")
     return "\n".join([table(head, body), f"\nEvery turn's usage matched its regime: {fmt(ok)}."])
+
+
+def serving_section(b: dict[str, Bench], plots: Plots) -> str:
+    """bench_serving: agentkv's HTTP API beside mlx_lm.server, per model it ran on."""
+    text = []
+    for name in ("serving", "serving-smollm2"):
+        if name not in b:
+            continue
+        meta, res = b[name].data.get("meta") or {}, dig(b[name].data, "result", default={})
+        args = meta.get("args") or {}
+        text += [
+            f"\n{name}: model `{Path(str(meta.get('model_dir', '?'))).name}`, agents "
+            f"{fmt(args.get('agents'))} (this run's), {args.get('turns')} turns of "
+            f"{args.get('max_tokens')} tokens per agent, a shared "
+            f"system prompt of {args.get('system_words')} words; {machine_line(meta)}:\n",
+            serving_table(res),
+            f"\nTargets: {verdicts(b[name].data)}; agentkv/mlx_lm.server tokens/s "
+            f"{fmt(res.get('tokens_per_s_ratio'))}, TTFT after restart mlx_lm.server/agentkv "
+            f"{fmt(res.get('restart_ttft_speedup'))}; agent 0's greedy text identical: "
+            f"{fmt(res.get('same_greedy_text_agent0'))}; HTTP vs ZeroMQ decode tokens/s: "
+            f"{fmt(res.get('http_vs_zmq'))}.",
+        ]
+    return "\n".join(text).lstrip()
+
+
+def serving_table(res: dict) -> str:
+    """One row per server and agent count."""
+    runs = list((res.get("runs") or {}).values())
+    turns = max((len(r["ttft_by_turn"]) for r in runs), default=0)
+    head = ["server", "agents"] + [f"TTFT turn {t} p50/p95 (ms)" for t in range(turns)]
+    head += ["tokens/s", "prefilled", "history at restart (tokens)"]
+    head += ["TTFT after restart p50/p95 (ms)", "prefilled after restart"]
+    body = []
+    for r in sorted(runs, key=lambda r: (r["agents"], r["server"])):
+        pairs = [f"{q['p50_ms']}/{q['p95_ms']}" for q in r["ttft_by_turn"].values()]
+        after = f"{r['restart_ttft']['p50_ms']}/{r['restart_ttft']['p95_ms']}"
+        body.append(
+            [r["server"], r["agents"], *pairs, r["tokens_per_s"], r["prefilled_tokens"]]
+            + [r["history_tokens_at_restart"], after, r.get("prefilled_after_restart")]
+        )
+    return table(head, body)
 
 
 def decode_section(b: dict[str, Bench], plots: Plots) -> str:
@@ -716,7 +763,12 @@ def plot_pool(plt, data: dict):
 
 TOPICS = (
     ("Time to first token", ("ttft",), ttft_section),
-    ("A real model: SmolLM2-135M-Instruct", tuple(VARIANTS), real_model_section),
+    (
+        "A real model: SmolLM2-135M-Instruct",
+        tuple(v for v in VARIANTS if not v.startswith("serving")),
+        real_model_section,
+    ),
+    ("Serving side by side with mlx_lm.server", ("serving", "serving-smollm2"), serving_section),
     ("Decode throughput against concurrent agents", ("engine", "daemon"), decode_section),
     ("Daemon round trips and inter-token gaps", ("daemon",), daemon_section),
     ("Gather and restore bandwidth", ("gather", "restore"), bandwidth_section),

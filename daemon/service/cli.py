@@ -47,6 +47,7 @@ from .process import (
     StartError,
     check_endpoint,
     listening,
+    read_key,
     run_daemon,
 )
 from .runfiles import (
@@ -106,6 +107,18 @@ from .runfiles import (
     metavar="SECONDS",
     help="a rank silent this long stops a distributed daemon",
 )
+@click.option(
+    "--http",
+    default=None,
+    metavar="HOST:PORT",
+    help="also serve the OpenAI and Anthropic HTTP APIs here (loopback unless --api-key)",
+)
+@click.option(
+    "--api-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="file holding the HTTP API key (Bearer token), >= 16 bytes",
+)
 def start(
     socket_,
     store,
@@ -123,6 +136,8 @@ def start(
     world_size,
     hosts,
     collective_timeout,
+    http,
+    api_key,
 ) -> None:
     """Start the daemon (returns once it answers the handshake)."""
     opts = DaemonOptions(
@@ -139,9 +154,12 @@ def start(
         world_size=world_size,
         hosts=hosts.resolve() if hosts else None,
         collective_timeout=collective_timeout,
+        http=http,
+        api_key=api_key,
     )
     try:
         check_endpoint(socket_, auth_key)
+        _check_http(http, api_key)
     except StartError as exc:
         raise click.UsageError(str(exc)) from None
     info = _hello(socket_, auth_key, min(timeout, 2.0))
@@ -272,6 +290,21 @@ def _spawn(opts: DaemonOptions, timeout: float, as_json: bool) -> None:
         time.sleep(0.2)
     proc.kill()
     raise click.ClickException(f"daemon did not answer within {timeout:.0f} s\n{_tail(log_path)}")
+
+
+def _check_http(http: str | None, api_key: Path | None) -> None:
+    """--http: a HOST:PORT, loopback unless an API key (a readable key file) guards it."""
+    from .http.listen import ListenError, parse_listen
+
+    if api_key is not None:
+        if http is None:
+            raise StartError("--api-key is the HTTP front's key: give --http HOST:PORT too")
+        read_key(api_key)
+    if http is not None:
+        try:
+            parse_listen(http, api_key is not None)
+        except ListenError as exc:
+            raise StartError(str(exc)) from None
 
 
 def _other_daemon(store: Path, proc: subprocess.Popen) -> int | None:

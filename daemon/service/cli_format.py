@@ -32,6 +32,7 @@ def _status_text(s: dict) -> str:
         + _durability_text(s)
         + _index_error_line(store)
         + _ranks_text(s)
+        + (f"\n  http {s['http']}" if s.get("http") else "")
     )
 
 

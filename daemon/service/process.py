@@ -51,7 +51,7 @@ log = logging.getLogger("agentkv.daemon")
 
 EXIT_USAGE = 2  # the detached daemon's exit status for an option that cannot work
 EXIT_STORE_IN_USE = 75  # ... and for a store another daemon holds (start waits for that one)
-_PATH_OPTIONS = ("store", "auth_key", "hosts")  # DaemonOptions fields that are paths
+_PATH_OPTIONS = ("store", "auth_key", "hosts", "api_key")  # DaemonOptions fields that are paths
 
 
 @dataclass(slots=True)
@@ -72,6 +72,8 @@ class DaemonOptions:
     world_size: int = 1  # ranks on this machine (mx.distributed tensor parallelism)
     hosts: Path | None = None  # or an MLX ring hostfile naming every rank
     collective_timeout: float = 120.0  # a rank lost this long stops the daemon
+    http: str | None = None  # HOST:PORT of the HTTP front (daemon/service/http), if any
+    api_key: Path | None = None  # the HTTP front's API key file
 
     def to_json(self) -> str:
         """Every option as one JSON object (paths as strings)."""
@@ -261,6 +263,7 @@ def _serve(opts: DaemonOptions, run: Path) -> dict:
         "started": time.time(),
         "host": socket.gethostname(),
     }
+    front = _http_front(opts, run, info)
     _claim_pidfile(run, info)
     try:
         server = DaemonServer(
@@ -273,11 +276,35 @@ def _serve(opts: DaemonOptions, run: Path) -> dict:
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.request_shutdown())
-        server.serve(ready=lambda: log.info("serving on %s (pid %d)", opts.socket, os.getpid()))
+        server.serve(ready=lambda: _ready(opts, front))
         _log_report(server.shutdown_report)
         return server.shutdown_report
     finally:
+        if front is not None:
+            front.stop()
         _release_pidfile(run)
+
+
+def _http_front(opts: DaemonOptions, run: Path, info: dict):
+    """The HTTP front of `--http`, not started yet (None without --http)."""
+    if opts.http is None:
+        return None
+    from .http.listen import ListenError
+    from .http.supervisor import HttpFront
+
+    try:
+        front = HttpFront(opts.http, opts.socket, opts.auth_key, opts.api_key, run / LOGFILE)
+    except ListenError as exc:
+        raise BadOptionError(str(exc)) from None
+    info["http"] = f"http://{opts.http}"
+    return front
+
+
+def _ready(opts: DaemonOptions, front) -> None:
+    """The socket is bound: start the HTTP front (it connects as one more client)."""
+    if front is not None:
+        front.start()
+    log.info("serving on %s (pid %d)", opts.socket, os.getpid())
 
 
 def _log_report(report: dict) -> None:

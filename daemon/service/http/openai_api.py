@@ -1,0 +1,230 @@
+"""OpenAI's API: POST /v1/chat/completions, POST /v1/completions, GET /v1/models.
+
+A request's agent is its X-Agent-Id header, else its `user` field, else its
+`metadata.agent_id`; without one, the turn runs on an ephemeral agent deleted after it.
+Chat requests send the whole conversation each time: the daemon renders it with the
+model's chat template and reuses the longest common token prefix with the agent's context
+(`usage.prompt_tokens_details.cached_tokens`). A completion's `prompt` is appended to its
+agent's context (send only the new text when naming an agent).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from agentkv.client import Event, Result
+
+from . import fields
+from .errors import ApiError
+from .turns import TurnInput, Turns, agent_of, event_error
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sampling(body: dict) -> dict:
+    """The sampling options of a chat or completion request, checked."""
+    refuse_unsupported(body)
+    max_tokens = fields.integer(body, "max_completion_tokens", low=1)
+    if max_tokens is None:
+        max_tokens = fields.integer(body, "max_tokens", low=1)
+    options = {
+        "max_tokens": max_tokens,
+        "temperature": fields.number(body, "temperature", low=0.0, high=2.0),
+        "top_p": fields.number(body, "top_p", low=0.0, high=1.0),
+        "seed": fields.integer(body, "seed", low=-(2**63), high=2**63 - 1),
+        "stop": fields.strings(body, "stop"),
+    }
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def refuse_unsupported(body: dict) -> None:
+    """What the engine cannot do is refused, never silently ignored."""
+    if fields.integer(body, "n", low=1, default=1) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_value")
+    if fields.integer(body, "best_of", low=1, default=1) != 1:
+        raise ApiError(400, "only best_of=1 is supported", param="best_of")
+    logprobs = body.get("logprobs")
+    if logprobs not in (None, False, 0):
+        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    if body.get("tools") or body.get("functions"):
+        raise ApiError(
+            400,
+            "tools are not supported: agentkv does not parse tool calls yet (the test "
+            "models' and SmolLM2's tokenizers have no tool parser), and it refuses tools "
+            "rather than return unparsed tool-call text",
+            param="tools",
+            code="tools_unsupported",
+        )
+
+
+def chat_messages(raw: object) -> list[dict]:
+    """OpenAI chat messages as the daemon's {role, content} dicts (text content only)."""
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            roles = ", ".join(ROLES)
+            raise ApiError(400, f"{where}: needs a 'role' among {roles}", param=where)
+        if m.get("tool_calls"):
+            raise ApiError(400, f"{where}: tool calls are not supported", param=where)
+        out.append({"role": ROLES[m["role"]], "content": text_content(m.get("content"), where)})
+    return out
+
+
+def text_content(content: object, where: str) -> str:
+    """A message's content: a string, or a list of text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ApiError(400, f"{where}: only text content is supported", param=where)
+            if not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}: a text part needs a string 'text'", param=where)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"{where}: 'content' must be a string or text parts", param=where)
+
+
+def usage(raw: dict, completion_tokens: int) -> dict:
+    """OpenAI's usage from the turn's: cached_tokens = the tokens reused, not prefilled."""
+    prompt = int(raw.get("prompt_tokens", 0))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": int(raw.get("cached_tokens", 0))},
+    }
+
+
+def finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def sse(data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+class OpenAIApi:
+    """The OpenAI endpoints over `Turns`."""
+
+    def __init__(self, turns: Turns) -> None:
+        self.turns = turns
+
+    async def models(self) -> Response:
+        info = await self.turns.info()
+        created = int(info.get("started", time.time()))
+        model = {"id": info.get("model", "default"), "object": "model", "created": created}
+        model["owned_by"] = "agentkv"
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def chat(self, headers, body: dict) -> Response:
+        turn = TurnInput(
+            agent_of(headers, body, "user"),
+            messages=chat_messages(body.get("messages")),
+            options=sampling(body),
+        )
+        return await self._respond(body, turn, chat=True)
+
+    async def completion(self, headers, body: dict) -> Response:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+        if body.get("echo") or body.get("suffix"):
+            raise ApiError(400, "echo and suffix are not supported", param="echo")
+        turn = TurnInput(agent_of(headers, body, "user"), prompt=prompt, options=sampling(body))
+        return await self._respond(body, turn, chat=False)
+
+    async def _respond(self, body: dict, turn: TurnInput, *, chat: bool) -> Response:
+        model = body.get("model") if isinstance(body.get("model"), str) else "default"
+        stream = fields.flag(body, "stream")
+        include_usage = fields.flag(fields.mapping(body, "stream_options"), "include_usage")
+        if stream:
+            agent, events = await self.turns.stream(turn)
+            chunks = _Chunks(model, chat, include_usage)
+            return StreamingResponse(
+                chunks.render(events),
+                media_type="text/event-stream",
+                headers={**SSE_HEADERS, "X-Agent-Id": agent},
+            )
+        agent, result = await self.turns.generate(turn)
+        body = _whole(model, result, chat)
+        return JSONResponse(body, headers={"X-Agent-Id": agent})
+
+
+def _whole(model: str, result: Result, chat: bool) -> dict:
+    n = int(result.usage.get("generated_tokens", len(result.token_ids)))
+    choice = {"index": 0, "finish_reason": finish(result.finish_reason), "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": result.text}
+    else:
+        choice["text"] = result.text
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{result.uid}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(result.usage, n),
+    }
+
+
+class _Chunks:
+    """A streamed response's server-sent events."""
+
+    def __init__(self, model: str, chat: bool, include_usage: bool) -> None:
+        self.model = model
+        self.chat = chat
+        self.include_usage = include_usage
+        self.created = int(time.time())
+
+    def chunk(self, uid: int, choices: list[dict], **extra) -> bytes:
+        return sse(
+            {
+                "id": f"{'chatcmpl' if self.chat else 'cmpl'}-{uid}",
+                "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": choices,
+                **extra,
+            }
+        )
+
+    def choice(self, text: str | None, reason: str | None, first: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+        delta = {"role": "assistant", "content": text or ""} if first else {}
+        if text and not first:
+            delta = {"content": text}
+        return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+
+    async def render(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+        first = True
+        async for event in events:
+            if first and self.chat:
+                yield self.chunk(event.uid, [self.choice("", None, first=True)])
+            first = False
+            if event.text:
+                yield self.chunk(event.uid, [self.choice(event.text, None)])
+            if not event.finished:
+                continue
+            error = event_error(event)
+            if error is not None:
+                yield sse(error.openai())
+                break
+            yield self.chunk(event.uid, [self.choice(None, finish(event.finish_reason))])
+            if self.include_usage:
+                n = int((event.usage or {}).get("generated_tokens", 0))
+                yield self.chunk(event.uid, [], usage=usage(event.usage or {}, n))
+        yield sse("[DONE]")
