@@ -1,5 +1,7 @@
-"""agentkv's HTTP API side by side with mlx_lm.server: the same agent workload through the
-`openai` client, same model directory, same machine, in the same run.
+"""agentkv's HTTP API side by side with mlx_lm.server, through the openai client.
+
+The same agent workload through the `openai` client, same model directory, same machine,
+in the same run.
 
 Workload (per server, per agent count N in --agents): N agents, each holding a multi-turn
 chat conversation: a shared system prompt (--system-words words), then --turns user turns,
