@@ -27,7 +27,7 @@ from .errors import (
     TurnCancelled,
     error_for,
 )
-from .protocol import SUBMIT_DEFAULTS, MessageType
+from .protocol import MessageType
 
 
 @dataclass(slots=True)
@@ -250,33 +250,17 @@ def submit_body(
     prompt: str | Sequence[int] | None = None,
     *,
     messages: Sequence[dict] | None = None,
-    max_tokens: int = SUBMIT_DEFAULTS.max_tokens,
-    temperature: float = SUBMIT_DEFAULTS.temperature,
-    top_p: float = SUBMIT_DEFAULTS.top_p,
-    top_k: int = SUBMIT_DEFAULTS.top_k,
-    min_p: float = SUBMIT_DEFAULTS.min_p,
-    seed: int | None = SUBMIT_DEFAULTS.seed,
-    stop: str | Sequence[str] | None = None,
+    **options,
 ) -> dict:
     """A `submit` request's body from `Client.submit`'s arguments (`prompt` text or token
-    ids, or `messages`, and the options), checked by the protocol's `SubmitRequest`.
+    ids, or `messages`, and the options by name: `TurnOptions`' fields, whose defaults are
+    the protocol's), checked by the protocol's `SubmitRequest`.
 
     Raises:
         InvalidRequest: a bad agent id, input or option.
     """
     try:
-        request = protocol.SubmitRequest.for_turn(
-            agent_id,
-            prompt,
-            messages=messages,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            seed=seed,
-            stop=stop,
-        )
+        request = protocol.SubmitRequest.for_turn(agent_id, prompt, messages=messages, **options)
     except protocol.ProtocolError as exc:
         raise InvalidRequest(str(exc)) from None
     return request.to_body()
