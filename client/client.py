@@ -94,13 +94,16 @@ class Client:
         min_p: float = SUBMIT_DEFAULTS.min_p,
         seed: int | None = SUBMIT_DEFAULTS.seed,
         stop: str | Sequence[str] | None = None,
+        tools: Sequence[dict] | None = None,
     ) -> int:
         """Queue a turn; returns its request id at once.
 
         `prompt` (text, or a list of token ids) is appended to the agent's context;
         `messages` is the whole chat, rendered with the model's chat template (the longest
         common token prefix with the agent's context is reused). `stop` is one stop string
-        or several. The request is checked here first (`protocol.SubmitRequest`).
+        or several. `tools` (with `messages`) go to the chat template; the turn's last
+        event then carries the `tool_calls` the model made, when `hello`'s `tool_calling`
+        names a parser. The request is checked here first (`protocol.SubmitRequest`).
 
         Raises:
             InvalidRequest: a bad agent id, input or option (here, or by the daemon).
@@ -109,6 +112,7 @@ class Client:
             agent_id,
             prompt,
             messages=messages,
+            tools=tools,
             stop=stop,
             max_tokens=max_tokens,
             temperature=temperature,

@@ -38,6 +38,10 @@ as much as it will for this client, or for all: retry later) and `stale_session`
 request names an earlier daemon run's session: say hello again). `unauthorized` replies
 are signed when the message's signature was good (replayed, stale, wrong session) and
 unsigned when it was missing or wrong, so a client can tell a key mismatch from a replay.
+1.4: `submit` takes `tools` (with `messages`: handed to the chat template); `hello` and
+`stats` give `tool_calling` (None, or the model's tool-call markers and parser); a turn
+with tools whose output holds tool calls ends with `tool_calls` and `content` (the text
+less the calls).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from typing import NoReturn
 
 import msgpack
 
-PROTOCOL_VERSION = (1, 3)
+PROTOCOL_VERSION = (1, 4)
 SESSION_VERSION = (1, 3)  # the first version whose signed requests carry `session`
 MAGIC = b"AKV1"
 MAX_MESSAGE_BYTES = 8 * 2**20  # larger requests are refused with `too_large`
@@ -415,6 +419,7 @@ TURN_INPUTS = ("prompt", "tokens", "messages")  # a submit gives exactly one of 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
+MAX_TOOLS = 128  # tools of one submit (each a JSON-schema dict; the size is the message's)
 
 
 def check_sampling(temperature, top_p, top_k, min_p, seed) -> None:
@@ -516,7 +521,7 @@ class TurnOptions:
 
 SUBMIT_DEFAULTS = TurnOptions()
 _OPTION_FIELDS = frozenset(TurnOptions.__slots__)
-SUBMIT_FIELDS = frozenset({"agent_id", *TURN_INPUTS, *_OPTION_FIELDS})  # a submit's body
+SUBMIT_FIELDS = frozenset({"agent_id", *TURN_INPUTS, *_OPTION_FIELDS, "tools"})  # a body
 
 
 @dataclass(slots=True, frozen=True)
@@ -525,8 +530,10 @@ class SubmitRequest:
 
     Exactly one input: `prompt` (text appended to the agent's context), `tokens` (token
     ids appended to it) or `messages` (the whole chat as {role, content} dicts, rendered
-    with the model's chat template). What only the model can judge (token ids in its
-    vocabulary, a chat template, text that encodes to nothing) is the engine's to check.
+    with the model's chat template). `tools` (up to MAX_TOOLS dicts, e.g. OpenAI's
+    function schemas) go with `messages`, to the chat template. What only the model can
+    judge (token ids in its vocabulary, a chat template, text that encodes to nothing,
+    whether its template takes tools) is the engine's to check.
 
     Raises:
         ProtocolError: invalid_request, naming the first bad field.
@@ -537,6 +544,7 @@ class SubmitRequest:
     tokens: list[int] | None = None
     messages: list[dict] | None = None
     options: TurnOptions = SUBMIT_DEFAULTS
+    tools: list[dict] | None = None
 
     def __post_init__(self) -> None:
         check_agent_id(self.agent_id)
@@ -550,11 +558,15 @@ class SubmitRequest:
                 _invalid(f"{kind} must be a list")
         if self.tokens is not None and len(self.tokens) > MAX_TOKENS_PER_MESSAGE:
             _invalid(f"at most {MAX_TOKENS_PER_MESSAGE} token ids per request")
+        if self.tools is not None:
+            check_tools(self.tools, chat=self.messages is not None)
 
     @classmethod
-    def for_turn(cls, agent_id: str, prompt=None, *, messages=None, **options) -> SubmitRequest:
+    def for_turn(
+        cls, agent_id: str, prompt=None, *, messages=None, tools=None, **options
+    ) -> SubmitRequest:
         """A request from `submit`-style arguments: `prompt` as text or token ids (any
-        iterable of ints), `messages` any sequence of dicts, options by name."""
+        iterable of ints), `messages` and `tools` any sequences of dicts, options by name."""
         tokens = None
         if prompt is not None and not isinstance(prompt, str):
             try:
@@ -565,7 +577,10 @@ class SubmitRequest:
         if messages is not None and not isinstance(messages, (str, bytes, dict)):
             with contextlib.suppress(TypeError):  # not iterable: refused as not a list
                 messages = list(messages)
-        return cls(agent_id, prompt, tokens, messages, TurnOptions(**options))
+        if tools is not None and not isinstance(tools, (str, bytes, dict)):
+            with contextlib.suppress(TypeError):
+                tools = list(tools)
+        return cls(agent_id, prompt, tokens, messages, TurnOptions(**options), tools)
 
     @classmethod
     def from_body(cls, body: dict) -> SubmitRequest:
@@ -576,7 +591,8 @@ class SubmitRequest:
             _invalid(f"unknown field(s): {sorted(map(str, unknown))}")
         options = {k: v for k, v in body.items() if k in _OPTION_FIELDS}
         inputs = {k: body.get(k) for k in TURN_INPUTS}
-        return cls(body.get("agent_id"), **inputs, options=TurnOptions(**options))
+        options = TurnOptions(**options)
+        return cls(body.get("agent_id"), **inputs, options=options, tools=body.get("tools"))
 
     def to_body(self) -> dict:
         """The wire body: agent id, the one input given, and every option (`stop` only
@@ -587,4 +603,21 @@ class SubmitRequest:
         for kind in TURN_INPUTS:
             if getattr(self, kind) is not None:
                 body[kind] = getattr(self, kind)
+        if self.tools is not None:
+            body["tools"] = self.tools
         return body
+
+
+def check_tools(tools: object, *, chat: bool) -> list[dict]:
+    """A submit's `tools`: a list of at most MAX_TOOLS dicts, given with `messages`.
+
+    Raises:
+        ProtocolError: invalid_request.
+    """
+    if not chat:
+        _invalid("tools go with messages (the chat template renders them)")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        _invalid(f"tools must be a list of dicts (JSON schemas), got {shown(tools)}")
+    if len(tools) > MAX_TOOLS:
+        _invalid(f"at most {MAX_TOOLS} tools per request, got {len(tools)}")
+    return tools

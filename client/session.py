@@ -48,6 +48,9 @@ class Event:
             written again at the agent's next turn or at shutdown.
         context_token_ids: set on the last event: the generated ids exactly as appended to
             the agent's context (see `Result`); None from a daemon that does not send them.
+        tool_calls: set on the last event of a turn given `tools` whose text holds tool
+            calls the model's tool parser read: each {"name", "arguments"}; else None.
+        content: with tool_calls, the turn's text less the calls.
     """
 
     uid: int
@@ -59,6 +62,8 @@ class Event:
     error: dict | None = None
     durable: bool | None = None
     context_token_ids: list[int] | None = None
+    tool_calls: list[dict] | None = None
+    content: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -92,6 +97,8 @@ class Result:
             ids), [] for a cancelled turn (its context did not change). The agent's
             context is its context before the turn plus these. None from an older daemon.
         durable: as in `Event`: True once the turn is on disk, False if its write failed.
+        tool_calls: as in `Event`: the calls a turn given `tools` made, else None.
+        content: with tool_calls, the text less the calls.
     """
 
     uid: int
@@ -102,6 +109,8 @@ class Result:
     usage: dict
     context_token_ids: list[int] | None = None
     durable: bool | None = None
+    tool_calls: list[dict] | None = None
+    content: str | None = None
 
 
 @dataclass(slots=True)
@@ -307,6 +316,8 @@ class Turn:
             last.usage or {},
             last.context_token_ids,
             durable=last.durable,
+            tool_calls=last.tool_calls,
+            content=last.content,
         )
 
     def cancelled(self, last: Event) -> TurnCancelled:

@@ -94,3 +94,23 @@ def test_a_prompt_that_is_neither_text_nor_ids_is_refused():
         SubmitRequest.for_turn("a", messages={"role": "user", "content": "x"})
     with pytest.raises(ProtocolError, match="messages must be a list"):
         SubmitRequest.for_turn("a", messages=7)
+
+
+def test_tools_go_with_messages_as_a_bounded_list_of_dicts():
+    """`tools` round-trip with a chat; refused without one, when not a list of dicts, and
+    past MAX_TOOLS."""
+    chat = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    request = SubmitRequest.for_turn("a", messages=chat, tools=(tool,))
+    body = msgpack.unpackb(msgpack.packb(request.to_body()))
+    assert body["tools"] == [tool] and SubmitRequest.from_body(body) == request
+    assert "tools" not in SubmitRequest.for_turn("a", messages=chat).to_body()
+    bad = [
+        ({"prompt": "hi"}, [tool], "tools go with messages"),
+        ({"messages": chat}, tool, "list of dicts"),
+        ({"messages": chat}, ["f"], "list of dicts"),
+        ({"messages": chat}, [tool] * (protocol.MAX_TOOLS + 1), "at most"),
+    ]
+    for given, tools, message in bad:
+        with pytest.raises(ProtocolError, match=message):
+            SubmitRequest.from_body({"agent_id": "a", **given, "tools": tools})

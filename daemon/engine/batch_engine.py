@@ -147,6 +147,7 @@ class BlockPoolBatchEngine:
         seed: int | None = SUBMIT_DEFAULTS.seed,
         logits_processors: Sequence[LogitsProcessor] | None = None,
         stop: Sequence[str] | None = None,
+        tools: list[dict] | None = None,
     ) -> int:
         """Queue a turn for an agent and return its uid.
 
@@ -154,6 +155,8 @@ class BlockPoolBatchEngine:
         `messages` (the whole chat, rendered with the model's chat template) or
         `conversation` (the whole context as token ids). The whole-context forms reuse the
         longest common token prefix with the agent's context and recompute the rest.
+        `tools` (with `messages`) go to the chat template; when the model has a tool
+        parser (`tool_calling`), the completion carries the calls its text holds.
 
         Text or a chat that could never fit in the pool is refused from its size before it
         is tokenized. Text over `prompts.INLINE_ENCODE_BYTES` (and chats of that size) is
@@ -183,7 +186,7 @@ class BlockPoolBatchEngine:
             submitted=time.perf_counter(),
         )
         agent = self._registry.for_turn(agent_id)
-        self._intake.set_input(req, agent, prompt, messages, conversation)
+        self._intake.set_input(req, agent, prompt, messages, conversation, tools)
         if req.job is None:
             self._intake.check_fits(req, agent)
         self._registry.add(agent)
@@ -221,6 +224,16 @@ class BlockPoolBatchEngine:
         """True when a step could make progress now (`has_work`, less turns that only
         wait for their tokenizing): a caller with nothing else to do may sleep otherwise."""
         return self._scheduler.can_step
+
+    @property
+    def tool_calling(self) -> dict | None:
+        """The model's tool calling, as `hello` reports it: its tool-call markers and
+        parser, or None when its chat template takes no tools or mlx-lm knows no tool
+        parser for it (then its output cannot be read as calls)."""
+        parser = self._intake.tool_parser
+        if parser is None or not self._intake.encoder.takes_tools():
+            return None
+        return parser.facts()
 
     def is_encoding(self, uid: int) -> bool:
         """True while the turn's input is being tokenized (see `submit`)."""

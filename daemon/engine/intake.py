@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from agentkv.client.protocol import ProtocolError, check_tools
+
 from ..errors import InvalidRequestError, PoolExhaustedError
 from .agents import AgentContext
 from .block_pool import BlockPool
 from .kv_cache_manager import KVCacheManager
 from .prompts import EncodeJob, PromptEncoder, check_messages, check_text, check_tokens
+from .tool_calls import ToolParser
 from .turns import Request, TurnTable
 
 
@@ -40,21 +43,28 @@ class Intake:
     ) -> None:
         self.tokenizer = tokenizer
         self.encoder = PromptEncoder(tokenizer)
+        self.tool_parser = ToolParser.of(tokenizer)
         self._vocab = vocab_size
         self._pool = pool
         self._manager = manager
         self._requests = requests
 
-    def set_input(self, req: Request, agent: AgentContext, prompt, messages, conversation) -> None:
+    def set_input(
+        self, req: Request, agent: AgentContext, prompt, messages, conversation, tools=None
+    ) -> None:
         """Check and set the turn's input; large inputs start tokenizing (`req.job`).
+        `tools` go with `messages`, to the chat template.
 
         Raises:
-            InvalidRequestError: not exactly one input form, or a bad one.
+            InvalidRequestError: not exactly one input form, or a bad one; tools without
+                messages, or for a template that does not take them.
             PoolExhaustedError: the turn could never fit in the pool.
         """
         given = [x is not None for x in (prompt, messages, conversation)]
         if sum(given) != 1:
             raise InvalidRequestError("give exactly one of prompt, messages or conversation")
+        if tools is not None:
+            self._set_tools(req, tools, chat=messages is not None)
         if conversation is not None:
             if isinstance(conversation, Sequence):  # too long: refused before it is checked
                 self._require_room(len(conversation) + req.max_tokens)
@@ -63,7 +73,8 @@ class Intake:
             self._refuse_oversized(req, agent, None, messages)  # first: one cheap pass
             messages = check_messages(self.tokenizer, messages)
             req.chat = True
-            self._encode(req, lambda: self.encoder.render(messages), messages=messages)
+            render = lambda: self.encoder.render(messages, req.tools)  # noqa: E731
+            self._encode(req, render, messages=messages, tools=req.tools)
         elif isinstance(prompt, str):
             check_text(prompt)
             self._refuse_oversized(req, agent, prompt, None)
@@ -111,9 +122,20 @@ class Intake:
 
         self._encode(req, encode, prompt=prompt)
 
-    def _encode(self, req: Request, encode, *, prompt=None, messages=None) -> None:
+    def _set_tools(self, req: Request, tools, *, chat: bool) -> None:
+        """Keep a turn's tools (for its template) and the model's tool parser (for its
+        output)."""
+        try:
+            req.tools = check_tools(tools, chat=chat)
+        except ProtocolError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        if not self.encoder.takes_tools():
+            raise InvalidRequestError("this model's chat template does not take tools")
+        req.tool_parser = self.tool_parser
+
+    def _encode(self, req: Request, encode, *, prompt=None, messages=None, tools=None) -> None:
         """Run `encode` now if the input is small, else on the encoder's worker thread."""
-        if self.encoder.is_large(prompt, messages):
+        if self.encoder.is_large(prompt, messages, tools):
             req.job = self.encoder.start(encode)
         else:
             self._take_encoded(req, encode())

@@ -98,6 +98,10 @@ def committed_completion(req: Request, reason: str, tokens: list[int]) -> Comple
     prompt = len(req.admission.full_tokens)
     out.usage.generated_tokens = len(tokens) - prompt
     out.context_token_ids = list(tokens[prompt:])
+    if req.tool_parser is not None:
+        found = req.tool_parser.parse(out.text, req.tools)
+        if found is not None:
+            out.tool_calls, out.content = found.calls, found.content
     return out
 
 

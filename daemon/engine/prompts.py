@@ -3,6 +3,7 @@ before tokenizing, and the encoder that tokenizes large inputs off the engine th
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import queue
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from agentkv.client.protocol import AGENT_ID_RE, shown
 
 from ..errors import InvalidRequestError
+from .tool_calls import template_takes_tools
 
 
 def check_agent_id(agent_id: object) -> str:
@@ -275,12 +277,13 @@ def check_messages(tokenizer, messages: object) -> list[dict]:
     return list(messages)
 
 
-def render_messages(tokenizer, messages: object, encode=None) -> list[int]:
-    """Render chat messages with the model's chat template, ready for generation.
-    `encode(text, add_special)` replaces the tokenizer's own encode (see `PromptEncoder`)."""
+def render_messages(tokenizer, messages: object, encode=None, tools=None) -> list[int]:
+    """Render chat messages (and `tools`, for the template) with the model's chat template,
+    ready for generation. `encode(text, add_special)` replaces the tokenizer's own encode
+    (see `PromptEncoder`)."""
     messages = check_messages(tokenizer, messages)
     try:
-        text = _render(tokenizer, messages)
+        text = _render(tokenizer, messages, tools)
     except Exception as exc:  # the template is the model's code; it judged the input
         if type(exc).__name__ == "TemplateSyntaxError":  # broken template: not the request
             raise
@@ -294,8 +297,9 @@ def render_messages(tokenizer, messages: object, encode=None) -> list[int]:
     return ids
 
 
-def _render(tokenizer, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def _render(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
+    kw = {} if tools is None else {"tools": tools}  # as mlx-lm's server passes them
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kw)
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -311,6 +315,7 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 # larger text and chats go to the encoder's worker thread.
 INLINE_ENCODE_BYTES = 16 * 1024
 _MESSAGE_COST_BYTES = 64  # a chat message's template text, for the inline/worker choice
+_TOOL_COST_BYTES = 1024  # a tool's schema as the template renders it, roughly
 _FAST_PROBES = ("Hello world", " two  spaces\tand\nlines", "<s>x</s>", "ünï 😀 \u2581x")
 
 
@@ -347,6 +352,7 @@ class PromptEncoder:
         self.inline_bytes = INLINE_ENCODE_BYTES  # larger inputs go to the worker thread
         self._bounds: tuple[int | None, int] | None = None
         self._fast = None  # the backend's encode_batch_fast, if it agrees with `encode`
+        self._takes_tools: bool | None = None
         self._jobs: queue.SimpleQueue[EncodeJob | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -356,12 +362,12 @@ class PromptEncoder:
             self._bounds = (max_token_bytes(self.tokenizer), message_floor(self.tokenizer))
         return fewest_tokens(prompt, messages, *self._bounds)
 
-    def is_large(self, prompt: object, messages: object) -> bool:
+    def is_large(self, prompt: object, messages: object, tools: list | None = None) -> bool:
         """True if tokenizing this input belongs on the worker thread."""
         if isinstance(prompt, str):
             return _utf8_len(prompt) > self.inline_bytes
         if isinstance(messages, list):
-            size = _MESSAGE_COST_BYTES * len(messages)
+            size = _MESSAGE_COST_BYTES * len(messages) + _TOOL_COST_BYTES * len(tools or ())
             size += sum(_utf8_len(m["content"]) for m in messages)
             return size > self.inline_bytes
         return False
@@ -370,9 +376,18 @@ class PromptEncoder:
         """`encode_turn` with this encoder's encode; safe on the worker thread."""
         return encode_turn(self.tokenizer, prompt, first_turn=first_turn, encode=self._encode)
 
-    def render(self, messages: list[dict]) -> list[int]:
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """`render_messages` with this encoder's encode; safe on the worker thread."""
-        return render_messages(self.tokenizer, messages, encode=self._encode)
+        return render_messages(self.tokenizer, messages, encode=self._encode, tools=tools)
+
+    def takes_tools(self) -> bool:
+        """True when the chat template renders `tools` (probed once)."""
+        if self._takes_tools is None:
+            render = functools.partial(_render, self.tokenizer)
+            self._takes_tools = bool(getattr(self.tokenizer, "chat_template", None)) and (
+                template_takes_tools(render)
+            )
+        return self._takes_tools
 
     def start(self, run: Callable[[], object]) -> EncodeJob:
         """Queue `run` on the worker thread (started on first use; jobs run in order)."""

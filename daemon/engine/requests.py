@@ -106,6 +106,9 @@ class Completion:
         context_token_ids: the generated ids exactly as appended to the agent's context: a
             final EOS included when the turn ended on one (whichever of the model's EOS ids
             it was); empty when the context did not change (cancelled, error).
+        tool_calls: for a turn given tools, the calls its text holds, read with the
+            model's tool parser (see `tool_calls.ToolParser`); None when there are none.
+        content: with tool_calls, the text less the calls.
     """
 
     uid: int
@@ -117,6 +120,8 @@ class Completion:
     error: str | None = None
     error_code: str | None = None
     context_token_ids: list[int] = field(default_factory=list)
+    tool_calls: list[dict] | None = None
+    content: str | None = None
 
 
 @dataclass(slots=True)

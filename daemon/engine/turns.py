@@ -12,6 +12,7 @@ from . import outputs
 from .kv_cache_manager import Admission
 from .prompts import EncodeJob, check_agent_id
 from .requests import SamplingParams, StepEvent, turn_options
+from .tool_calls import ToolParser
 
 LogitsProcessor = Callable
 
@@ -63,6 +64,8 @@ class Request:
     job: EncodeJob | None = None  # its input is being tokenized on the encoder's thread
     fewest: int = 0  # a lower bound on its input's tokens (what is known while encoding)
     chat: bool = False  # its input is a whole chat (replaces the context)
+    tools: list[dict] | None = None  # given to the chat template with the chat
+    tool_parser: ToolParser | None = None  # reads tool calls in its output (with tools)
 
     def mark_failed(self, exc: Exception) -> None:
         """Record the first failure of a sampler or logits processor (seen after the step)."""

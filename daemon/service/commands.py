@@ -258,6 +258,8 @@ class CommandHandler:
         request = SubmitRequest.from_body(body)
         prompt = request.prompt if request.prompt is not None else request.tokens
         options = request.options.as_dict()
+        if request.tools is not None:
+            options["tools"] = request.tools
         uid = self.engine.submit(request.agent_id, prompt, messages=request.messages, **options)
         agent_id = request.agent_id
         self._owner[uid] = (identity, agent_id)
@@ -420,6 +422,8 @@ class CommandHandler:
         }
         if c.error is not None:
             final["error"] = {"code": _known(c.error_code), "message": c.error}
+        if c.tool_calls is not None:
+            final.update(tool_calls=c.tool_calls, content=c.content)
         self._forget_turn(event.uid)
         self._held.append((identity, event.uid, event.agent_id, final))
         self._release_durable()
@@ -489,7 +493,7 @@ def _take_events(events: dict[int, dict]) -> list[dict]:
         ev = events[uid]
         # msgpack: <= 5 bytes per token id, <= 4 per character, a few hundred for the rest
         ids = len(ev["token_ids"]) + len(ev.get("context_token_ids", ()))
-        cost = 512 + 5 * ids + 4 * len(ev["text"])
+        cost = 512 + 5 * ids + 4 * len(ev["text"]) * (3 if "tool_calls" in ev else 1)
         if out and size + cost > STEP_REPLY_BYTES:
             break
         out.append(events.pop(uid))

@@ -78,6 +78,7 @@ class Engine(Protocol):
         min_p: float = ...,
         seed: int | None = ...,
         stop: Sequence[str] | None = None,
+        tools: list[dict] | None = None,
     ) -> int:
         """Queue a turn; its uid. Raises AgentKVError subclasses (typed codes)."""
         ...

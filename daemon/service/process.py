@@ -344,7 +344,7 @@ def _make_engine(opts: DaemonOptions, info: dict, make_store=None):
     store = (make_store or CacheStore)(opts.store / "cache", disk_budget=opts.disk_budget)
     engine = assemble_engine(model, tokenizer, spec, opts, store, opts.model or "default")
     pool = engine.pool
-    info.update(serving_info(opts, spec, pool, tic))
+    info.update(serving_info(opts, spec, pool, tic), tool_calling=engine.tool_calling)
     log.info(
         "model %s (%s) loaded in %.1f s; pool %d blocks",
         info["model"],

@@ -295,6 +295,7 @@ def rank_zero_engine(opts, info: dict):
     spec, pool = engine.spec, engine.pool
     _check_pool_fits(opts, spec.bytes_per_token * opts.block_size)
     info.update(serving_info(opts, spec, pool, tic), world_size=n)
+    info["tool_calling"] = engine.tool_calling
     log.info("rank 0 of %d serving; pool %d blocks per rank", n, pool.total_blocks)
     return LockstepEngine(engine, channel, after_close=lambda: _reap(opts.store, procs))
 

@@ -28,7 +28,7 @@ STORE_STATS_S = 10.0  # each rank's store totals are re-read at most this often
 RANK_FIELDS = ("pool_total", "pool_in_use", "pool_cached", "store_blocks", "store_bytes")
 
 _SUBMIT_KEYS = ("max_tokens", "messages", "conversation", "temperature", "top_p", "top_k")
-_SUBMIT_KEYS += ("min_p", "seed", "stop")
+_SUBMIT_KEYS += ("min_p", "seed", "stop", "tools")
 
 
 class RankStats:
@@ -178,9 +178,11 @@ class LockstepEngine:
         """Large text or chats become token ids here (the engine would tokenize them on
         its worker thread, at a time that differs per rank)."""
         messages = kw.get("messages")
-        if not self._sizer.is_large(prompt, messages):
+        if not self._sizer.is_large(prompt, messages, kw.get("tools")):
             return prompt, kw
         if messages is not None:
+            if kw.get("tools") is not None:  # its tool parser needs the turn as a chat
+                raise InvalidRequestError("a chat with tools this large is not distributed")
             ids = render_messages(self._engine.tokenizer, messages)
             return None, {**kw, "messages": None, "conversation": ids}
         try:

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from agentkv.client import Event, Result
 
-from . import fields
+from . import fields, tools
 from .errors import ApiError
 from .turns import TurnInput, Turns, agent_of, event_error
 
@@ -51,30 +51,36 @@ def refuse_unsupported(body: dict) -> None:
     logprobs = body.get("logprobs")
     if logprobs not in (None, False, 0):
         raise ApiError(400, "logprobs are not supported", param="logprobs")
-    if body.get("tools") or body.get("functions"):
-        raise ApiError(
-            400,
-            "tools are not supported: agentkv does not parse tool calls yet (the test "
-            "models' and SmolLM2's tokenizers have no tool parser), and it refuses tools "
-            "rather than return unparsed tool-call text",
-            param="tools",
-            code="tools_unsupported",
-        )
 
 
-def chat_messages(raw: object) -> list[dict]:
-    """OpenAI chat messages as the daemon's {role, content} dicts (text content only)."""
+def chat_messages(raw: object, tool_history: bool = False) -> list[dict]:
+    """OpenAI chat messages as the daemon's {role, content} dicts (text content only);
+    with `tool_history` (the model has a tool parser), `tool` messages and assistant
+    messages with `tool_calls` too, as chat templates take them."""
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    roles = {**ROLES, "tool": "tool"} if tool_history else ROLES
     out = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            roles = ", ".join(ROLES)
-            raise ApiError(400, f"{where}: needs a 'role' among {roles}", param=where)
-        if m.get("tool_calls"):
-            raise ApiError(400, f"{where}: tool calls are not supported", param=where)
-        out.append({"role": ROLES[m["role"]], "content": text_content(m.get("content"), where)})
+        if not isinstance(m, dict) or m.get("role") not in roles:
+            raise ApiError(400, f"{where}: needs a 'role' among {', '.join(roles)}", param=where)
+        calls = m.get("tool_calls")
+        if calls and not tool_history:
+            raise ApiError(
+                400, f"{where}: tool calls are not supported for this model", param=where
+            )
+        content = m.get("content")
+        if calls and content is None:
+            content = ""
+        message = {"role": roles[m["role"]], "content": text_content(content, where)}
+        if calls:
+            if not isinstance(calls, list):
+                raise ApiError(400, f"{where}: 'tool_calls' must be an array", param=where)
+            message["tool_calls"] = [tools.openai_call(c, where) for c in calls]
+        if m["role"] == "tool" and isinstance(m.get("tool_call_id"), str):
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     return out
 
 
@@ -105,8 +111,10 @@ def usage(raw: dict, completion_tokens: int) -> dict:
     }
 
 
-def finish(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
+def finish(reason: str | None, calls: list[dict] | None = None) -> str:
+    if reason == "length":
+        return "length"
+    return "tool_calls" if calls else "stop"
 
 
 def sse(data: dict | str) -> bytes:
@@ -128,12 +136,17 @@ class OpenAIApi:
         return JSONResponse({"object": "list", "data": [model]})
 
     async def chat(self, headers, body: dict) -> Response:
+        options = sampling(body)
+        info = await self.turns.info()
         turn = TurnInput(
             agent_of(headers, body, "user"),
-            messages=chat_messages(body.get("messages")),
-            options=sampling(body),
+            messages=chat_messages(
+                body.get("messages"), isinstance(info.get("tool_calling"), dict)
+            ),
+            options=options,
+            tools=tools.openai_tools(body, info),
         )
-        return await self._respond(body, turn, chat=True)
+        return await self._respond(body, turn, chat=True, marker=_marker(turn, info))
 
     async def completion(self, headers, body: dict) -> Response:
         prompt = body.get("prompt")
@@ -141,18 +154,22 @@ class OpenAIApi:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+        if body.get("tools") is not None:
+            raise ApiError(400, "tools go with /v1/chat/completions", param="tools")
         if body.get("echo") or body.get("suffix"):
             raise ApiError(400, "echo and suffix are not supported", param="echo")
         turn = TurnInput(agent_of(headers, body, "user"), prompt=prompt, options=sampling(body))
         return await self._respond(body, turn, chat=False)
 
-    async def _respond(self, body: dict, turn: TurnInput, *, chat: bool) -> Response:
+    async def _respond(
+        self, body: dict, turn: TurnInput, *, chat: bool, marker: str | None = None
+    ) -> Response:
         model = body.get("model") if isinstance(body.get("model"), str) else "default"
         stream = fields.flag(body, "stream")
         include_usage = fields.flag(fields.mapping(body, "stream_options"), "include_usage")
         if stream:
             agent, events = await self.turns.stream(turn)
-            chunks = _Chunks(model, chat, include_usage)
+            chunks = _Chunks(model, chat, include_usage, marker)
             return StreamingResponse(
                 chunks.render(events),
                 media_type="text/event-stream",
@@ -163,10 +180,21 @@ class OpenAIApi:
         return JSONResponse(body, headers={"X-Agent-Id": agent})
 
 
+def _marker(turn: TurnInput, info: dict) -> str | None:
+    """The tool-call start marker a streamed turn's text is held back at (with tools)."""
+    return info["tool_calling"]["start"] if turn.tools is not None else None
+
+
 def _whole(model: str, result: Result, chat: bool) -> dict:
     n = int(result.usage.get("generated_tokens", len(result.token_ids)))
-    choice = {"index": 0, "finish_reason": finish(result.finish_reason), "logprobs": None}
-    if chat:
+    calls = result.tool_calls
+    reason = finish(result.finish_reason, calls)
+    choice = {"index": 0, "finish_reason": reason, "logprobs": None}
+    if chat and calls:
+        content = result.content or None
+        message = {"role": "assistant", "content": content}
+        choice["message"] = {**message, "tool_calls": tools.openai_calls(calls, result.uid)}
+    elif chat:
         choice["message"] = {"role": "assistant", "content": result.text}
     else:
         choice["text"] = result.text
@@ -183,11 +211,14 @@ def _whole(model: str, result: Result, chat: bool) -> dict:
 class _Chunks:
     """A streamed response's server-sent events."""
 
-    def __init__(self, model: str, chat: bool, include_usage: bool) -> None:
+    def __init__(
+        self, model: str, chat: bool, include_usage: bool, marker: str | None = None
+    ) -> None:
         self.model = model
         self.chat = chat
         self.include_usage = include_usage
         self.created = int(time.time())
+        self.held = None if marker is None else tools.HeldText(marker)
 
     def chunk(self, uid: int, choices: list[dict], **extra) -> bytes:
         return sse(
@@ -215,16 +246,34 @@ class _Chunks:
             if first and self.chat:
                 yield self.chunk(event.uid, [self.choice("", None, first=True)])
             first = False
-            if event.text:
-                yield self.chunk(event.uid, [self.choice(event.text, None)])
+            text = event.text if self.held is None else self.held.feed(event.text)
+            if text:
+                yield self.chunk(event.uid, [self.choice(text, None)])
             if not event.finished:
                 continue
             error = event_error(event)
             if error is not None:
                 yield sse(error.openai())
                 break
-            yield self.chunk(event.uid, [self.choice(None, finish(event.finish_reason))])
+            for chunk in self._tool_chunks(event):
+                yield chunk
+            reason = finish(event.finish_reason, event.tool_calls)
+            yield self.chunk(event.uid, [self.choice(None, reason)])
             if self.include_usage:
                 n = int((event.usage or {}).get("generated_tokens", 0))
                 yield self.chunk(event.uid, [], usage=usage(event.usage or {}, n))
         yield sse("[DONE]")
+
+    def _tool_chunks(self, last: Event) -> list[bytes]:
+        """The held text and the tool calls of a turn given tools, once it ended."""
+        if self.held is None:
+            return []
+        out = []
+        rest = self.held.finish(last.tool_calls, last.content)
+        if rest:
+            out.append(self.chunk(last.uid, [self.choice(rest, None)]))
+        if last.tool_calls:
+            delta = {"tool_calls": tools.openai_calls(last.tool_calls, last.uid, stream=True)}
+            choice = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
+            out.append(self.chunk(last.uid, [choice]))
+        return out

@@ -26,6 +26,7 @@ class TurnInput:
     prompt: str | None = None
     messages: list[dict] | None = None
     options: dict = field(default_factory=dict)
+    tools: list[dict] | None = None  # for the chat template (the model has a tool parser)
 
 
 def agent_of(headers: Mapping[str, str], body: dict, user_field: str | None) -> str | None:
@@ -59,7 +60,7 @@ class Turns:
         agent = turn.agent_id or _ephemeral()
         try:
             result = await self.client.generate(
-                agent, turn.prompt, messages=turn.messages, **turn.options
+                agent, turn.prompt, messages=turn.messages, **_options(turn)
             )
         except AgentKVClientError as exc:
             raise from_client_error(exc) from None
@@ -76,7 +77,7 @@ class Turns:
         cancels the turn if it is left early (the HTTP client went away)."""
         agent = turn.agent_id or _ephemeral()
         events = self.client.stream_events(
-            agent, turn.prompt, messages=turn.messages, **turn.options
+            agent, turn.prompt, messages=turn.messages, **_options(turn)
         )
         try:
             first = await anext(events)
@@ -119,6 +120,10 @@ def event_error(event: Event) -> ApiError | None:
     if event.finish_reason == "cancelled":
         return ApiError(503, "the turn was cancelled (the daemon is stopping)", code="cancelled")
     return None
+
+
+def _options(turn: TurnInput) -> dict:
+    return turn.options if turn.tools is None else {**turn.options, "tools": turn.tools}
 
 
 def _ephemeral() -> str:
