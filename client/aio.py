@@ -66,6 +66,7 @@ class AsyncClient:
         self._routes: dict[int, _Route] = {}  # uid -> where its events go
         self._early: dict[int, list[Event]] = {}  # events of uids not routed yet
         self._submitting = 0  # submits sent and not answered: their events may come first
+        self._abandoning = 0  # submits of cancelled tasks whose turns are not routed yet
         self._loose: asyncio.Queue[Event] = asyncio.Queue()  # events of `submit`'s turns
         self._stepper: asyncio.Task | None = None
         self._wake = asyncio.Event()
@@ -239,12 +240,14 @@ class AsyncClient:
         except asyncio.CancelledError:
             # Its task was cancelled with the submit on its way: the turn is cancelled as
             # soon as its id is known (its events are dropped meanwhile).
+            self._abandoning += 1
             call.add_done_callback(self._abandoned)
             raise
         finally:
             self._submitting -= 1
 
     def _abandoned(self, call: asyncio.Future) -> None:
+        self._abandoning -= 1
         if call.cancelled() or call.exception() is not None:
             return
         uid = call.result()["uid"]
@@ -256,7 +259,13 @@ class AsyncClient:
         self._routes[uid] = route
         for event in self._early.pop(uid, ()):
             self._deliver(event)
+        if not self._unrouted():  # every submit is routed: the rest belong to no turn
+            self._early.clear()
         self._wake.set()
+
+    def _unrouted(self) -> bool:
+        """Some submit's turn may not be routed yet (its events are then kept)."""
+        return bool(self._submitting or self._abandoning)
 
     async def _events(self, uid: int, interval: float) -> AsyncIterator[Event]:
         """One turn's events; a caller that stops before its end cancels the turn."""
@@ -288,7 +297,10 @@ class AsyncClient:
     def _deliver(self, event: Event) -> None:
         route = self._routes.get(event.uid)
         if route is None:
-            self._early.setdefault(event.uid, []).append(event)
+            # Only a turn whose submit is still on its way can lack a route; the events of
+            # any other (one that failed here: its steps went unanswered) are dropped.
+            if self._unrouted():
+                self._early.setdefault(event.uid, []).append(event)
             return
         if event.finished:
             del self._routes[event.uid]

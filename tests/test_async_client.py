@@ -289,7 +289,8 @@ def test_auth_key_and_a_mismatch_like_the_sync_client(daemon_factory):
 def test_a_daemon_that_stops_answering_fails_the_turn_as_unavailable(daemon, long_turn):
     """A daemon that stops answering mid-turn (SIGSTOP): the awaiting generate raises
     DaemonUnavailable after the client's timeout, like Client; after SIGCONT the same
-    client serves again."""
+    client serves again, and keeps nothing of the failed turn: the events the daemon
+    still sends for it (late step replies, its finish) are dropped, not held."""
 
     async def main():
         async with AsyncClient(daemon.socket, timeout=2.0) as c:
@@ -306,7 +307,16 @@ def test_a_daemon_that_stops_answering_fails_the_turn_as_unavailable(daemon, lon
                     await task
             finally:
                 os.kill(daemon.pid, signal.SIGCONT)
-            return await c.generate("thawed", [5, 6, 7], max_tokens=3)
+            thawed = await c.generate("thawed", [5, 6, 7], max_tokens=3)
 
-    after = run(main())
+            async def idle():  # the failed turn ran on to its end on the daemon
+                return (await c.stats())["active"] == 0
+
+            await wait_for(idle, "the frozen turn never ended", timeout=240)
+            again = await c.generate("thawed", [8], max_tokens=3)  # steps past its events
+            return thawed, again, dict(c._early), dict(c._routes)
+
+    after, again, early, routes = run(main())
     assert after.finish_reason in ("stop", "length")
+    assert again.finish_reason in ("stop", "length")
+    assert early == {} and routes == {}
