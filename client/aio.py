@@ -207,8 +207,8 @@ class AsyncClient:
         return await self._call(MessageType.SHUTDOWN, body, wait=wait)
 
     async def close(self) -> None:
-        """Stop the stepper and the reader and close the socket; waiting calls raise
-        DaemonUnavailable."""
+        """Stop the stepper and the reader and close the socket; waiting calls and turns
+        raise DaemonUnavailable."""
         for task in (self._stepper, *self._tasks):
             if task is not None:
                 task.cancel()
@@ -217,6 +217,8 @@ class AsyncClient:
                 with contextlib.suppress(BaseException):
                     await task
         await self._conn.close()
+        self._fail_turns(DaemonUnavailable(f"client of {self.endpoint} closed"))
+        self._early.clear()
 
     async def __aenter__(self) -> AsyncClient:
         try:

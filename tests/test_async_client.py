@@ -235,6 +235,9 @@ def test_leaving_a_stream_early_cancels_the_turn(daemon, long_turn):
 
             await wait_for(counted, "leaving the stream did not cancel the turn")
             after = (await c.inspect("leaver"))["token_ids"]
+            # FIRST then LONG: a long turn (long_turn's twin); LONG alone stops after ~19
+            # tokens, which raced the cancel below.
+            await c.generate("other", FIRST, max_tokens=4)
             uid = await c.submit("other", LONG, max_tokens=LONG_MAX)
             assert await c.cancel(uid)
             events = []

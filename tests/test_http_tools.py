@@ -4,7 +4,7 @@ the HTTP front answers them as OpenAI `tool_calls` and Anthropic `tool_use` bloc
 streamed and not; a model without a tool parser gets a 400 (test_http_api.py).
 
 The model is the llama test model with a tool-taking chat template and weights crafted so
-that greedy decoding writes one tool call (tests/tool_model.py): the real engine, daemon
+that greedy decoding writes one tool call (tests/crafted_models.py): the real engine, daemon
 and official SDKs, deterministically.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon
+from crafted_models import CALL, tool_model_dir
 from test_http_api import Http, free_port
-from tool_model import CALL, tool_model_dir
 
 from agentkv.client import InvalidRequest
 from agentkv.daemon.engine.tool_calls import ToolParser, split

@@ -35,6 +35,7 @@ PARENT_POLL_S = 1.0
 # one engine step (restoring many long agents at once on a loaded CPU) can take that long,
 # and the front lives and dies with its daemon anyway.
 DAEMON_TIMEOUT_S = 300.0
+RETRY_AFTER_S = 1  # the Retry-After of a 429
 
 
 @dataclass(slots=True)
@@ -58,7 +59,7 @@ def make_app(config: FrontConfig) -> Starlette:
         client = AsyncClient(config.socket, timeout=DAEMON_TIMEOUT_S, auth_key=config.auth_key)
         state["turns"] = turns = Turns(client)
         state["openai"], state["anthropic"] = OpenAIApi(turns), AnthropicApi(turns)
-        watcher = asyncio.get_running_loop().create_task(_watch_parent(config.parent_pid))
+        watcher = asyncio.get_running_loop().create_task(_watch_parent(config.parent_pid, client))
         try:
             yield
         finally:
@@ -152,7 +153,9 @@ def _error(exc: ApiError, shape: str) -> JSONResponse:
     if exc.status >= 500:
         log.warning("%d: %s", exc.status, exc.message)
     body = exc.anthropic() if shape == "anthropic" else exc.openai()
-    return JSONResponse(body, status_code=exc.status)
+    # An overloaded daemon refused the turn unrun: a second later it may have room.
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 429 else None
+    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 async def _not_found(request: Request, exc) -> Response:
@@ -168,11 +171,14 @@ def _shape(request: Request) -> str:
     return "anthropic" if request.url.path.startswith("/v1/messages") else "openai"
 
 
-async def _watch_parent(pid: int | None) -> None:
-    """The front lives only as long as its daemon: once the parent is gone, stop."""
+async def _watch_parent(pid: int | None, client: AsyncClient) -> None:
+    """The front lives only as long as its daemon: once the parent is gone, the requests
+    waiting for it are answered 503 (closing the client fails them with DaemonUnavailable;
+    the server lets them finish as it stops), and the front stops."""
     if pid is None:
         return
     while os.getppid() == pid:
         await asyncio.sleep(PARENT_POLL_S)
     log.warning("daemon (pid %d) is gone: stopping the HTTP front", pid)
+    await client.close()
     os.kill(os.getpid(), signal.SIGTERM)

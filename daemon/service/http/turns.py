@@ -81,10 +81,15 @@ class Turns:
         )
         try:
             first = await anext(events)
-        except AgentKVClientError as exc:
+            failed = event_error(first) if first.finished and not first.token_ids else None
+            if failed is not None:  # it failed before any output: a status, not a stream
+                raise failed
+        except (AgentKVClientError, ApiError) as exc:
             await events.aclose()
             if turn.agent_id is None:
                 self._forget(agent)
+            if isinstance(exc, ApiError):
+                raise
             raise from_client_error(exc) from None
 
         async def rest() -> AsyncIterator[Event]:

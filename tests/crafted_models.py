@@ -1,7 +1,12 @@
-"""Tiny test models with tool calling: the llama test model with a Hermes/Qwen-style chat
-template that renders `tools`, `tool_calls` and `tool` messages (mlx-lm infers its
-`json_tools` parser from it), and, for `calls=True`, weights crafted so that greedy
-decoding after the generation prompt writes one tool call and ends:
+"""Tiny test models crafted for one behaviour, from the llama test model.
+
+`never_stopping_model_dir`: its lm_head is zero, so every logit ties and greedy decoding
+takes token 0 (the pad token, not an EOS) forever: each turn runs to max_tokens.
+
+`tool_model_dir`: a Hermes/Qwen-style chat template that renders `tools`, `tool_calls`
+and `tool` messages (mlx-lm infers its `json_tools` parser from it), and, for
+`calls=True`, weights crafted so that greedy decoding after the generation prompt writes
+one tool call and ends:
 
     <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>
 
@@ -61,6 +66,17 @@ def tool_model_dir(src: Path, dst: Path, *, calls: bool) -> Path:
     config_path.write_text(json.dumps(config))
     if calls:
         _craft_caller(dst)
+    return dst
+
+
+def never_stopping_model_dir(src: Path, dst: Path) -> Path:
+    """A copy of the model directory `src` at `dst` whose turns never end by themselves."""
+    import mlx.core as mx
+
+    shutil.copytree(src, dst)
+    weights = mx.load(str(dst / "model.safetensors"))
+    weights["lm_head.weight"] = mx.zeros_like(weights["lm_head.weight"])
+    mx.save_safetensors(str(dst / "model.safetensors"), weights)
     return dst
 
 
