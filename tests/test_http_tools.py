@@ -196,6 +196,7 @@ def test_the_zmq_client_takes_tools_and_gets_the_calls(caller):
             "end": "</tool_call>",
             "parser": "json_tools",
         }
+        assert c.stats()["tool_calling"] == c.info["tool_calling"]  # status --json too
         r = c.generate("zmq-tools", messages=ASK, tools=[TOOL], max_tokens=32)
         assert r.tool_calls == [CALL] and r.content == ""
         assert r.text == f"<tool_call>{json.dumps(CALL)}</tool_call>"
