@@ -340,9 +340,20 @@ def test_sdk_errors_statuses_and_shapes(http):
     with pytest.raises(openai.BadRequestError) as raised:
         oa.chat.completions.create(model="m", messages=CHAT, n=2)
     assert raised.value.status_code == 400 and "n=1" in raised.value.message
-    with pytest.raises(openai.BadRequestError):
-        tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    # The test model has no tool parser (hello: tool_calling None): tools are refused.
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    with pytest.raises(openai.BadRequestError) as raised_tools:
         oa.chat.completions.create(model="m", messages=CHAT, tools=[tool])
+    assert raised_tools.value.body["code"] == "tools_unsupported"
+    assert "no tool parser" in raised_tools.value.message
+    with pytest.raises(anthropic.BadRequestError) as raised_an_tools:
+        an.messages.create(
+            model="m",
+            max_tokens=4,
+            messages=CHAT[1:],
+            tools=[{"name": "f", "input_schema": {"type": "object"}}],
+        )
+    assert "no tool parser" in raised_an_tools.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError) as raised_an:
         an.messages.create(model="m", max_tokens=0, messages=CHAT[1:])
     assert raised_an.value.body["error"]["type"] == "invalid_request_error"

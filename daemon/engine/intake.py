@@ -126,9 +126,11 @@ class Intake:
         """Keep a turn's tools (for its template) and the model's tool parser (for its
         output)."""
         try:
-            req.tools = check_tools(tools, chat=chat)
+            req.tools = check_tools(tools, chat=chat) or None  # no tools: as not given
         except ProtocolError as exc:
             raise InvalidRequestError(str(exc)) from None
+        if req.tools is None:
+            return
         if not self.encoder.takes_tools():
             raise InvalidRequestError("this model's chat template does not take tools")
         req.tool_parser = self.tool_parser
