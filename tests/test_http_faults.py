@@ -29,9 +29,9 @@ from test_http_api import CHAT, Http, free_port
 from agentkv.client import AsyncClient
 from agentkv.daemon.service.commands import MAX_TURNS_PER_CLIENT
 
-LONG = 6000  # tokens: a never-stopping turn this long holds the pool for seconds
+LONG = 7800  # tokens: a never-stopping turn this long holds the pool for many seconds
 # One turn of LONG tokens fills the pool: the others wait, unfinished.
-ARGS = ("--block-size", "16", "--pool-blocks", "400")
+ARGS = ("--block-size", "16", "--pool-blocks", "500")
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,27 @@ def test_held_text_shows_text_before_a_call_and_holds_the_call():
     assert held.feed(text) == "x " and held.finish(None, None) == "<tool_call>oops"
 
 
+def test_the_engine_refuses_tools_its_template_ignores(loaded_models):
+    """A template that renders the same with and without tools (the llama test model's
+    ChatML) refuses them rather than drop them; an empty list counts as no tools; tools
+    go with messages only."""
+    from agentkv.daemon.engine import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+    from agentkv.daemon.errors import InvalidRequestError
+
+    model, tokenizer = loaded_models["llama"]
+    spec = ModelCacheSpec.from_model(model, block_size=16)
+    engine = BlockPoolBatchEngine(model, tokenizer, BlockPool(spec, total_blocks=64), spec)
+    assert engine.tool_calling is None
+    with pytest.raises(InvalidRequestError, match="does not take tools"):
+        engine.submit("e", messages=ASK, tools=[TOOL])
+    with pytest.raises(InvalidRequestError, match="tools go with messages"):
+        engine.submit("e", "hi", tools=[TOOL])
+    engine.submit("e", messages=ASK, tools=[], max_tokens=2)
+    [done] = list(engine.step())
+    assert done.tool_calls is None and done.finish_reason in ("stop", "length")
+    engine.close()
+
+
 def test_openai_tool_calls_whole_and_streamed(caller):
     """tools reach the template (prompt_tokens equal mlx-lm's apply_chat_template with
     them, and differ without); the call comes back as tool_calls with finish_reason

@@ -63,7 +63,9 @@ def anthropic_tools(body: dict, info: dict) -> list[dict] | None:
     out = []
     for i, tool in enumerate(tools):
         if not _name(tool) or not isinstance(tool.get("input_schema", {}), dict):
-            raise ApiError(400, f"tools[{i}] needs a 'name' and an object 'input_schema'")
+            raise ApiError(
+                400, f"tools[{i}] needs a 'name' and an object 'input_schema'", param="tools"
+            )
         fn = {"name": tool["name"]}
         if isinstance(tool.get("description"), str):
             fn["description"] = tool["description"]
