@@ -10,6 +10,7 @@ and official SDKs, deterministically.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import tempfile
@@ -184,6 +185,29 @@ def test_anthropic_tool_use_whole_and_streamed(caller):
     [streamed] = [b for b in final.content if b.type == "tool_use"]
     assert (streamed.name, streamed.input) == (CALL["name"], CALL["arguments"])
     assert "".join(b.text for b in final.content if b.type == "text") == ""
+
+    async def both_async():  # the async clients, streamed
+        oa, aan = http.async_openai(), http.async_anthropic()
+        try:
+            calls = []
+            stream = await oa.chat.completions.create(
+                model="m", messages=ASK, tools=[TOOL], max_tokens=32, stream=True
+            )
+            async for c in stream:
+                if c.choices:
+                    calls += c.choices[0].delta.tool_calls or []
+            async with aan.messages.stream(
+                model="m", max_tokens=32, messages=ASK, tools=[tool]
+            ) as s:
+                message = await s.get_final_message()
+            return calls, message
+        finally:
+            await oa.close()
+            await aan.close()
+
+    calls, message = asyncio.run(both_async())
+    assert [json.loads(c.function.arguments) for c in calls] == [CALL["arguments"]]
+    assert [b.input for b in message.content if b.type == "tool_use"] == [CALL["arguments"]]
 
     history = [
         *ASK,
