@@ -5,7 +5,7 @@ daemons with --http:
   client's unfinished turns (the front is one client), reached with real turns of a
   model that never stops by itself (tests/crafted_models.py);
 - 503 for the requests in flight when the daemon is killed (kill -9), then no front at
-  all (it lives and dies with its daemon);
+  all (it lives and dies with its daemon); 503 for new requests while it drains on stop;
 - the daemon restarting its HTTP front after the front was killed (kill -9).
 """
 
@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from conftest import Daemon
 from crafted_models import never_stopping_model_dir
 from test_http_api import CHAT, Http, free_port
 
-from agentkv.client import AsyncClient
+from agentkv.client import AsyncClient, EngineClosed
 from agentkv.daemon.service.commands import MAX_TURNS_PER_CLIENT
 
 LONG = 7800  # tokens: a never-stopping turn this long holds the pool for many seconds
@@ -119,6 +120,41 @@ def test_overload_is_429_and_a_killed_daemon_503(make_http, endless):
     # error event instead; every other was still waiting and got the status.
     statuses = [getattr(x, "status_code", 200) for x in hogs]
     assert statuses.count(503) >= len(hogs) - 1, statuses
+
+
+def test_a_draining_daemon_is_503(make_http, endless):
+    """`daemonctl stop` drains the running turns: meanwhile new requests are refused 503
+    (engine_closed) in both APIs' shapes; the stop completes once the running turn ends
+    (its client leaves the stream, which cancels it)."""
+    h = make_http(endless)
+    oa = h.openai()
+    stream = oa.chat.completions.create(
+        model="m", messages=CHAT, max_tokens=LONG, stream=True, user="drained"
+    )
+    next(iter(stream))  # the turn runs (and holds the whole pool)
+    stopped: list = []
+    stopper = threading.Thread(target=lambda: stopped.append(h.daemon.ctl("stop")))
+    stopper.start()
+    with h.daemon.client() as c:  # wait until the daemon refuses turns (a bound: 120 s)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                c.cancel(c.submit("probe", messages=CHAT, max_tokens=1))
+            except EngineClosed:
+                break
+            assert time.monotonic() < deadline, "the daemon never began to shut down"
+            time.sleep(0.05)
+    with pytest.raises(openai.InternalServerError) as refused:
+        oa.chat.completions.create(model="m", messages=CHAT, max_tokens=4)
+    with pytest.raises(anthropic.InternalServerError) as refused_an:
+        h.anthropic().messages.create(model="m", messages=CHAT[1:], max_tokens=4)
+    stream.close()
+    stopper.join(120)
+    assert refused.value.status_code == 503 and refused.value.body["code"] == "engine_closed"
+    assert refused_an.value.status_code == 503
+    assert refused_an.value.body["error"]["type"] == "overloaded_error"
+    assert stopped and stopped[0].returncode == 0, stopped
+    assert h.daemon.wait_exit(30)
 
 
 def _front_pid(daemon_pid: int) -> int | None:
