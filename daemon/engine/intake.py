@@ -8,6 +8,7 @@ says so.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from agentkv.client.protocol import ProtocolError, check_tools
@@ -73,7 +74,7 @@ class Intake:
             self._refuse_oversized(req, agent, None, messages)  # first: one cheap pass
             messages = check_messages(self.tokenizer, messages)
             req.chat = True
-            render = lambda: self.encoder.render(messages, req.tools)  # noqa: E731
+            render = functools.partial(self.encoder.render, messages, req.tools)
             self._encode(req, render, messages=messages, tools=req.tools)
         elif isinstance(prompt, str):
             check_text(prompt)
