@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from .heap import freeze_startup_heap
 from .process import BadOptionError, StartError, _check_pool_fits, serving_info
 from .runfiles import run_dir
 
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..errors import DistributedError
 
     engine, channel = open_rank(opts, opts.rank, opts.hosts)
+    freeze_startup_heap()  # a rank's full collections would stall the whole group
     try:
         follow(engine, channel)
     except DistributedError as exc:
