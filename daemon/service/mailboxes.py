@@ -19,7 +19,7 @@ from agentkv.client.protocol import ProtocolError
 
 from .admission import MAX_REPLY_BYTES
 
-log = logging.getLogger("agentkv.commands")
+log = logging.getLogger("agentkv.commands")  # the command layer's log, as before the split
 
 CLIENT_TTL_S = 300.0  # a silent client with nothing running is forgotten after this
 EXPIRY_EVERY_S = 1.0
