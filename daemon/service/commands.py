@@ -3,10 +3,10 @@
 Each client (ROUTER identity) gets the events of its own requests: token ids and text
 deltas as they are generated, and a final event with finish_reason and usage. With a
 store, the final event waits until the turn's write-back is on disk (the engine goes on
-meanwhile), so a turn a client has seen finish survives a crash of the daemon. A `step`
-with nothing to report is parked until something arrives or its timeout passes. A client
-that stays silent for `client_ttl` with nothing running is forgotten, with any events it
-never collected.
+meanwhile; `holds`), so a turn a client has seen finish survives a crash of the daemon. A
+`step` with nothing to report is parked until something arrives or its timeout passes. A
+client that stays silent for `client_ttl` with nothing running is forgotten, with any
+events it never collected (each client's events, step and bounds: `mailboxes`).
 
 Per-request work stays small, since it delays every running turn: the requests that
 only read (`agents`, `inspect`, the store's totals) are in `queries`.
@@ -24,6 +24,7 @@ from agentkv.client.protocol import MessageType, ProtocolError, SubmitRequest
 
 from ..errors import AgentKVError
 from .engine_api import Engine
+from .holds import DurabilityHolds
 from .mailboxes import (  # noqa: F401  (the bounds, importable from here as before)
     CLIENT_TTL_S,
     MAX_TURN_BYTES,
@@ -74,14 +75,11 @@ class CommandHandler:
         self.cancel_on_shutdown = cancel_on_shutdown
         self.started = time.time()
         self._mail = Mailboxes(send, client_ttl)
-        # (client, uid, agent id, final fields): finished turns waiting to be durable
-        self._held: list[tuple[bytes, int, str, dict]] = []
+        self._holds = DurabilityHolds(engine, self._mail, send)
         # uid -> (client, request id): submits answered once their input is tokenized
         self._unanswered: dict[int, tuple[bytes, object]] = {}
         self._closing = False
         self._shutdown_waiters: list[tuple[bytes, object]] = []  # (client, request id)
-        # (client, request id, agent id): deletes answered once they are on disk
-        self._held_deletes: list[tuple[bytes, object, str]] = []
         self.shutdown_report: dict = {"unsaved": []}
         self._grace_until: float | None = None
         self._store_totals = StoreTotals()
@@ -148,10 +146,7 @@ class CommandHandler:
                 self._route(event)
         if self._unanswered:
             self._answer_submits()
-        if self._held:
-            self._release_durable()
-        if self._held_deletes:
-            self._answer_deletes()
+        self._holds.release()
         self._mail.answer_due()
 
     def fail_all(self, exc: BaseException) -> None:
@@ -173,10 +168,7 @@ class CommandHandler:
                 log.exception("could not cancel request %d", uid)
             failed = {"finish_reason": "error", "error": error}
             self._mail.deliver(turn.identity, uid, turn.agent_id, failed)
-        held, self._held = self._held, []
-        for identity, uid, agent_id, final in held:
-            failed = {**final, "finish_reason": "error", "error": error}
-            self._mail.deliver(identity, uid, agent_id, failed)
+        self._holds.fail_turns(error)
         self.answer_parked()
 
     def answer_parked(self) -> None:
@@ -186,7 +178,7 @@ class CommandHandler:
     def drained(self) -> bool:
         """After `begin_shutdown`: True once no turn runs and every client has collected
         its finished turns' events (or `DRAIN_GRACE_S` passed waiting for it to step)."""
-        if self.engine.has_work or self._held or self._held_deletes or self._unanswered:
+        if self.engine.has_work or self._holds or self._unanswered:
             return False
         if not self._mail.undelivered():
             return True
@@ -267,7 +259,7 @@ class CommandHandler:
         """The client's turn finished (its final event is held or not yet collected)."""
         if self._mail.has_final(identity, uid):
             return True
-        return any(i == identity and u == uid for i, u, _, _ in self._held)
+        return self._holds.holds_turn(identity, uid)
 
     def _agents(self, identity: bytes, rid, h: dict) -> dict:
         return agents_page(self.engine, h)
@@ -283,24 +275,8 @@ class CommandHandler:
         self._store_totals.invalidate()  # the store's totals change once the delete lands
         if self.engine.store is None:
             return {"deleted": True, "durable": False}
-        self._held_deletes.append((identity, rid, agent_id))
-        self._answer_deletes()
+        self._holds.hold_delete(identity, rid, agent_id)
         return None
-
-    def _answer_deletes(self) -> None:
-        store = self.engine.store
-        waiting = []
-        for identity, rid, agent_id in self._held_deletes:
-            if not store.is_settled(agent_id):
-                waiting.append((identity, rid, agent_id))
-                continue
-            why = self.engine.finish_delete(agent_id)
-            if why is None:
-                self.send(identity, *protocol.reply(rid, {"deleted": True, "durable": True}))
-            else:
-                message = f"agent {agent_id!r} could not be deleted on disk ({why}): kept as it was"
-                self.send(identity, *protocol.error(rid, "store_write", message))
-        self._held_deletes = waiting
 
     def _fork(self, identity: bytes, rid, h: dict) -> dict:
         src = protocol.check_agent_id(h.get("agent_id"))
@@ -339,30 +315,7 @@ class CommandHandler:
         if c.error is not None:
             final["error"] = {"code": _known(c.error_code), "message": c.error}
         self._mail.forget_turn(event.uid)
-        self._held.append((identity, event.uid, event.agent_id, final))
-        self._release_durable()
-
-    def _release_durable(self) -> None:
-        """Hand finished turns to their clients once their agent has nothing left to write.
-
-        A failed write settles too (it is logged and counted by the store): the turn is
-        reported, served from memory, and its agent rewritten at its next turn.
-        """
-        store = self.engine.store
-        waiting = []
-        for item in self._held:
-            identity, uid, agent_id, final = item
-            if store is not None and not store.is_settled(agent_id):
-                waiting.append(item)
-                continue
-            final["durable"] = self._is_durable(agent_id)
-            self._mail.deliver(identity, uid, agent_id, final)
-        self._held = waiting
-
-    def _is_durable(self, agent_id: str) -> bool:
-        """True if the agent's latest write landed (its context is on disk as it is now)."""
-        store = self.engine.store
-        return store is not None and store.unsaved(agent_id, self.engine.spec.fingerprint) is None
+        self._holds.hold_turn(identity, event.uid, event.agent_id, final)
 
 
 def _seconds(h: dict, name: str, default: float, most: float) -> float:
