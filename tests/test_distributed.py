@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,30 @@ def reference(model_dir: Path, contexts: list[list[int]], tmp: Path) -> list[lis
     logs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
     assert all(p.returncode == 0 for p in procs), logs  # mlx.launch would hide a failure
     return json.loads(out.read_text())
+
+
+def stored(root: Path, agent: str) -> tuple[int, list[Path]]:
+    """(tokens, block files) of an agent in one rank's store index, read as another
+    process would while the daemon runs."""
+    con = sqlite3.connect(f"file:{root / 'index.db'}?mode=ro", uri=True)
+    try:
+        row = con.execute("SELECT token_count FROM agents WHERE agent_id = ?", (agent,))
+        count = (row.fetchone() or (0,))[0]
+        query = "SELECT b.path FROM agent_blocks a JOIN blocks b ON b.hash = a.block_hash"
+        paths = [root / p for (p,) in con.execute(query + " WHERE a.agent_id = ?", (agent,))]
+    finally:
+        con.close()
+    return count, paths
+
+
+def mount_read_only(path: Path) -> None:
+    """`path` read-only from now on (a bind mount over itself); skips where we cannot."""
+    try:
+        subprocess.run(["mount", "--bind", str(path), str(path)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+        pytest.skip(f"cannot bind-mount here: {exc}")
 
 
 def turn(d, client, prompts: dict[str, list[int]]) -> dict:
@@ -129,6 +154,38 @@ def test_two_ranks_equal_sharded_mlx_lm_across_turns_and_restart(daemon_factory,
         proc = d.ctl("start", "--model", str(d.model_dir), "--world-size", n)
         assert proc.returncode != 0
         assert "sharded over 2 rank(s)" in proc.stdout + proc.stderr + d.log()
+
+
+def test_durable_means_on_every_ranks_disk(daemon_factory):
+    """A final event says durable: true only once every rank's shard of the turn is on
+    disk; a rank that cannot write makes it false, and status and stop say so."""
+    d = daemon_factory("llama", args=ARGS)
+    d.start()
+    rank1 = d.store / "rank-1-of-2"
+    with d.client() as c:
+        first = c.generate("kept", PROMPTS["writer"] * 4, max_tokens=MAX_TOKENS)
+        assert first.durable is True
+        tokens = c.inspect("kept")["tokens"]
+        shards = [stored(root, "kept") for root in (d.store / "cache", rank1)]
+        for count, files in shards:  # both ranks' shards are on disk, as the event said
+            assert count == tokens and files and all(f.is_file() for f in files), shards
+        assert len(shards[0][1]) == len(shards[1][1])
+        mount_read_only(rank1)  # rank 1 can no longer write; rank 0 can
+        try:
+            late = c.generate("kept", [11, 12, 13], max_tokens=MAX_TOKENS)
+            assert late.durable is False
+            assert stored(d.store / "cache", "kept")[0] > tokens  # rank 0 alone wrote it
+            behind = c.inspect("kept")["tokens"] - tokens
+            status = d.ctl("status", "--json")
+            (row,) = json.loads(status.stdout)["unsaved"]
+            assert row["agent_id"] == "kept" and row["behind_tokens"] == behind
+            assert row["error"].startswith("rank 1: "), row
+            assert "not durable" in d.ctl("status").stdout
+            stopped = d.ctl("stop", "--json")
+            assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+            assert [r["agent_id"] for r in json.loads(stopped.stdout)["unsaved"]] == ["kept"]
+        finally:
+            subprocess.run(["umount", "-l", str(rank1)], check=False)
 
 
 def test_lost_rank_stops_the_group_and_restart_resumes_exactly(daemon_factory, tmp_path):

@@ -117,6 +117,22 @@ class Channel:
         rows = self._run(lambda: mx.distributed.all_gather(mine, **self._on), "gather")
         return [list(map(int, r)) for r in rows.tolist()]
 
+    def gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's `data` (of any length), in rank order: one collective of the
+        lengths, and a second (each rank's bytes padded to the longest) only if any has
+        some."""
+        sizes = [row[0] for row in self.gather([len(data)])]
+        longest = max(sizes)
+        if longest == 0:
+            return [b""] * self.size
+        mine = np.zeros((1, longest), np.uint8)
+        mine[0, : len(data)] = np.frombuffer(data, np.uint8)
+        rows = self._run(
+            lambda: mx.distributed.all_gather(mx.array(mine), **self._on), "gather bytes"
+        )
+        got = np.array(rows)
+        return [got[i, :n].tobytes() for i, n in enumerate(sizes)]
+
     def guarded(self, what: str, fn):
         """Run `fn` (which issues collectives: a batch step) under the watchdog; a lost
         peer's error becomes DistributedError."""
