@@ -212,6 +212,36 @@ def test_lost_rank_stops_the_group_and_restart_resumes_exactly(daemon_factory, t
     assert [second[a].token_ids for a in PROMPTS] == want
 
 
+def test_offline_delete_and_gc_act_on_every_rank_store(daemon_factory):
+    """With no daemon running, `delete` removes the agent from every rank's store and `gc`
+    collects in every one (each rank keeping its shard of the model served)."""
+    d = daemon_factory("llama", args=ARGS)
+    d.start()
+    with d.client() as c:
+        turn(d, c, PROMPTS)
+        fingerprint = c.stats()["fingerprint"]
+    assert d.ctl("stop").returncode == 0
+    roots = [d.store / "cache", d.store / "rank-1-of-2"]
+    files = [stored(root, "planner")[1] for root in roots]
+    assert all(files) and all(f.is_file() for fs in files for f in fs)
+    stray = roots[1] / "blocks" / "ff" / "stray.safetensors.tmp"  # a crashed write's
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"partial")
+
+    assert d.ctl("delete", "planner").returncode == 0  # offline: the store itself
+    for root in roots:
+        assert stored(root, "planner")[0] == 0 and stored(root, "critic")[0] > 0, root
+    dry = d.ctl("gc", "--keep-model", fingerprint, "--json")
+    report = json.loads(dry.stdout)
+    assert report["foreign_agents"] == []  # rank 1 keeps its own shard of this model
+    assert "rank-1-of-2/blocks/ff/stray.safetensors.tmp" in report["orphan_files"]
+    assert len(report["unreferenced_blocks"]) == sum(map(len, files))  # planner's, per rank
+    assert d.ctl("gc", "--no-dry-run").returncode == 0
+    assert not stray.exists() and not any(f.exists() for fs in files for f in fs)
+    assert d.ctl("verify").returncode == 0
+    assert d.ctl("delete", "planner").returncode == 1  # gone from every rank: unknown
+
+
 def test_rank_missing_blocks_makes_every_rank_recompute(daemon_factory, tmp_path):
     d = daemon_factory("llama", args=ARGS)
     d.start()
@@ -318,6 +348,27 @@ def test_start_checks_without_starting_anything(tmp_path, model_dirs):
     (store / "world.json").write_text("{")
     with pytest.raises(StartError, match="damaged"):
         check_start(opts)
+
+
+def test_a_backend_missing_from_this_mlx_build_is_refused_at_start(daemon_factory, tmp_path):
+    """JACCL and MPI are not in the Linux CPU wheel: a clear error naming what is, exit 1,
+    before any rank starts."""
+    from agentkv.daemon.service.ranks import read_hostfile
+
+    d = daemon_factory("llama")
+    args = ("--model", str(d.model_dir), "--world-size", "2", "--backend", "jaccl")
+    proc = d.ctl("start", *args)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "backend 'jaccl' is not available in this mlx build; available here: ring" in (
+        proc.stderr
+    )
+    assert not (d.store / "rank-1.log").exists()
+    one = d.ctl("start", "--model", str(d.model_dir), "--backend", "mpi")
+    assert one.returncode == 2 and "needs --world-size N or --hosts" in one.stderr
+    launch = tmp_path / "jaccl.json"  # mlx.launch's hostfile, as mlx.distributed_config writes
+    hosts = [{"ssh": f"mac{i}", "ips": [f"10.0.0.{i}"], "rdma": [None, None]} for i in (1, 2)]
+    launch.write_text(json.dumps({"backend": "jaccl", "hosts": hosts}))
+    assert len(read_hostfile(launch)) == 2
 
 
 def test_status_text_shows_each_rank():
