@@ -163,6 +163,8 @@ def test_durable_means_on_every_ranks_disk(daemon_factory):
     d.start()
     rank1 = d.store / "rank-1-of-2"
     with d.client() as c:
+        # "kept" ends while "long" decodes: the ranks agree in the next batch step
+        long_uid = c.submit("long", PROMPTS["planner"], max_tokens=6 * MAX_TOKENS)
         first = c.generate("kept", PROMPTS["writer"] * 4, max_tokens=MAX_TOKENS)
         assert first.durable is True
         tokens = c.inspect("kept")["tokens"]
@@ -170,6 +172,11 @@ def test_durable_means_on_every_ranks_disk(daemon_factory):
         for count, files in shards:  # both ranks' shards are on disk, as the event said
             assert count == tokens and files and all(f.is_file() for f in files), shards
         assert len(shards[0][1]) == len(shards[1][1])
+        for _ in range(300):  # its final event (its tokens' events come before)
+            ended = [e for e in c.step(timeout=1.0) if e.finished]
+            if ended:
+                break
+        assert [(e.uid, e.durable) for e in ended] == [(long_uid, True)]
         mount_read_only(rank1)  # rank 1 can no longer write; rank 0 can
         try:
             late = c.generate("kept", [11, 12, 13], max_tokens=MAX_TOKENS)
