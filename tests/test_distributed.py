@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from agentkv.storage.maintenance import verify_store
@@ -376,6 +377,42 @@ def test_a_backend_missing_from_this_mlx_build_is_refused_at_start(daemon_factor
     hosts = [{"ssh": f"mac{i}", "ips": [f"10.0.0.{i}"], "rdma": [None, None]} for i in (1, 2)]
     launch.write_text(json.dumps({"backend": "jaccl", "hosts": hosts}))
     assert len(read_hostfile(launch)) == 2
+
+
+def test_durability_views_merge_every_rank():
+    """Rank 0's store as the service sees it (no MLX group needed)."""
+    from agentkv.daemon.engine.distributed.durability import (
+        AgreedStore,
+        RankWrites,
+        merge_reports,
+    )
+
+    class Store:  # rank 0's own store: everything landed, nothing failed
+        def is_settled(self, agent_id):
+            return True
+
+        def unsaved(self, agent_id, fingerprint):
+            return None
+
+    class Channel:  # rank 1 says its write of "a" failed
+        def gather_bytes(self, data):
+            return [data, msgpack.packb({"a": "disk full"})]
+
+    writes = RankWrites(Channel())
+    agreed = []
+    view = AgreedStore(Store(), writes, lambda: agreed.append(writes.agree()))
+    writes.wrote(["a", "b"])
+    assert view.is_settled("a") and agreed and not writes.waiting
+    assert view.unsaved("a", "fp") == "rank 1: disk full" and view.unsaved("b", "fp") is None
+    rows = [
+        [{"agent_id": "a", "behind_tokens": 3, "error": "x"}],
+        [{"agent_id": "a", "behind_tokens": 9, "error": "y"}],
+        [{"agent_id": "b", "behind_tokens": 1, "error": "z"}],
+    ]
+    assert merge_reports(rows) == [
+        {"agent_id": "a", "behind_tokens": 9, "error": "x"},
+        {"agent_id": "b", "behind_tokens": 1, "error": "rank 2: z"},
+    ]
 
 
 def test_status_text_shows_each_rank():
