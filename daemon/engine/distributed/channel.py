@@ -35,6 +35,8 @@ class Watchdog:
     One thread; `arm(what, seconds)` before a blocking collective, `disarm()` after.
     `os._exit` because the thread stuck in the collective cannot be interrupted: the store
     is crash-safe, so what was durable stays durable and the rest is redone on restart.
+    Arms nest: a collective inside a guarded batch step (the ranks' agreement on their
+    writes) gives the step its deadline back when it ends.
     """
 
     def __init__(self, rank: int) -> None:
@@ -42,18 +44,20 @@ class Watchdog:
         self._lock = threading.Lock()
         self._what = ""
         self._deadline: float | None = None
+        self._outer: list[tuple[str, float | None]] = []  # the waits this one is inside
         self._thread = threading.Thread(target=self._watch, name="agentkv-watchdog", daemon=True)
         self._thread.start()
 
     def arm(self, what: str, seconds: float) -> None:
         """Start timing a wait named `what`."""
         with self._lock:
+            self._outer.append((self._what, self._deadline))
             self._what, self._deadline = what, time.monotonic() + seconds
 
     def disarm(self) -> None:
-        """The wait ended in time."""
+        """The wait ended in time (the one it was inside, if any, is timed again)."""
         with self._lock:
-            self._deadline = None
+            self._what, self._deadline = self._outer.pop() if self._outer else ("", None)
 
     def _watch(self) -> None:
         while True:
