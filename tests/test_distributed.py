@@ -249,6 +249,15 @@ def test_offline_delete_and_gc_act_on_every_rank_store(daemon_factory):
     assert d.ctl("verify").returncode == 0
     assert d.ctl("delete", "planner").returncode == 1  # gone from every rank: unknown
 
+    for name in ("index.db", "index.db-wal", "index.db-shm"):  # rank 1 loses its index
+        (roots[1] / name).unlink(missing_ok=True)
+    assert d.ctl("verify").returncode == 1
+    rebuilt = d.ctl("rebuild-index", "--json")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert [s["store"] for s in json.loads(rebuilt.stdout)["stores"]] == [str(roots[1])]
+    assert stored(roots[1], "critic")[0] == stored(roots[0], "critic")[0] > 0
+    assert d.ctl("verify").returncode == 0
+
 
 def test_rank_missing_blocks_makes_every_rank_recompute(daemon_factory, tmp_path):
     d = daemon_factory("llama", args=ARGS)

@@ -23,7 +23,7 @@ from .cli_format import (
     _table,
     _verify_data,
 )
-from .rank_stores import delete_every_rank, gc_every_rank
+from .rank_stores import delete_every_rank, gc_every_rank, rebuild_every_rank
 from .ranks import rank_stores
 from .runfiles import read_pid, same_store
 
@@ -165,7 +165,8 @@ def _gc_data(reports: list, dry_run: bool) -> dict:
 def rebuild_index(socket_, store, as_json, timeout, auth_key, dry_run, force) -> None:
     """Rebuild the store's index from its block and state files (a lost or damaged
     index.db); refused while a daemon has the store. Agents whose files hold no token
-    list (written by an older agentkv) are reported lost."""
+    list (written by an older agentkv) are reported lost. Of a distributed daemon's
+    store: every rank store's index that is lost or damaged (every one with --force)."""
     from agentkv.storage import StorageError
     from agentkv.storage import rebuild_index as rebuild
 
@@ -173,6 +174,13 @@ def rebuild_index(socket_, store, as_json, timeout, auth_key, dry_run, force) ->
     if not path.is_dir():
         raise click.ClickException(f"no store at {store}")
     try:
+        if rank_stores(store):
+            reports = rebuild_every_rank(
+                store, dry_run=dry_run, force=force, progress=_progress(as_json)
+            )
+            data = {"stores": [{"store": str(p), **dataclasses.asdict(r)} for p, r in reports]}
+            _out(as_json, data, "\n".join(f"{p}: {_rebuild_text(r)}" for p, r in reports))
+            return
         r = rebuild(path, dry_run=dry_run, force=force, progress=_progress(as_json))
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None

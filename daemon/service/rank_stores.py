@@ -2,11 +2,12 @@
 
 A store written by N ranks holds rank 0's store in STORE/cache (its index is the one
 truth for agents and tokens) and rank r's shard in STORE/rank-R-of-N. `daemonctl delete`
-(with no daemon running) removes an agent from every one, and `gc` collects garbage in
-every one, each rank keeping its own shard of the model kept (its fingerprint is keyed by
-rank: `STORE/world.json` maps rank 0's to every rank's). Every rank store is opened (its
-lock taken) before anything is changed: a rank still running refuses the whole command.
-No MLX import.
+(with no daemon running) removes an agent from every one, `gc` collects garbage in every
+one, each rank keeping its own shard of the model kept (its fingerprint is keyed by rank:
+`STORE/world.json` maps rank 0's to every rank's), and `rebuild-index` rebuilds every
+one's index that is lost or damaged (the next start reconciles them with rank 0's). For
+delete and gc every rank store is opened (its lock taken) before anything is changed: a
+rank still running refuses the whole command. No MLX import.
 """
 
 from __future__ import annotations
@@ -88,6 +89,25 @@ def delete_every_rank(store: Path, agent: str) -> bool:
                 cache.delete_agent(agent, fp)
             cache.flush()
     return True
+
+
+def rebuild_every_rank(store: Path, *, dry_run: bool, force: bool, progress: bool):
+    """`rebuild_index` of every rank store whose index is lost or damaged (of every one
+    with `force`). Returns [(store dir, RebuildReport)].
+
+    Raises:
+        StorageError: a store is in use; or no index needs it (and not `force`): rank 0's
+            refusal of a sound index says so.
+    """
+    from agentkv.storage import rebuild_index
+    from agentkv.storage.maintenance import index_problem
+
+    roots = rank_roots(store)
+    todo = roots if force else [r for r in roots if index_problem(r)[0] is not None]
+    return [
+        (root, rebuild_index(root, dry_run=dry_run, force=force, progress=progress))
+        for root in todo or roots[:1]
+    ]
 
 
 def gc_every_rank(store: Path, fingerprint: str | None, *, dry_run: bool, progress: bool):
