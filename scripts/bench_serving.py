@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -80,6 +81,7 @@ class RunResult:
     prefilled_after_restart: int | None = None
     history_tokens_at_restart: int = 0
     texts: list = field(default_factory=list)  # agent 0's answers, turn by turn
+    retries: int = 0  # requests the SDK had to send again (connection reset, ...)
 
 
 def free_port() -> int:
@@ -224,11 +226,35 @@ def quantiles(values: list[float]) -> dict:
 
 
 REQUEST_TIMEOUT_S = 3600.0  # a loaded CPU prefilling many long chats: the SDK's 600 s ran out
+# The SDK's retries on, as a user has them: mlx_lm.server's ThreadingHTTPServer keeps a
+# listen backlog of 5 and resets connections past it (32 agents at once); each retry is
+# counted and reported per server.
+MAX_RETRIES = 8
+
+
+class RetryCounter(logging.Handler):
+    """Counts the openai SDK's "Retrying request" log lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += record.getMessage().startswith("Retrying request")
+
+
+RETRIES = RetryCounter()
+logging.getLogger("openai").addHandler(RETRIES)
+logging.getLogger("openai").setLevel(logging.INFO)
+logging.getLogger("openai").propagate = False
 
 
 def _client(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(
-        base_url=url + "/v1", api_key="bench", max_retries=0, timeout=REQUEST_TIMEOUT_S
+        base_url=url + "/v1",
+        api_key="bench",
+        max_retries=MAX_RETRIES,
+        timeout=REQUEST_TIMEOUT_S,
     )
 
 
@@ -237,6 +263,7 @@ def progress(text: str) -> None:
 
 
 async def workload(server, model: str, agents: int, turns: int, args) -> RunResult:
+    retried = RETRIES.count
     client = _client(server.url)
     chats = [
         [{"role": "system", "content": system_prompt(args.system_words)}] for _ in range(agents)
@@ -272,6 +299,7 @@ async def workload(server, model: str, agents: int, turns: int, args) -> RunResu
         )
     result.history_tokens_at_restart = after[0][0].prompt_tokens
     result.texts = [s.text for s in stats[0]] + [after[0][0].text]
+    result.retries = RETRIES.count - retried
     return result
 
 
@@ -356,15 +384,15 @@ def model_dir(name: str | None, quick: bool) -> Path:
 def table(results: list[RunResult], turns: int) -> str:
     head = "| server | agents | " + " | ".join(f"TTFT t{t} p50/p95 ms" for t in range(turns))
     head += " | tokens/s | prefilled | history at restart | TTFT after restart p50/p95 ms"
-    head += " | prefilled after restart |"
-    rows = [head, "|" + "---|" * (turns + 7)]
+    head += " | prefilled after restart | SDK retries |"
+    rows = [head, "|" + "---|" * (turns + 8)]
     for r in results:
         ttft = " | ".join(f"{q['p50_ms']}/{q['p95_ms']}" for q in r.ttft_by_turn.values())
         rows.append(
             f"| {r.server} | {r.agents} | {ttft} | {r.tokens_per_s} | {r.prefilled_tokens} | "
             f"{r.history_tokens_at_restart} | "
             f"{r.restart_ttft['p50_ms']}/{r.restart_ttft['p95_ms']} | "
-            f"{r.prefilled_after_restart} |"
+            f"{r.prefilled_after_restart} | {r.retries} |"
         )
     return "\n".join(rows)
 

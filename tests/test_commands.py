@@ -25,7 +25,7 @@ from agentkv.daemon.errors import (
     UnknownAgentError,
     UnsupportedModelError,
 )
-from agentkv.daemon.service import commands, queries
+from agentkv.daemon.service import commands, mailboxes, queries
 from agentkv.daemon.service.commands import CommandHandler
 from agentkv.daemon.service.engine_api import Engine
 
@@ -429,7 +429,7 @@ def test_stats_merge_info_engine_and_cached_store_totals():
 
 def test_a_step_reply_carries_at_most_its_share_of_events(h, monkeypatch):
     """Events beyond STEP_REPLY_BYTES wait for the next step (always one at least)."""
-    monkeypatch.setattr(commands, "STEP_REPLY_BYTES", 3000)
+    monkeypatch.setattr(mailboxes, "STEP_REPLY_BYTES", 3000)
     uids = [
         h.ok(A, MessageType.SUBMIT, {"agent_id": f"a{i}", "prompt": "x"})["uid"] for i in range(4)
     ]
@@ -446,7 +446,7 @@ def test_a_step_reply_carries_at_most_its_share_of_events(h, monkeypatch):
 
 
 def test_turns_not_finished_are_bounded_per_client(h, monkeypatch):
-    monkeypatch.setattr(commands, "MAX_TURNS_PER_CLIENT", 2)
+    monkeypatch.setattr(mailboxes, "MAX_TURNS_PER_CLIENT", 2)
     for _ in range(2):
         h.ok(A, MessageType.SUBMIT, {"agent_id": "a1", "prompt": "hi"})
     assert h.code(A, MessageType.SUBMIT, {"agent_id": "a1", "prompt": "hi"}) == "overloaded"
@@ -504,9 +504,9 @@ def test_fail_all_ends_every_turn_with_an_internal_error(h):
 
 def test_a_silent_client_is_forgotten_after_its_ttl(monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(
-        commands, "time", SimpleNamespace(monotonic=lambda: clock[0], time=lambda: 0)
-    )
+    fake_time = SimpleNamespace(monotonic=lambda: clock[0], time=lambda: 0)
+    for module in (commands, mailboxes):
+        monkeypatch.setattr(module, "time", fake_time)
     h = Harness(client_ttl=60.0)
     uid = h.ok(A, MessageType.SUBMIT, {"agent_id": "a1", "prompt": "hi"})["uid"]
     h.engine.finish(uid, [1])

@@ -171,10 +171,13 @@ def test_a_short_auth_key_is_refused(key, tmp_path):
             Client(f"ipc://{tmp_path}/d.sock", timeout=0.5, auth_key=given)
 
 
-@pytest.mark.parametrize("module", ["agentkv.client", "agentkv.daemon.service.cli"])
+@pytest.mark.parametrize(
+    "module", ["agentkv.client", "agentkv.daemon.service.cli", "agentkv.daemon.service.process"]
+)
 def test_importing_loads_no_mlx(module):
     """The client never needs MLX; daemonctl's commands that only talk to a daemon (and
-    --help) must not pay for loading it either."""
+    --help) must not pay for loading it either, nor the service layer (the daemon process,
+    its server and command layer), which loads the engine only when it builds one."""
     code = (
         f"import sys, {module}\n"
         "heavy = [m for m in sys.modules if m.split('.')[0] in "

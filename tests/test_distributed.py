@@ -12,10 +12,12 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from agentkv.storage.maintenance import verify_store
@@ -59,6 +61,30 @@ def reference(model_dir: Path, contexts: list[list[int]], tmp: Path) -> list[lis
     logs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
     assert all(p.returncode == 0 for p in procs), logs  # mlx.launch would hide a failure
     return json.loads(out.read_text())
+
+
+def stored(root: Path, agent: str) -> tuple[int, list[Path]]:
+    """(tokens, block files) of an agent in one rank's store index, read as another
+    process would while the daemon runs."""
+    con = sqlite3.connect(f"file:{root / 'index.db'}?mode=ro", uri=True)
+    try:
+        row = con.execute("SELECT token_count FROM agents WHERE agent_id = ?", (agent,))
+        count = (row.fetchone() or (0,))[0]
+        query = "SELECT b.path FROM agent_blocks a JOIN blocks b ON b.hash = a.block_hash"
+        paths = [root / p for (p,) in con.execute(query + " WHERE a.agent_id = ?", (agent,))]
+    finally:
+        con.close()
+    return count, paths
+
+
+def mount_read_only(path: Path) -> None:
+    """`path` read-only from now on (a bind mount over itself); skips where we cannot."""
+    try:
+        subprocess.run(["mount", "--bind", str(path), str(path)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+        pytest.skip(f"cannot bind-mount here: {exc}")
 
 
 def turn(d, client, prompts: dict[str, list[int]]) -> dict:
@@ -131,6 +157,45 @@ def test_two_ranks_equal_sharded_mlx_lm_across_turns_and_restart(daemon_factory,
         assert "sharded over 2 rank(s)" in proc.stdout + proc.stderr + d.log()
 
 
+def test_durable_means_on_every_ranks_disk(daemon_factory):
+    """A final event says durable: true only once every rank's shard of the turn is on
+    disk; a rank that cannot write makes it false, and status and stop say so."""
+    d = daemon_factory("llama", args=ARGS)
+    d.start()
+    rank1 = d.store / "rank-1-of-2"
+    with d.client() as c:
+        # "kept" ends while "long" decodes: the ranks agree in the next batch step
+        long_uid = c.submit("long", PROMPTS["planner"], max_tokens=6 * MAX_TOKENS)
+        first = c.generate("kept", PROMPTS["writer"] * 4, max_tokens=MAX_TOKENS)
+        assert first.durable is True
+        tokens = c.inspect("kept")["tokens"]
+        shards = [stored(root, "kept") for root in (d.store / "cache", rank1)]
+        for count, files in shards:  # both ranks' shards are on disk, as the event said
+            assert count == tokens and files and all(f.is_file() for f in files), shards
+        assert len(shards[0][1]) == len(shards[1][1])
+        for _ in range(300):  # its final event (its tokens' events come before)
+            ended = [e for e in c.step(timeout=1.0) if e.finished]
+            if ended:
+                break
+        assert [(e.uid, e.durable) for e in ended] == [(long_uid, True)]
+        mount_read_only(rank1)  # rank 1 can no longer write; rank 0 can
+        try:
+            late = c.generate("kept", [11, 12, 13], max_tokens=MAX_TOKENS)
+            assert late.durable is False
+            assert stored(d.store / "cache", "kept")[0] > tokens  # rank 0 alone wrote it
+            behind = c.inspect("kept")["tokens"] - tokens
+            status = d.ctl("status", "--json")
+            (row,) = json.loads(status.stdout)["unsaved"]
+            assert row["agent_id"] == "kept" and row["behind_tokens"] == behind
+            assert row["error"].startswith("rank 1: "), row
+            assert "not durable" in d.ctl("status").stdout
+            stopped = d.ctl("stop", "--json")
+            assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+            assert [r["agent_id"] for r in json.loads(stopped.stdout)["unsaved"]] == ["kept"]
+        finally:
+            subprocess.run(["umount", "-l", str(rank1)], check=False)
+
+
 def test_lost_rank_stops_the_group_and_restart_resumes_exactly(daemon_factory, tmp_path):
     d = daemon_factory("llama", args=(*ARGS, "--collective-timeout", "30"))
     d.start()
@@ -153,6 +218,45 @@ def test_lost_rank_stops_the_group_and_restart_resumes_exactly(daemon_factory, t
     contexts = [after_first[a] + second_prompts[a] for a in PROMPTS]
     want = reference(d.model_dir, contexts, tmp_path)
     assert [second[a].token_ids for a in PROMPTS] == want
+
+
+def test_offline_delete_and_gc_act_on_every_rank_store(daemon_factory):
+    """With no daemon running, `delete` removes the agent from every rank's store and `gc`
+    collects in every one (each rank keeping its shard of the model served)."""
+    d = daemon_factory("llama", args=ARGS)
+    d.start()
+    with d.client() as c:
+        turn(d, c, PROMPTS)
+        fingerprint = c.stats()["fingerprint"]
+    assert d.ctl("stop").returncode == 0
+    roots = [d.store / "cache", d.store / "rank-1-of-2"]
+    files = [stored(root, "planner")[1] for root in roots]
+    assert all(files) and all(f.is_file() for fs in files for f in fs)
+    stray = roots[1] / "blocks" / "ff" / "stray.safetensors.tmp"  # a crashed write's
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"partial")
+
+    assert d.ctl("delete", "planner").returncode == 0  # offline: the store itself
+    for root in roots:
+        assert stored(root, "planner")[0] == 0 and stored(root, "critic")[0] > 0, root
+    dry = d.ctl("gc", "--keep-model", fingerprint, "--json")
+    report = json.loads(dry.stdout)
+    assert report["foreign_agents"] == []  # rank 1 keeps its own shard of this model
+    assert "rank-1-of-2/blocks/ff/stray.safetensors.tmp" in report["orphan_files"]
+    assert len(report["unreferenced_blocks"]) == sum(map(len, files))  # planner's, per rank
+    assert d.ctl("gc", "--no-dry-run").returncode == 0
+    assert not stray.exists() and not any(f.exists() for fs in files for f in fs)
+    assert d.ctl("verify").returncode == 0
+    assert d.ctl("delete", "planner").returncode == 1  # gone from every rank: unknown
+
+    for name in ("index.db", "index.db-wal", "index.db-shm"):  # rank 1 loses its index
+        (roots[1] / name).unlink(missing_ok=True)
+    assert d.ctl("verify").returncode == 1
+    rebuilt = d.ctl("rebuild-index", "--json")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert [s["store"] for s in json.loads(rebuilt.stdout)["stores"]] == [str(roots[1])]
+    assert stored(roots[1], "critic")[0] == stored(roots[0], "critic")[0] > 0
+    assert d.ctl("verify").returncode == 0
 
 
 def test_rank_missing_blocks_makes_every_rank_recompute(daemon_factory, tmp_path):
@@ -261,6 +365,63 @@ def test_start_checks_without_starting_anything(tmp_path, model_dirs):
     (store / "world.json").write_text("{")
     with pytest.raises(StartError, match="damaged"):
         check_start(opts)
+
+
+def test_a_backend_missing_from_this_mlx_build_is_refused_at_start(daemon_factory, tmp_path):
+    """JACCL and MPI are not in the Linux CPU wheel: a clear error naming what is, exit 1,
+    before any rank starts."""
+    from agentkv.daemon.service.ranks import read_hostfile
+
+    d = daemon_factory("llama")
+    args = ("--model", str(d.model_dir), "--world-size", "2", "--backend", "jaccl")
+    proc = d.ctl("start", *args)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "backend 'jaccl' is not available in this mlx build; available here: ring" in (
+        proc.stderr
+    )
+    assert not (d.store / "rank-1.log").exists()
+    one = d.ctl("start", "--model", str(d.model_dir), "--backend", "mpi")
+    assert one.returncode == 2 and "needs --world-size N or --hosts" in one.stderr
+    launch = tmp_path / "jaccl.json"  # mlx.launch's hostfile, as mlx.distributed_config writes
+    hosts = [{"ssh": f"mac{i}", "ips": [f"10.0.0.{i}"], "rdma": [None, None]} for i in (1, 2)]
+    launch.write_text(json.dumps({"backend": "jaccl", "hosts": hosts}))
+    assert len(read_hostfile(launch)) == 2
+
+
+def test_durability_views_merge_every_rank():
+    """Rank 0's store as the service sees it (no MLX group needed)."""
+    from agentkv.daemon.engine.distributed.durability import (
+        AgreedStore,
+        RankWrites,
+        merge_reports,
+    )
+
+    class Store:  # rank 0's own store: everything landed, nothing failed
+        def is_settled(self, agent_id):
+            return True
+
+        def unsaved(self, agent_id, fingerprint):
+            return None
+
+    class Channel:  # rank 1 says its write of "a" failed
+        def gather_bytes(self, data):
+            return [data, msgpack.packb({"a": "disk full"})]
+
+    writes = RankWrites(Channel())
+    agreed = []
+    view = AgreedStore(Store(), writes, lambda: agreed.append(writes.agree()))
+    writes.wrote(["a", "b"])
+    assert view.is_settled("a") and agreed and not writes.waiting
+    assert view.unsaved("a", "fp") == "rank 1: disk full" and view.unsaved("b", "fp") is None
+    rows = [
+        [{"agent_id": "a", "behind_tokens": 3, "error": "x"}],
+        [{"agent_id": "a", "behind_tokens": 9, "error": "y"}],
+        [{"agent_id": "b", "behind_tokens": 1, "error": "z"}],
+    ]
+    assert merge_reports(rows) == [
+        {"agent_id": "a", "behind_tokens": 9, "error": "x"},
+        {"agent_id": "b", "behind_tokens": 1, "error": "rank 2: z"},
+    ]
 
 
 def test_status_text_shows_each_rank():

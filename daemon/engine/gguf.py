@@ -230,7 +230,7 @@ def gguf_model_dir(path: str | os.PathLike[str]) -> Path:
             converter does not handle.
     """
     from .fingerprint import gguf_fingerprint
-    from .model_factory import build_cached, models_cache_dir
+    from .model_files import build_cached, models_cache_dir
 
     path = Path(path)
     header = read_header(path)
@@ -278,7 +278,7 @@ def convert(path: Path, directory: Path, header: GGUFHeader) -> None:
     import mlx.core as mx
 
     from .gguf_tokenizer import save_tokenizer
-    from .model_factory import write_model_files
+    from .model_files import write_model_files
 
     try:
         tensors, _ = mx.load(str(path), return_metadata=True)

@@ -17,7 +17,8 @@ import mlx.core as mx
 
 from ..errors import CacheReconstructionError, PoolExhaustedError
 from .agents import AgentCache, AgentContext, frozen_map
-from .block_pool import BlockPool, KVBlock, chain_hashes, hash_block
+from .block_hash import chain_hashes, hash_block
+from .block_pool import BlockPool, KVBlock
 from .kv_blocks import block_payload, rebuild_caches, snapshot_states, snapshot_windows
 from .prompts import common_prefix_len
 from .spec import ModelCacheSpec

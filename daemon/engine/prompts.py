@@ -43,12 +43,18 @@ def encode_turn(tokenizer, prompt: str, *, first_turn: bool, encode=None) -> lis
         add_special = bos is None or not prompt.startswith(bos)
     else:
         add_special = False
+    return _encode(tokenizer, prompt, add_special, encode, "prompt encodes to no tokens")
+
+
+def _encode(tokenizer, text: str, add_special: bool, encode, empty: str) -> list[int]:
+    """`text`'s token ids, by `encode(text, add_special)` when given, else the tokenizer's
+    own encode; InvalidRequestError(`empty`) when there are none."""
     if encode is None:
-        ids = list(tokenizer.encode(prompt, add_special_tokens=add_special))
+        ids = list(tokenizer.encode(text, add_special_tokens=add_special))
     else:
-        ids = encode(prompt, add_special)
+        ids = encode(text, add_special)
     if not ids:
-        raise InvalidRequestError("prompt encodes to no tokens")
+        raise InvalidRequestError(empty)
     return ids
 
 
@@ -288,13 +294,7 @@ def render_messages(tokenizer, messages: object, encode=None, tools=None) -> lis
         if type(exc).__name__ == "TemplateSyntaxError":  # broken template: not the request
             raise
         raise InvalidRequestError(f"the chat template refused these messages: {exc}") from exc
-    if encode is None:
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
-    else:
-        ids = encode(text, False)
-    if not ids:
-        raise InvalidRequestError("messages render to no tokens")
-    return ids
+    return _encode(tokenizer, text, False, encode, "messages render to no tokens")
 
 
 def _render(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:

@@ -100,6 +100,13 @@ from .runfiles import (
     help="MLX ring hostfile of every rank (this one is rank 0); instead of --world-size",
 )
 @click.option(
+    "--backend",
+    type=click.Choice(["ring", "jaccl", "mpi", "any"]),
+    default="ring",
+    show_default=True,
+    help="mx.distributed backend of a distributed daemon (jaccl, mpi: with --hosts)",
+)
+@click.option(
     "--collective-timeout",
     type=click.FloatRange(min=1),
     default=120.0,
@@ -135,6 +142,7 @@ def start(
     client_ttl,
     world_size,
     hosts,
+    backend,
     collective_timeout,
     http,
     api_key,
@@ -153,6 +161,7 @@ def start(
         client_ttl=client_ttl,
         world_size=world_size,
         hosts=hosts.resolve() if hosts else None,
+        backend=backend,
         collective_timeout=collective_timeout,
         http=http,
         api_key=api_key,

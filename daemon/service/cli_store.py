@@ -1,5 +1,7 @@
 """daemonctl's agent and store commands: inspect, agents, delete (through the daemon, or
-the store itself when no daemon runs on it), verify, gc and rebuild-index."""
+the store itself when no daemon runs on it), verify, gc and rebuild-index. On a
+distributed daemon's store, offline delete and gc act on every rank's store
+(`rank_stores`)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from .cli_format import (
     _table,
     _verify_data,
 )
+from .rank_stores import delete_every_rank, gc_every_rank, rebuild_every_rank
+from .ranks import rank_stores
 from .runfiles import read_pid, same_store
 
 
@@ -117,28 +121,41 @@ def gc(socket_, store, as_json, timeout, auth_key, dry_run, keep_model) -> None:
     fingerprint = keep_model or _serving_fingerprint(socket_, store, auth_key, timeout)
     if keep_model is not None:
         _check_model_known(store, keep_model)
+    cache, bars = _cache_dir(store), _progress(as_json)
     try:
-        r = collect_garbage(
-            _cache_dir(store), fingerprint, dry_run=dry_run, progress=_progress(as_json)
-        )
+        if rank_stores(store):  # a distributed daemon's store: every rank's
+            reports = gc_every_rank(store, fingerprint, dry_run=dry_run, progress=bars)
+        else:
+            reports = [(cache, collect_garbage(cache, fingerprint, dry_run=dry_run, progress=bars))]
     except StorageError as exc:  # locked, or an index gone or damaged: nothing removed
         raise click.ClickException(str(exc)) from None
-    data = {
-        "dry_run": r.dry_run,
-        "orphan_files": r.orphan_files,
-        "unreferenced_blocks": r.unreferenced_blocks,
-        "foreign_blocks": r.foreign_blocks,
-        "foreign_agents": r.foreign_agents,
-        "bytes": r.bytes_freed,
-    }
+    data = _gc_data(reports, dry_run)
     verb = "would remove" if dry_run else "removed"
     _out(
         as_json,
         data,
-        f"{verb}: {len(r.orphan_files)} orphan files, "
-        f"{len(r.unreferenced_blocks)} unreferenced blocks, {len(r.foreign_blocks)} blocks and "
-        f"{len(r.foreign_agents)} agents of other models ({r.bytes_freed / 2**20:.1f} MiB)",
+        f"{verb}: {len(data['orphan_files'])} orphan files, "
+        f"{len(data['unreferenced_blocks'])} unreferenced blocks, "
+        f"{len(data['foreign_blocks'])} blocks and {len(data['foreign_agents'])} agents of "
+        f"other models ({data['bytes'] / 2**20:.1f} MiB)"
+        + (f" in {len(reports)} rank stores" if len(reports) > 1 else ""),
     )
+
+
+def _gc_data(reports: list, dry_run: bool) -> dict:
+    """gc's report over every rank store (rank r's files named under its directory)."""
+    data = {"dry_run": dry_run, "orphan_files": [], "unreferenced_blocks": []}
+    data |= {"foreign_blocks": [], "foreign_agents": [], "bytes": 0}
+    for rank, (root, r) in enumerate(reports):
+        prefix = f"{root.name}/" if rank else ""
+        data["orphan_files"] += [prefix + f for f in r.orphan_files]
+        data["unreferenced_blocks"] += r.unreferenced_blocks
+        data["foreign_blocks"] += r.foreign_blocks
+        data["foreign_agents"] += r.foreign_agents
+        data["bytes"] += r.bytes_freed
+    if len(reports) > 1:
+        data["rank_stores"] = [str(root) for root, _ in reports]
+    return data
 
 
 @main.command("rebuild-index")
@@ -148,7 +165,8 @@ def gc(socket_, store, as_json, timeout, auth_key, dry_run, keep_model) -> None:
 def rebuild_index(socket_, store, as_json, timeout, auth_key, dry_run, force) -> None:
     """Rebuild the store's index from its block and state files (a lost or damaged
     index.db); refused while a daemon has the store. Agents whose files hold no token
-    list (written by an older agentkv) are reported lost."""
+    list (written by an older agentkv) are reported lost. Of a distributed daemon's
+    store: every rank store's index that is lost or damaged (every one with --force)."""
     from agentkv.storage import StorageError
     from agentkv.storage import rebuild_index as rebuild
 
@@ -156,6 +174,13 @@ def rebuild_index(socket_, store, as_json, timeout, auth_key, dry_run, force) ->
     if not path.is_dir():
         raise click.ClickException(f"no store at {store}")
     try:
+        if rank_stores(store):
+            reports = rebuild_every_rank(
+                store, dry_run=dry_run, force=force, progress=_progress(as_json)
+            )
+            data = {"stores": [{"store": str(p), **dataclasses.asdict(r)} for p, r in reports]}
+            _out(as_json, data, "\n".join(f"{p}: {_rebuild_text(r)}" for p, r in reports))
+            return
         r = rebuild(path, dry_run=dry_run, force=force, progress=_progress(as_json))
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
@@ -199,6 +224,15 @@ def _delete_offline(store: Path, agent: str) -> None:
         protocol.check_agent_id(agent)
     except protocol.ProtocolError as exc:
         raise click.ClickException(str(exc)) from None
+    if rank_stores(store):  # a distributed daemon's store: every rank's
+        _cache_dir(store)
+        try:
+            found = delete_every_rank(store, agent)
+        except StorageError as exc:
+            raise click.ClickException(str(exc)) from None
+        if not found:
+            raise click.ClickException(f"unknown agent {agent!r}")
+        return
     with _offline_store(store) as cache:
         try:
             fingerprints = cache.fingerprints_of(agent)

@@ -71,6 +71,7 @@ class DaemonOptions:
     client_ttl: float = 300.0
     world_size: int = 1  # ranks on this machine (mx.distributed tensor parallelism)
     hosts: Path | None = None  # or an MLX ring hostfile naming every rank
+    backend: str = "ring"  # the mx.distributed backend of a distributed daemon
     collective_timeout: float = 120.0  # a rank lost this long stops the daemon
     http: str | None = None  # HOST:PORT of the HTTP front (daemon/service/http), if any
     api_key: Path | None = None  # the HTTP front's API key file

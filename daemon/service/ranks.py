@@ -4,8 +4,9 @@ the local ranks' hostfile and processes, rank 0's engine and the followers' main
 `daemonctl start --world-size N` runs rank 0 (the daemon: sockets, scheduling, index)
 and starts ranks 1..N-1 on this machine itself, as `mlx.launch` would (MLX_RANK and
 MLX_HOSTFILE, a free port per rank). With `--hosts HOSTFILE` (MLX's ring hostfile: one
-list of "ip:port" per rank) rank 0 runs here and every other rank is started on its own
-machine with `python -m agentkv.daemon.service.ranks --rank R --hosts HOSTFILE ...`.
+list of "ip:port" per rank; or, for `--backend jaccl`, mlx.launch's hostfile) rank 0 runs
+here and every other rank is started on its own machine with
+`python -m agentkv.daemon.service.ranks --rank R --hosts HOSTFILE ...`.
 No MLX import at module level.
 """
 
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from .heap import freeze_startup_heap
 from .process import BadOptionError, StartError, _check_pool_fits, serving_info
 from .runfiles import run_dir
 
@@ -36,6 +38,10 @@ class WorldSizeMismatchError(StartError):
     """The store holds per-rank caches of another world size: they are never mixed."""
 
 
+class BackendUnavailableError(StartError):
+    """The mx.distributed backend asked for is not in this mlx build."""
+
+
 def world_size(opts) -> int:
     """The number of ranks: the hostfile's, else `--world-size`."""
     if getattr(opts, "hosts", None):
@@ -43,17 +49,57 @@ def world_size(opts) -> int:
     return getattr(opts, "world_size", 1) or 1
 
 
-def read_hostfile(path: Path) -> list[list[str]]:
-    """MLX's ring hostfile: a JSON list, per rank, of "ip:port" strings."""
+def read_hostfile(path: Path) -> list:
+    """The ranks of a hostfile: MLX's ring hostfile (a JSON list, per rank, of "ip:port"
+    strings), or mlx.launch's (a JSON object whose "hosts" lists, per rank, an object
+    with "ips" and, for JACCL, "rdma"): one entry per rank."""
     try:
         hosts = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise BadOptionError(f"cannot read the hostfile {path}: {exc}") from None
-    ok = isinstance(hosts, list) and len(hosts) >= 2
-    ok = ok and all(isinstance(h, list) and h and all(isinstance(a, str) for a in h) for h in hosts)
-    if not ok:
-        raise BadOptionError(f'{path}: expected a list per rank of "ip:port" strings, 2 or more')
+    if isinstance(hosts, dict):
+        hosts = hosts.get("hosts")
+        ok = isinstance(hosts, list) and all(isinstance(h, dict) for h in hosts)
+    else:
+        ok = isinstance(hosts, list) and all(
+            isinstance(h, list) and h and all(isinstance(a, str) for a in h) for h in hosts
+        )
+    if not ok or len(hosts) < 2:
+        raise BadOptionError(
+            f'{path}: expected a list per rank of "ip:port" strings (or mlx.launch\'s '
+            '{"hosts": [...]}), 2 ranks or more'
+        )
     return hosts
+
+
+def check_backend(opts, n: int) -> None:
+    """The backend is in this mlx build and fits the ranks' layout.
+
+    Raises:
+        BackendUnavailableError: not in this mlx build (the message names those that are).
+        BadOptionError: a backend for a daemon of one rank, JACCL or MPI without --hosts,
+            or a hostfile of the other backend's format.
+    """
+    backend = getattr(opts, "backend", "ring")
+    if n == 1:
+        if backend != "ring":
+            raise BadOptionError(f"--backend {backend} needs --world-size N or --hosts FILE")
+        return
+    from ..engine.distributed.build import available_backends
+
+    have = available_backends()
+    if backend != "any" and backend not in have:
+        raise BackendUnavailableError(
+            f"the mx.distributed backend {backend!r} is not available in this mlx build; "
+            f"available here: {', '.join(have) or 'none'}"
+        )
+    if backend in ("jaccl", "mpi") and not opts.hosts:
+        raise BadOptionError(f"--backend {backend} needs --hosts FILE (local ranks use ring)")
+    ring_file = not opts.hosts or isinstance(read_hostfile(Path(opts.hosts))[0], list)
+    if backend == "ring" and not ring_file:
+        raise BadOptionError('--backend ring needs a ring hostfile: a list per rank of "ip:port"')
+    if backend == "jaccl" and ring_file:
+        raise BadOptionError("--backend jaccl needs mlx.launch's hostfile (with rdma devices)")
 
 
 def check_start(opts) -> None:
@@ -65,6 +111,7 @@ def check_start(opts) -> None:
         WorldSizeMismatchError: the store was written at another world size.
     """
     n = world_size(opts)
+    check_backend(opts, n)
     written = _written_world(Path(opts.store))
     if written not in (None, n):
         hint = f"--world-size {written}" if written > 1 else "one rank"
@@ -159,6 +206,7 @@ def follower_args(opts, rank: int, hostfile: Path) -> list[str]:
     args += ["--memory-budget", str(opts.memory_budget), "--block-size", str(opts.block_size)]
     args += ["--prefill-step-size", str(opts.prefill_step_size)]
     args += ["--collective-timeout", str(opts.collective_timeout)]
+    args += ["--backend", getattr(opts, "backend", "ring")]
     for flag, value in (
         ("--model", opts.model),
         ("--pool-blocks", opts.pool_blocks),
@@ -241,7 +289,7 @@ def open_rank(opts, rank: int, hostfile: Path):
     n = world_size(opts)
     watchdog = Watchdog(rank)
     watchdog.arm("joining the group", opts.collective_timeout)
-    group = init_group(n, rank, hostfile)
+    group = init_group(n, rank, hostfile, getattr(opts, "backend", "ring"))
     watchdog.disarm()
     model_dir = local_model_dir(opts.model)
     engine = build_engine(opts, model_dir, group)
@@ -296,8 +344,19 @@ def rank_zero_engine(opts, info: dict):
     _check_pool_fits(opts, spec.bytes_per_token * opts.block_size)
     info.update(serving_info(opts, spec, pool, tic), world_size=n)
     info["tool_calling"] = engine.tool_calling
+    _note_fingerprints(opts, n)
     log.info("rank 0 of %d serving; pool %d blocks per rank", n, pool.total_blocks)
     return LockstepEngine(engine, channel, after_close=lambda: _reap(opts.store, procs))
+
+
+def _note_fingerprints(opts, n: int) -> None:
+    """Every rank's fingerprint of the model served, in world.json (for offline gc)."""
+    from ..engine.distributed.build import rank_fingerprint
+    from ..engine.fingerprint import model_fingerprint
+    from .rank_stores import record_fingerprints
+
+    base = model_fingerprint(local_model_dir(opts.model))
+    record_fingerprints(opts.store, [rank_fingerprint(base, r, n) for r in range(n)])
 
 
 def _reap(store: Path, procs: list[subprocess.Popen]) -> None:
@@ -335,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--disk-budget", type=_size, default=None)
     p.add_argument("--prefill-step-size", type=int, default=512)
     p.add_argument("--collective-timeout", type=float, default=120.0)
+    p.add_argument("--backend", choices=("ring", "jaccl", "mpi", "any"), default="ring")
     opts = SimpleNamespace(**vars(p.parse_args(argv)), world_size=None)
     opts.store = opts.store.expanduser().resolve()
     logging.basicConfig(
@@ -344,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..errors import DistributedError
 
     engine, channel = open_rank(opts, opts.rank, opts.hosts)
+    freeze_startup_heap()  # a rank's full collections would stall the whole group
     try:
         follow(engine, channel)
     except DistributedError as exc:

@@ -34,6 +34,7 @@ from ..errors import AgentKVError
 from . import admission
 from .admission import FairInbox, Ledger
 from .commands import CLIENT_TTL_S, CommandHandler
+from .heap import freeze_startup_heap
 
 log = logging.getLogger("agentkv.server")
 
@@ -310,6 +311,7 @@ class DaemonServer:
             )
             if engine.store is not None:  # a landed write-back wakes the loop: held turns
                 engine.store.on_settled(self._inbox.wake)
+            log.info("start-up heap frozen: %d objects", freeze_startup_heap())
             self._engine_ready.set()
             self._engine_loop(handler)
         except AgentKVError as exc:  # a typed refusal (a bad model file, ...): the message says it

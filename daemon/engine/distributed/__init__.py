@@ -5,6 +5,7 @@ split by KV heads over several ranks (processes or machines) run in lockstep.
 - `channel`: rank 0's messages to every rank, agreement, a watchdog on collectives.
 - `lockstep`: `LockstepEngine` (rank 0) and `follow` (the other ranks).
 - `reconcile`: at start, every rank's store agrees with rank 0's index.
+- `durability`: `durable` means on every rank's disk (the ranks agree on their writes).
 
 The service side (`agentkv.daemon.service.ranks`) starts the ranks.
 """

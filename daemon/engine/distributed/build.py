@@ -13,26 +13,60 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 
-from ...errors import WorldSizeError
+from ...errors import DistributedError, WorldSizeError
 
 log = logging.getLogger("agentkv.distributed")
 
+BACKENDS = ("ring", "jaccl", "mpi")  # `--backend` names these, or "any"
+JACCL_PORT = 32323  # mlx.launch's default --starting-port: the JACCL coordinator's port
 
-def init_group(world_size: int, rank: int, hostfile: Path):
-    """Join the ring of `world_size` ranks described by `hostfile` (MLX's ring format).
+
+def available_backends() -> list[str]:
+    """The mx.distributed backends this mlx build has (the Linux CPU wheel: ring only)."""
+    return [b for b in BACKENDS if mx.distributed.is_available(b)]
+
+
+def launch_env(backend: str, rank: int, hostfile: Path) -> dict[str, str]:
+    """What `mlx.launch` would set for this rank. A ring hostfile (a list per rank of
+    "ip:port") is MLX_HOSTFILE itself; from mlx.launch's hostfile ({"hosts": [{"ssh",
+    "ips", "rdma"}, ...]}) JACCL gets MLX_IBV_DEVICES (a file of every host's "rdma"
+    list) and MLX_JACCL_COORDINATOR (host 0's first ip). MPI reads its own launcher's."""
+    env = {"MLX_RANK": str(rank)}
+    hosts = json.loads(hostfile.read_text())
+    if isinstance(hosts, list):
+        env["MLX_HOSTFILE"] = str(hostfile)
+    elif backend in ("jaccl", "any"):
+        with tempfile.NamedTemporaryFile(
+            "w", prefix="agentkv-ibv-", suffix=".json", delete=False
+        ) as f:
+            json.dump([h.get("rdma") for h in hosts["hosts"]], f)
+        env["MLX_IBV_DEVICES"] = f.name
+        coordinator = f"{hosts['hosts'][0]['ips'][0]}:{JACCL_PORT}"
+        env["MLX_JACCL_COORDINATOR"] = os.environ.get("MLX_JACCL_COORDINATOR", coordinator)
+    return env
+
+
+def init_group(world_size: int, rank: int, hostfile: Path, backend: str = "ring"):
+    """Join the group of `world_size` ranks described by `hostfile` over `backend` (see
+    `launch_env`).
 
     `strict=True`: without it a missing launcher silently gives a group of one.
 
     Raises:
+        DistributedError: the backend could not form a group (not in this mlx build, or
+            not set up: RDMA, MPI).
         WorldSizeError: the group that formed is not of `world_size` ranks.
     """
-    os.environ["MLX_RANK"] = str(rank)
-    os.environ["MLX_HOSTFILE"] = str(hostfile)
-    group = mx.distributed.init(strict=True, backend="ring")
+    os.environ.update(launch_env(backend, rank, hostfile))
+    try:
+        group = mx.distributed.init(strict=True, backend=backend)
+    except RuntimeError as exc:
+        raise DistributedError(f"rank {rank}: cannot join the {backend} group: {exc}") from exc
     if group.size() != world_size or group.rank() != rank:
         raise WorldSizeError(
             f"joined a group of {group.size()} as rank {group.rank()}, "

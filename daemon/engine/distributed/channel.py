@@ -35,6 +35,8 @@ class Watchdog:
     One thread; `arm(what, seconds)` before a blocking collective, `disarm()` after.
     `os._exit` because the thread stuck in the collective cannot be interrupted: the store
     is crash-safe, so what was durable stays durable and the rest is redone on restart.
+    Arms nest: a collective inside a guarded batch step (the ranks' agreement on their
+    writes) gives the step its deadline back when it ends.
     """
 
     def __init__(self, rank: int) -> None:
@@ -42,18 +44,20 @@ class Watchdog:
         self._lock = threading.Lock()
         self._what = ""
         self._deadline: float | None = None
+        self._outer: list[tuple[str, float | None]] = []  # the waits this one is inside
         self._thread = threading.Thread(target=self._watch, name="agentkv-watchdog", daemon=True)
         self._thread.start()
 
     def arm(self, what: str, seconds: float) -> None:
         """Start timing a wait named `what`."""
         with self._lock:
+            self._outer.append((self._what, self._deadline))
             self._what, self._deadline = what, time.monotonic() + seconds
 
     def disarm(self) -> None:
-        """The wait ended in time."""
+        """The wait ended in time (the one it was inside, if any, is timed again)."""
         with self._lock:
-            self._deadline = None
+            self._what, self._deadline = self._outer.pop() if self._outer else ("", None)
 
     def _watch(self) -> None:
         while True:
@@ -116,6 +120,22 @@ class Channel:
         mine = mx.array(values, dtype=mx.int64)[None]
         rows = self._run(lambda: mx.distributed.all_gather(mine, **self._on), "gather")
         return [list(map(int, r)) for r in rows.tolist()]
+
+    def gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's `data` (of any length), in rank order: one collective of the
+        lengths, and a second (each rank's bytes padded to the longest) only if any has
+        some."""
+        sizes = [row[0] for row in self.gather([len(data)])]
+        longest = max(sizes)
+        if longest == 0:
+            return [b""] * self.size
+        mine = np.zeros((1, longest), np.uint8)
+        mine[0, : len(data)] = np.frombuffer(data, np.uint8)
+        rows = self._run(
+            lambda: mx.distributed.all_gather(mx.array(mine), **self._on), "gather bytes"
+        )
+        got = np.array(rows)
+        return [got[i, :n].tobytes() for i, n in enumerate(sizes)]
 
     def guarded(self, what: str, fn):
         """Run `fn` (which issues collectives: a batch step) under the watchdog; a lost

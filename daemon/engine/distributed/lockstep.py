@@ -19,6 +19,7 @@ import time
 from ...errors import DistributedError, InvalidRequestError, UnknownAgentError
 from ..prompts import PromptEncoder, encode_turn, render_messages
 from .channel import EXIT_RANK_LOST
+from .durability import AgreedStore, RankWrites, failed_writes, merge_reports, pack, unpack
 from .reconcile import agree_restore, settle
 
 log = logging.getLogger("agentkv.distributed")
@@ -53,9 +54,11 @@ class RankStats:
 class LockstepEngine:
     """Rank 0's engine, every state change also sent to the other ranks.
 
-    Reads (`agent_info`, `stats`, `store`, ...) go to rank 0's engine alone, as does any
-    attribute not defined here: an engine method that changes state must be added here
-    (and to `_replay`), or the ranks drift apart.
+    Reads (`agent_info`, `stats`, ...) go to rank 0's engine alone, as does any attribute
+    not defined here: an engine method that changes state must be added here (and to
+    `_replay`), or the ranks drift apart. `store` is rank 0's store as agreed by every
+    rank (`durability.AgreedStore`): what the service reports durable is on every rank's
+    disk.
 
     Args:
         engine: rank 0's BlockPoolBatchEngine.
@@ -72,6 +75,12 @@ class LockstepEngine:
         self._ranks: list[list[int]] = []
         self._last = 0.0
         self._closed = False
+        self._writes = RankWrites(channel)
+        self.store = (
+            None
+            if engine.store is None
+            else AgreedStore(engine.store, self._writes, self._agree_idle)
+        )
 
     def __getattr__(self, name: str):  # reads: rank 0's engine answers alone
         return getattr(self._engine, name)
@@ -110,11 +119,14 @@ class LockstepEngine:
 
     def step_once(self) -> list:
         """One batch step on every rank (its forward pass is a collective)."""
-        self._send({"op": "step"})
+        agree = self._writes.agree if self._writes.waiting else None
+        self._send({"op": "step", "agree": agree is not None})
         try:
-            return self._channel.guarded("batch step", lambda: _settled_step(self._engine))
+            events = self._channel.guarded("batch step", lambda: _settled_step(self._engine, agree))
         except DistributedError as exc:
             lost(self._engine, exc)
+        self._writes.wrote(e.agent_id for e in events if e.completion is not None)
+        return events
 
     def step(self):
         """Drive the batch until idle, yielding completions (as the engine's `step`)."""
@@ -134,6 +146,7 @@ class LockstepEngine:
         """`delete_agent`, on every rank."""
         self._engine.delete_agent(agent_id)
         self._send({"op": "delete", "agent_id": agent_id})
+        self._writes.wrote([agent_id])
 
     def finish_delete(self, agent_id: str) -> str | None:
         """`finish_delete`, on every rank (each waits for its own store first)."""
@@ -146,21 +159,43 @@ class LockstepEngine:
         self._agree_if_on_disk(agent_id)  # a fork restores its source
         self._engine.fork_agent(agent_id, new_agent_id)
         self._send({"op": "fork", "agent_id": agent_id, "new_agent_id": new_agent_id})
+        self._writes.wrote([new_agent_id])
 
     def close(self) -> list[dict]:
-        """Close every rank's engine; returns once every rank's store is flushed."""
+        """Close every rank's engine; returns once every rank's store is flushed, with
+        the agents not durable on some rank (`unsaved_report` rows of every rank)."""
         if self._closed:
             return []
         self._send({"op": "close"})
         self._closed = True
         report = self._engine.close()
-        try:
-            self._channel.any([0])  # the followers closed (and flushed) their stores too
+        try:  # the followers closed (and flushed) their stores too: what did not land
+            report = merge_reports([report, *self._follower_rows()])
         except DistributedError as exc:
             log.error("closing: %s", exc)
         if self._after_close is not None:
             self._after_close()
         return report
+
+    def unsaved_report(self) -> list[dict]:
+        """The agents whose latest turn is not on some rank's disk (every rank's rows)."""
+        if self._closed:
+            return self._engine.unsaved_report()
+        self._send({"op": "unsaved"})
+        rows = self._collective(self._follower_rows)
+        return merge_reports([self._engine.unsaved_report(), *rows])
+
+    def _follower_rows(self) -> list[list[dict]]:
+        """Collective: every other rank's `unsaved_report` rows (rank 0 adds none)."""
+        return [unpack(data) or [] for data in self._channel.gather_bytes(b"")[1:]]
+
+    def _agree_idle(self) -> None:
+        """The ranks agree on their writes now, unless a batch step will (it agrees
+        first); followers settle their stores first (rank 0 has, for the agent asked)."""
+        if self._closed or self._engine.has_work:
+            return
+        self._send({"op": "agree_writes"})
+        self._collective(self._writes.agree)
 
     def stats(self) -> dict:
         """The engine's stats plus `distributed`: world size and each rank's pool and store."""
@@ -242,10 +277,14 @@ def follow(engine, channel) -> None:
         if op == "beat":
             channel.gather(stats.vector(msg.get("fresh", False)))
         elif op == "step":
-            _replay_step(engine, channel)
+            _replay_step(engine, channel, msg.get("agree", False))
+        elif op == "agree_writes":
+            settle(engine.store)
+            channel.gather_bytes(failed_writes(engine))
+        elif op == "unsaved":
+            channel.gather_bytes(pack(engine.unsaved_report()))
         elif op == "close":
-            engine.close()
-            channel.any([0])
+            channel.gather_bytes(pack(engine.close()))
             return
         elif op == "agree":
             agree_restore(engine, channel, msg["agent_id"])
@@ -253,20 +292,24 @@ def follow(engine, channel) -> None:
             _replay(engine, msg)
 
 
-def _settled_step(engine) -> list:
+def _settled_step(engine, agree=None) -> list:
     """`step_once` once this rank's store has applied every queued write: an admission
     short of pool room drops first the caches already safe on disk (`is_settled`), which
     must not depend on how fast each rank's writer thread is. So write-back, which
     overlaps decoding in one process, holds the next batch step here (only while a write
-    is queued: a no-op otherwise)."""
+    is queued: a no-op otherwise). `agree` (a collective), if given, runs once settled:
+    the ranks agree on which of their writes failed."""
     if engine.store is not None:
         settle(engine.store)
+    if agree is not None:
+        agree()
     return engine.step_once()
 
 
-def _replay_step(engine, channel) -> None:
+def _replay_step(engine, channel, agree: bool) -> None:
+    report = (lambda: channel.gather_bytes(failed_writes(engine))) if agree else None
     try:
-        channel.guarded("batch step", lambda: _settled_step(engine))
+        channel.guarded("batch step", lambda: _settled_step(engine, report))
     except DistributedError:
         raise
     except Exception:  # rank 0 met the same error: its server fails the turns
