@@ -55,8 +55,7 @@ def _system(system: object) -> list[dict]:
 
 
 def _messages(raw: object, tool_history: bool) -> list[dict]:
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    raw = fields.messages(raw)
     out = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"

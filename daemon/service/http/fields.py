@@ -72,6 +72,13 @@ def strings(body: dict, name: str, *, most: int = 16) -> list[str] | None:
     return value or None
 
 
+def messages(raw: object) -> list:
+    """A request's `messages`: a non-empty array (each message is the API's to check)."""
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    return raw
+
+
 def agent_id(value: object, where: str) -> str:
     """An agent id from a header or field, checked as the daemon would."""
     try:

@@ -57,8 +57,7 @@ def chat_messages(raw: object, tool_history: bool = False) -> list[dict]:
     """OpenAI chat messages as the daemon's {role, content} dicts (text content only);
     with `tool_history` (the model has a tool parser), `tool` messages and assistant
     messages with `tool_calls` too, as chat templates take them."""
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    raw = fields.messages(raw)
     roles = {**ROLES, "tool": "tool"} if tool_history else ROLES
     out = []
     for i, m in enumerate(raw):
