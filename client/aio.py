@@ -24,11 +24,11 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from . import session
+from . import paging, session
 from .aio_connection import AsyncConnection
+from .base import ClientBase
 from .client import GENERATE_INTERVAL_S, STREAM_INTERVAL_S
 from .errors import AgentKVClientError, DaemonUnavailable, Overloaded
-from .paths import default_socket
 from .protocol import MessageType
 from .session import Event, Result, Turn
 
@@ -36,13 +36,12 @@ STEP_WAIT_S = 1.0  # how long one `step` of the stepper may be parked at the dae
 OVERLOADED_PAUSE_S = 0.05  # before stepping again after an `overloaded` refusal
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """Talks to one agentkv daemon from asyncio code; one object serves many tasks.
 
     Args:
-        endpoint: the daemon's socket (its `--socket`); default: the shared default socket.
-        timeout: seconds to wait for any reply before raising DaemonUnavailable.
-        auth_key: the daemon's `--auth-key`: the key bytes, or a path to the key file.
+        endpoint, timeout, auth_key: where the daemon is, how long to wait for a reply, and
+            its auth key (see `ClientBase`).
 
     The handshake happens on `async with`, `connect()`, or the first request; its errors
     are `Client`'s (DaemonUnavailable, ProtocolMismatch, AuthMismatch). Every method is a
@@ -52,16 +51,8 @@ class AsyncClient:
         InvalidRequest: a malformed endpoint, or an auth key under 16 bytes.
     """
 
-    def __init__(
-        self,
-        endpoint: str | None = None,
-        *,
-        timeout: float = 30.0,
-        auth_key: bytes | str | Path | None = None,
-    ) -> None:
-        self.endpoint = endpoint or default_socket()
-        self.timeout = session.seconds(timeout, "timeout")
-        self.info: dict = {}
+    def _open(self, auth_key: bytes | str | Path | None) -> None:
+        """Make the connection (no I/O: the handshake waits for the first request)."""
         self._conn = AsyncConnection(self.endpoint, self.timeout, auth_key, self._late)
         self._routes: dict[int, _Route] = {}  # uid -> where its events go
         self._early: dict[int, list[Event]] = {}  # events of uids not routed yet
@@ -158,33 +149,20 @@ class AsyncClient:
 
     async def agents(self) -> list[dict]:
         """Every agent the daemon knows (in memory or in its store), fetched page by page."""
-        rows: list[dict] = []
-        after = None
-        while True:
-            body = {} if after is None else {"after": after}
-            page = await self._call(MessageType.AGENTS, body)
-            rows += page["agents"]
-            after = page.get("next")
-            if not after:
-                return rows
+        return await self._read(paging.agents())
 
     async def inspect(self, agent_id: str) -> dict:
         """One agent in detail, its `token_ids` fetched page by page. Raises UnknownAgent."""
-        for _ in range(8):  # a turn that commits between pages: start again
-            info = await self._call(MessageType.INSPECT, {"agent_id": agent_id})
-            tokens = info.get("token_ids")
-            while tokens is not None and len(tokens) < info.get("tokens", 0):
-                body = {"agent_id": agent_id, "token_offset": len(tokens)}
-                page = await self._call(MessageType.INSPECT, body)
-                if (page["tokens"], page.get("last_used")) != (
-                    info["tokens"],
-                    info.get("last_used"),
-                ):
-                    break
-                tokens += page["token_ids"]
-            else:
-                return info
-        raise DaemonUnavailable(f"agent {agent_id!r} kept changing while it was read")
+        return await self._read(paging.inspect(agent_id))
+
+    async def _read(self, reader: paging.Reader):
+        """Drive a paged reader (`paging`) to its answer."""
+        request = next(reader)
+        while True:
+            try:
+                request = reader.send(await self._call(*request))
+            except StopIteration as done:
+                return done.value
 
     async def delete(self, agent_id: str) -> None:
         """Forget an agent (memory and store), as `Client.delete`."""

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import zmq
 
-from . import session
+from . import paging, session
+from .base import ClientBase
 from .errors import DaemonUnavailable, InvalidRequest, StaleSession
-from .paths import default_socket
 from .protocol import SUBMIT_DEFAULTS, MessageType
 from .session import Event, Reply, Result, Turn
 
@@ -30,13 +30,12 @@ STREAM_INTERVAL_S = 0.02
 GENERATE_INTERVAL_S = 1.0
 
 
-class Client:
+class Client(ClientBase):
     """Talks to one agentkv daemon.
 
     Args:
-        endpoint: the daemon's socket (its `--socket`); default: the shared default socket.
-        timeout: seconds to wait for any reply before raising DaemonUnavailable.
-        auth_key: the daemon's `--auth-key`: the key bytes, or a path to the key file.
+        endpoint, timeout, auth_key: where the daemon is, how long to wait for a reply, and
+            its auth key (see `ClientBase`).
 
     Raises:
         DaemonUnavailable: no answer to the handshake within `timeout`.
@@ -46,15 +45,8 @@ class Client:
         InvalidRequest: a malformed endpoint, or an auth key under 16 bytes.
     """
 
-    def __init__(
-        self,
-        endpoint: str | None = None,
-        *,
-        timeout: float = 30.0,
-        auth_key: bytes | str | Path | None = None,
-    ) -> None:
-        self.endpoint = endpoint or default_socket()
-        self.timeout = session.seconds(timeout, "timeout")
+    def _open(self, auth_key: bytes | str | Path | None) -> None:
+        """Connect and handshake (the constructor's work)."""
         self._proto = session.Session(self.endpoint, auth_key)
         self._buffered: deque[Event] = deque()
         # Steps that timed out: the daemon has handed their events over already, so a late
@@ -181,33 +173,20 @@ class Client:
 
     def agents(self) -> list[dict]:
         """Every agent the daemon knows (in memory or in its store), fetched page by page."""
-        rows: list[dict] = []
-        after = None
-        while True:
-            page = self._call(MessageType.AGENTS, {} if after is None else {"after": after})
-            rows += page["agents"]
-            after = page.get("next")
-            if not after:
-                return rows
+        return self._read(paging.agents())
 
     def inspect(self, agent_id: str) -> dict:
         """One agent in detail, its `token_ids` fetched page by page. Raises UnknownAgent."""
-        for _ in range(8):  # a turn that commits between pages: start again
-            info = self._call(MessageType.INSPECT, {"agent_id": agent_id})
-            tokens = info.get("token_ids")
-            while tokens is not None and len(tokens) < info.get("tokens", 0):
-                page = self._call(
-                    MessageType.INSPECT, {"agent_id": agent_id, "token_offset": len(tokens)}
-                )
-                if (page["tokens"], page.get("last_used")) != (
-                    info["tokens"],
-                    info.get("last_used"),
-                ):
-                    break
-                tokens += page["token_ids"]
-            else:
-                return info
-        raise DaemonUnavailable(f"agent {agent_id!r} kept changing while it was read")
+        return self._read(paging.inspect(agent_id))
+
+    def _read(self, reader: paging.Reader):
+        """Drive a paged reader (`paging`) to its answer."""
+        request = next(reader)
+        while True:
+            try:
+                request = reader.send(self._call(*request))
+            except StopIteration as done:
+                return done.value
 
     def delete(self, agent_id: str) -> None:
         """Forget an agent (memory and store); returns once the delete is on disk.

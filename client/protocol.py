@@ -140,6 +140,27 @@ class Message:
         return {k: v for k, v in self.header.items() if k not in ENVELOPE_FIELDS}
 
 
+@dataclass(slots=True)
+class TurnOutcome:
+    """What every finished turn reports, in the engine (`Completion`) and on the wire
+    (`Result`): the one definition of these fields.
+
+    Attributes:
+        uid: the turn's id (what `submit` returned).
+        agent_id: whose turn it was.
+        text: the generated text (an EOS token is not rendered).
+        token_ids: the generated ids, without a final EOS (as `mlx_lm.generate` yields).
+        finish_reason: "stop" (EOS or a stop string), "length" (max_tokens), "cancelled"
+            or, in the engine, "error".
+    """
+
+    uid: int
+    agent_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
 def request_header(request_id, body: dict, session: str | None = None) -> dict:
     """A request's header: its envelope (`id`, and `session` when given; signing adds
     `nonce` and `ts`) around its body.

@@ -81,16 +81,11 @@ _EVENT_FIELDS = frozenset(f.name for f in fields(Event))
 
 
 @dataclass(slots=True)
-class Result:
-    """A finished turn.
+class Result(protocol.TurnOutcome):
+    """A finished turn: `TurnOutcome`'s fields (a cancelled turn's `generate` returns it with
+    what it generated; `stream` raises TurnCancelled), and:
 
     Attributes:
-        uid: the request id.
-        agent_id: its agent.
-        text: the generated text.
-        token_ids: the generated ids, without a final EOS (as `mlx_lm.generate` yields).
-        finish_reason: "stop" (EOS or a stop string), "length" or "cancelled" (`generate`
-            returns a cancelled turn, with what it generated; `stream` raises TurnCancelled).
         usage: token counts and timings.
         context_token_ids: the generated ids exactly as appended to the agent's context: a
             final EOS included when the turn ended on one (a model may have several EOS
@@ -101,11 +96,6 @@ class Result:
         content: with tool_calls, the text less the calls.
     """
 
-    uid: int
-    agent_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
     usage: dict
     context_token_ids: list[int] | None = None
     durable: bool | None = None

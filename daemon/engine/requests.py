@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from agentkv.client.protocol import SUBMIT_DEFAULTS, ProtocolError, TurnOptions, check_sampling
+from agentkv.client.protocol import (
+    SUBMIT_DEFAULTS,
+    ProtocolError,
+    TurnOptions,
+    TurnOutcome,
+    check_sampling,
+)
 
 from ..errors import InvalidRequestError
 
@@ -91,15 +97,10 @@ class Usage:
 
 
 @dataclass(slots=True)
-class Completion:
-    """A finished request.
+class Completion(TurnOutcome):
+    """A finished request: the protocol's `TurnOutcome` fields, and:
 
     Attributes:
-        uid: the id `submit` returned.
-        agent_id: whose turn it was.
-        text: the generated text (an EOS token is not rendered).
-        token_ids: generated token ids, without a final EOS (as `mlx_lm.generate` yields).
-        finish_reason: "stop" (EOS), "length" (max_tokens), "cancelled" or "error".
         usage: token counts and timings.
         error: message when finish_reason is "error".
         error_code: the error's stable code (see `agentkv.daemon.errors`).
@@ -111,11 +112,6 @@ class Completion:
         content: with tool_calls, the text less the calls.
     """
 
-    uid: int
-    agent_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
     usage: Usage = field(default_factory=Usage)
     error: str | None = None
     error_code: str | None = None
