@@ -18,6 +18,7 @@ from .agent_registry import AgentRegistry
 from .agents import AgentContext
 from .kv_cache_manager import Admission, KVCacheManager
 from .outputs import TokenOutput
+from .prefix_sharing import PrefixLeaders
 from .requests import StepEvent
 from .sampling import make_request_sampler
 from .turns import LogitsProcessor, Request, TurnTable
@@ -35,6 +36,9 @@ class BatchRunner:
         manager: the cache manager (commits, or gives back admissions).
         turns: the unfinished turns (where each ends).
         batch_opts: BatchGenerator's batch sizes and prefill step.
+
+    Attributes:
+        leaders: the turns whose prefill computes blocks a waiting turn could share.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class BatchRunner:
         self._eos = frozenset(tokenizer.eos_token_ids)
         self._gen = self._new_generator()
         self._active: dict[int, Request] = {}  # RUNNING turns by batch uid
+        self.leaders = PrefixLeaders(manager)
 
     def __len__(self) -> int:
         """Turns in the batch."""
@@ -75,6 +80,7 @@ class BatchRunner:
         )
         req.detok = self._tokenizer.detokenizer
         self._active[req.batch_uid] = req
+        self.leaders.add(req)
 
     def remove(self, req: Request, agent: AgentContext) -> None:
         """Take a turn out of the batch (cancelled); the agent keeps its previous state."""
@@ -85,6 +91,7 @@ class BatchRunner:
         """Give back a turn's admission; the agent keeps its previous state."""
         if req.admission is not None:
             self._manager.abort(req.admission)
+        self.leaders.drop(req)
         self._active.pop(req.batch_uid, None)
         agent.active = None
 
@@ -118,6 +125,7 @@ class BatchRunner:
     def _on_token(self, req: Request, r) -> StepEvent:
         if not req.first_token:
             req.first_token = time.perf_counter()
+            self._prefilled(req, finishing=r.finish_reason is not None)
         out = outputs.take_token(req, r.token, r.finish_reason, self._eos)
         if req.failure is not None or not (out.stopped or r.finish_reason):
             return StepEvent(req.uid, req.agent_id, r.token, out.delta)
@@ -128,10 +136,21 @@ class BatchRunner:
         caches, tokens = self._gen.remove([req.batch_uid], return_prompt_caches=True)[req.batch_uid]
         return self._complete(req, list(tokens), caches, "stop", out)
 
+    def _prefilled(self, req: Request, finishing: bool) -> None:
+        """A turn's prefill is done: pool its prompt's blocks now if a waiting turn wants
+        them (and it is not finishing anyway: its commit pools them then)."""
+        self.leaders.drop(req)
+        if not req.followed or finishing:
+            return
+        ((caches, _),) = self._gen.extract_cache([req.batch_uid]).values()
+        n = self._manager.publish(req.admission, caches)
+        log.debug("agent %r: %d prompt block(s) shared at its first token", req.agent_id, n)
+
     def _complete(self, req: Request, tokens, caches, reason, out: TokenOutput) -> StepEvent:
         """A finished sequence: its cache becomes the agent's, written back."""
         agent = self._registry.agents[req.agent_id]
         del self._active[req.batch_uid]
+        self.leaders.drop(req)
         agent.active = None
         try:
             self._manager.commit(agent, req.admission, tokens, caches)

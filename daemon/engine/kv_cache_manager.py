@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from ..errors import CacheReconstructionError, PoolExhaustedError
 from .agents import AgentCache, AgentContext, frozen_map
-from .block_hash import chain_hashes, hash_block
+from .block_hash import BlockHash, chain_hashes, hash_block
 from .block_pool import BlockPool, KVBlock
 from .kv_blocks import block_payload, rebuild_caches, snapshot_states, snapshot_windows
 from .prompts import common_prefix_len
@@ -31,8 +31,10 @@ class Admission:
     Attributes:
         full_tokens: the whole context this turn generates after.
         cached_len: leading tokens of it that come from the cache.
-        kept: full blocks valid for the new context's prefix (the agent's or shared ones).
-        touched: shared blocks this admission took a reference on (returned on abort).
+        kept: full blocks valid for the new context's prefix (the agent's or shared ones,
+            and those of its own prompt once `publish` pooled them).
+        touched: blocks this admission took a reference on, shared or published (returned
+            on abort).
         reserved: blocks promised for the commit and not yet used.
         recomputed: tokens the agent had before that are prefilled again.
         restored: of the cached tokens, those read from disk for this turn.
@@ -148,6 +150,41 @@ class KVCacheManager:
         self.pool.unreserve(adm.reserved)
         adm.reserved = 0
         self.pool.free(old)
+
+    def pending_hashes(self, adm: Admission) -> list[BlockHash]:
+        """The chained hashes of the full blocks a running turn's prefill computes (its
+        context's full blocks past those it kept); [] unless blocks can be shared."""
+        if not self.spec.all_full:
+            return []
+        bs, kept = self.block_size, adm.kept
+        parent = kept[-1].block_hash if kept else None
+        return chain_hashes(adm.full_tokens[len(kept) * bs :], bs, self.spec.fingerprint, parent)
+
+    def first_missing_hash(self, full: list[int]) -> BlockHash | None:
+        """The hash of the first leading full block of `full` not pooled (None: all are)."""
+        hashes = chain_hashes(full[: len(full) - 1], self.block_size, self.spec.fingerprint)
+        for h in hashes:
+            block = self.pool.lookup(h)
+            if block is None or block.payload is None:
+                return h
+        return None
+
+    def publish(self, adm: Admission, caches: list) -> int:
+        """Pool a running turn's prompt blocks now that its prefill is done (its first token
+        came), so that turns waiting for the same prefix reuse them before it finishes.
+
+        The blocks come out of the turn's own reservation and join its `kept` (its commit
+        then starts after them; an abort gives them back). Returns the blocks published.
+        """
+        offset = min(caches[i].offset for i in self.spec.full_layers)
+        prompt = adm.full_tokens[: min(len(adm.full_tokens), offset)]
+        if len(prompt) // self.block_size - len(adm.kept) > adm.reserved:
+            return 0  # cannot happen (the reservation covers the whole turn); never borrow
+        blocks = self._full_blocks(adm, prompt, caches, [])
+        adm.kept += blocks
+        adm.touched += blocks
+        _evaluate(blocks)
+        return len(blocks)
 
     def settle_restored(self, agent: AgentContext) -> None:
         """Turn an agent's restored buffers into pool blocks now (a fork needs blocks).
@@ -271,8 +308,12 @@ class KVCacheManager:
 def _materialize(blocks: list[KVBlock], cache: AgentCache) -> None:
     """Evaluate new payloads and snapshots now, so they stop referencing the batch buffers."""
     arrays = []
-    for b in [*blocks, *([cache.tail] if cache.tail is not None else [])]:
-        arrays += [*b.payload.keys, *b.payload.values]
     arrays += [a for w in cache.windows.values() for a in (w.keys, w.values)]
     arrays += [a for s in cache.states.values() for a in s.arrays if a is not None]
-    mx.eval(arrays)
+    _evaluate([*blocks, *([cache.tail] if cache.tail is not None else [])], arrays)
+
+
+def _evaluate(blocks: list[KVBlock], more: list | None = None) -> None:
+    """Evaluate blocks' payloads (and `more` arrays) now: no view of a batch buffer stays."""
+    arrays = [a for b in blocks for a in (*b.payload.keys, *b.payload.values)]
+    mx.eval([*arrays, *(more or [])])

@@ -177,8 +177,11 @@ class Scheduler:
             agent = self._registry.agents[req.agent_id]
             if agent.busy or agent.pending[0] != uid:
                 continue
+            full = self._context(req, agent)
+            if self._follows_leader(agent, full):
+                continue  # a running turn is computing its prefix: share it, soon
             try:
-                adm = self._admission(req, agent)
+                adm = self._admission(req, agent, full)
             except PoolExhaustedError as exc:  # it could never fit, even alone: it fails
                 self._abandon(req, agent, exc, events)
                 continue
@@ -190,19 +193,34 @@ class Scheduler:
                 return  # not now: keep FIFO order, later turns wait behind this one
             self._start(req, agent, adm, events)
 
-    def _admission(self, req: Request, agent: AgentContext) -> Admission | None:
+    def _context(self, req: Request, agent: AgentContext) -> list[int]:
+        """The whole context the turn generates after (its agent's turns before it done)."""
+        if req.first_tokens is not None and not agent.tokens:
+            # The turns queued before it left nothing: encoded as the first turn is.
+            req.new_tokens = req.first_tokens
+        req.first_tokens = None
+        if req.full_tokens is not None:
+            return req.full_tokens
+        return [*agent.tokens, *req.new_tokens]
+
+    def _follows_leader(self, agent: AgentContext, full: list[int]) -> bool:
+        """True when a running turn is prefilling the first block of `full` that is not
+        pooled (`prefix_sharing`): this turn waits and shares it. Only a context with no
+        cache of its own (nor one in the store) looks for shared blocks."""
+        if agent.cache.cached_len or agent.in_store or not self._runner.leaders:
+            return False
+        leader = self._runner.leaders.leader_for(full)
+        if leader is None:
+            return False
+        leader.followed = True
+        return True
+
+    def _admission(self, req: Request, agent: AgentContext, full: list[int]) -> Admission | None:
         """The turn's admission, or None while running turns hold the room it needs.
 
         Raises:
             PoolExhaustedError: it cannot fit even with every idle cache dropped.
         """
-        if req.first_tokens is not None and not agent.tokens:
-            # The turns queued before it left nothing: encoded as the first turn is.
-            req.new_tokens = req.first_tokens
-        req.first_tokens = None
-        full = req.full_tokens
-        if full is None:
-            full = [*agent.tokens, *req.new_tokens]
         tic = time.perf_counter()
         if agent.cache.cached_len == 0 and agent.in_store:
             self._registry.restore(agent)

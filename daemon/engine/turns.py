@@ -66,6 +66,7 @@ class Request:
     chat: bool = False  # its input is a whole chat (replaces the context)
     tools: list[dict] | None = None  # given to the chat template with the chat
     tool_parser: ToolParser | None = None  # reads tool calls in its output (with tools)
+    followed: bool = False  # a waiting turn needs its prompt's blocks (prefix_sharing)
 
     def mark_failed(self, exc: Exception) -> None:
         """Record the first failure of a sampler or logits processor (seen after the step)."""
